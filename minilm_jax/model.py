@@ -1,0 +1,293 @@
+"""A BERT encoder in flax.linen that computes what Hugging Face's PyTorch `BertModel` computes.
+
+The parameter tree follows Hugging Face's Flax BERT key names
+(`embeddings/word_embeddings/embedding`, `encoder/layer/0/attention/self/query/kernel`, ...), so params
+drop into existing Flax code. `apply` also returns the Q/K/V projections of one layer, which is what
+MiniLM distils, and can stop right after them (a teacher needs nothing above the distilled layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Families whose weights share BERT's layout. RoBERTa/XLM-R differ only in how position ids are made.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # BERT's GELU is the exact erf form.
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The fields of Hugging Face's BertConfig that change the computation."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  model_type: str = "bert"
+
+  def __post_init__(self):
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"num_attention_heads {self.num_attention_heads} does not divide "
+                       f"hidden_size {self.hidden_size}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def max_len(self) -> int:
+    """Longest sequence the position table allows (RoBERTa reserves pad_token_id + 1 rows)."""
+    if self.model_type == "bert":
+      return self.max_position_embeddings
+    return self.max_position_embeddings - self.pad_token_id - 1
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "BertConfig":
+    """From an HF config dict; unknown keys are ignored, unsupported choices raise ValueError."""
+    if d.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported; "
+                       "only 'absolute'")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  @classmethod
+  def from_json_file(cls, path: str) -> "BertConfig":
+    with open(path) as f:
+      try:
+        d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+      return cls.from_dict(d)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{path}: {e}") from None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_hf_dict(self) -> dict:
+    """An HF config.json that `transformers.AutoModel` / `BertModel` reads."""
+    arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+    return {"architectures": [arch[self.model_type]], **self.to_dict(),
+            "position_embedding_type": "absolute", "initializer_range": 0.02}
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+  """last_hidden_state: [B, T, H] (None when the encoder stopped at the captured Q/K/V).
+  qkv: (q_BTD, k_BTD, v_BTD) of the captured layer, heads not yet split, biases included."""
+  last_hidden_state: Optional[jax.Array]
+  qkv: Tuple[jax.Array, jax.Array, jax.Array]
+
+
+_init = nn.initializers.normal(stddev=0.02)  # HF's initializer_range.
+
+
+def _dense(features, cfg_dtype, param_dtype, name):
+  return nn.Dense(features, dtype=cfg_dtype, param_dtype=param_dtype, kernel_init=_init, name=name)
+
+
+def _layer_norm(config, dtype, param_dtype, name):
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def position_ids(config: BertConfig, input_ids_BT: jax.Array) -> jax.Array:
+  """[B, T] position ids as HF makes them: 0..T-1 for BERT; for RoBERTa, counted over non-pad tokens
+  and offset by pad_token_id + 1 (pads get pad_token_id)."""
+  if config.model_type == "bert":
+    return jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
+  not_pad = (input_ids_BT != config.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+
+
+class Embeddings(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids_BT, token_type_ids_BT, deterministic):
+    c = self.config
+    embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=_init, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    x_BTH = (embed(c.vocab_size, "word_embeddings")(input_ids_BT)
+             + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids_BT))
+             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BT))
+    x_BTH = _layer_norm(c, self.dtype, self.param_dtype, "LayerNorm")(x_BTH)
+    return nn.Dropout(c.hidden_dropout_prob)(x_BTH, deterministic=deterministic)
+
+
+class SelfAttentionQKV(nn.Module):
+  """The query/key/value projections (HF's `attention/self`)."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTH):
+    h = self.config.hidden_size
+    return tuple(_dense(h, self.dtype, self.param_dtype, n)(x_BTH) for n in ("query", "key", "value"))
+
+
+def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads):
+  """Multi-head attention probabilities. All keys are visible except padding. Returns [B, N, T, S]."""
+  b, t, d = q_BTD.shape
+  split = lambda x: x.reshape(b, t, num_heads, d // num_heads)
+  scores_BNTS = jnp.einsum("btnk,bsnk->bnts", split(q_BTD), split(k_BTD)) / math.sqrt(d // num_heads)
+  # Softmax in fp32 even under bf16 compute. HF adds dtype-min to masked keys: the same result.
+  scores_BNTS = jnp.where(mask_BT[:, None, None, :] > 0, scores_BNTS.astype(jnp.float32),
+                          jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores_BNTS, axis=-1).astype(q_BTD.dtype)
+
+
+class AddNorm(nn.Module):
+  """Dense, dropout, residual, LayerNorm (HF's `attention/output` and `output`)."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BTX, residual_BTH, deterministic):
+    c = self.config
+    y_BTH = _dense(c.hidden_size, self.dtype, self.param_dtype, "dense")(h_BTX)
+    y_BTH = nn.Dropout(c.hidden_dropout_prob)(y_BTH, deterministic=deterministic)
+    return _layer_norm(c, self.dtype, self.param_dtype, "LayerNorm")(y_BTH + residual_BTH)
+
+
+class Attention(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
+    c = self.config
+    qkv = SelfAttentionQKV(c, self.dtype, self.param_dtype, name="self")(x_BTH)
+    if qkv_only:
+      return None, qkv
+    probs_BNTS = attention(*qkv, mask_BT, c.num_attention_heads)
+    probs_BNTS = nn.Dropout(c.attention_probs_dropout_prob)(probs_BNTS, deterministic=deterministic)
+    b, t, d = x_BTH.shape
+    v_BTNK = qkv[2].reshape(b, t, c.num_attention_heads, c.head_dim)
+    ctx_BTH = jnp.einsum("bnts,bsnk->btnk", probs_BNTS, v_BTNK).reshape(b, t, d)
+    return AddNorm(c, self.dtype, self.param_dtype, name="output")(ctx_BTH, x_BTH, deterministic), qkv
+
+
+class Layer(nn.Module):
+  """One transformer block (HF's BertLayer). With `qkv_only` it stops after the Q/K/V projections."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
+    c, dt, pdt = self.config, self.dtype, self.param_dtype
+    a_BTH, qkv = Attention(c, dt, pdt, name="attention")(x_BTH, mask_BT, deterministic, qkv_only)
+    if qkv_only:
+      return None, qkv
+    h_BTF = _Intermediate(c, dt, pdt, name="intermediate")(a_BTH)
+    return AddNorm(c, dt, pdt, name="output")(h_BTF, a_BTH, deterministic), qkv
+
+
+class _Intermediate(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTH):
+    c = self.config
+    return _ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, self.dtype, self.param_dtype, "dense")(x_BTH))
+
+
+class _LayerCollection(nn.Module):
+  """HF's `encoder/layer`: layers named "0", "1", ..."""
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
+    qkv = None
+    for i in range(self.config.num_hidden_layers):
+      stop = stop_at_capture and i == capture_layer
+      y_BTH, layer_qkv = Layer(self.config, self.dtype, self.param_dtype, name=str(i))(
+          x_BTH, mask_BT, deterministic, qkv_only=stop)
+      if i == capture_layer:
+        qkv = layer_qkv
+      if stop:
+        return None, qkv
+      x_BTH = y_BTH
+    return x_BTH, qkv
+
+
+class _Encoder(nn.Module):
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, *args):
+    return _LayerCollection(self.config, self.dtype, self.param_dtype, name="layer")(*args)
+
+
+class BertEncoder(nn.Module):
+  """BERT without heads or pooler. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+
+  apply({"params": p}, input_ids [B,T], attention_mask [B,T] (1 = token, 0 = pad; None = all tokens),
+        token_type_ids [B,T] (None = zeros), capture_layer=-1 (Python index, negative allowed),
+        deterministic=True (False enables dropout; pass rngs={"dropout": key}),
+        stop_at_capture=False (True: return right after the captured layer's Q/K/V projections))
+  -> EncoderOutput(last_hidden_state [B,T,H] or None, qkv=(q, k, v) each [B,T,H]).
+  """
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, capture_layer=-1,
+               deterministic=True, stop_at_capture=False):
+    c = self.config
+    n = c.num_hidden_layers
+    if not -n <= capture_layer < n:
+      raise ValueError(f"capture_layer {capture_layer} is out of range for {n} layers")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x_BTH = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(
+        input_ids, token_type_ids, deterministic)
+    h_BTH, qkv = _Encoder(c, self.dtype, self.param_dtype, name="encoder")(
+        x_BTH, attention_mask, deterministic, capture_layer % n, stop_at_capture)
+    return EncoderOutput(last_hidden_state=h_BTH, qkv=qkv)
+
+  def init_params(self, rng, seq_len: int = 8):
+    """Random params (HF's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return self.init(rng, ids)["params"]

@@ -1,0 +1,162 @@
+"""Parity of the Flax encoder with transformers' PyTorch BertModel/RobertaModel (fp32, 1e-4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import minilm_jax
+from minilm_jax.model import BertConfig, BertEncoder
+from conftest import make_hf_model, random_batch
+
+torch = pytest.importorskip("torch")
+ATOL = 1e-4
+
+
+def torch_outputs(model, ids, mask, token_types=None):
+  """last_hidden_state and the q/k/v of every layer, captured with forward hooks."""
+  captured = []
+  hooks = []
+  for layer in model.encoder.layer:
+    s = layer.attention.self
+    trio = {}
+    captured.append(trio)
+    for n in ("query", "key", "value"):
+      hooks.append(getattr(s, n).register_forward_hook(
+          lambda mod, inp, out, n=n, trio=trio: trio.__setitem__(n, out.detach().numpy())))
+  kw = {} if token_types is None else {"token_type_ids": torch.tensor(token_types)}
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+  for h in hooks:
+    h.remove()
+  return out.last_hidden_state.numpy(), [(c["query"], c["key"], c["value"]) for c in captured]
+
+
+def assert_parity(folder, torch_model, ids, mask, token_types=None):
+  config, params = minilm_jax.load_pretrained(folder)
+  model = BertEncoder(config)
+  want_h, want_qkv = torch_outputs(torch_model, ids, mask, token_types)
+  tt = None if token_types is None else jnp.asarray(token_types)
+  valid = mask[..., None] > 0  # Padded positions are garbage in both; compare real tokens.
+  for layer in range(config.num_hidden_layers):
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), tt, capture_layer=layer)
+    for got, want in zip(out.qkv, want_qkv[layer]):
+      np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(np.where(valid, out.last_hidden_state, 0), np.where(valid, want_h, 0),
+                             atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_real_checkpoint_parity(real_teacher, padding):
+  import transformers
+  tm = transformers.BertModel.from_pretrained(real_teacher).eval()
+  ids, mask = random_batch(np.random.default_rng(0), 3, 17, 30522, padding, low=1000)
+  ids[:, 0] = 101
+  assert_parity(real_teacher, tm, ids, mask)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(num_attention_heads=4, intermediate_size=100, type_vocab_size=2),
+    dict(num_attention_heads=3, intermediate_size=64, type_vocab_size=3, hidden_size=36),
+    dict(num_attention_heads=6, intermediate_size=200, type_vocab_size=1, num_hidden_layers=2),
+])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_random_bert_parity(tmp_path, shape, padding):
+  tm = make_hf_model(tmp_path, **shape)
+  rng = np.random.default_rng(1)
+  ids, mask = random_batch(rng, 4, 11, 99, padding)
+  types = rng.integers(0, shape["type_vocab_size"], size=ids.shape)
+  assert_parity(str(tmp_path), tm, ids, mask, types)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_random_roberta_parity(tmp_path, padding):
+  tm = make_hf_model(tmp_path, "roberta", type_vocab_size=1, max_position_embeddings=40)
+  ids, mask = random_batch(np.random.default_rng(2), 4, 13, 99, padding, pad_id=1, low=3)
+  assert_parity(str(tmp_path), tm, ids, mask)
+
+
+def test_stop_at_capture_gives_same_qkv_and_no_hidden_state():
+  config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16)
+  model = BertEncoder(config)
+  params = model.init_params(jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 50)
+  full = model.apply({"params": params}, ids, capture_layer=2)
+  stopped = model.apply({"params": params}, ids, capture_layer=2, stop_at_capture=True)
+  assert stopped.last_hidden_state is None
+  for a, b in zip(full.qkv, stopped.qkv):
+    np.testing.assert_array_equal(a, b)
+  # Stopping at layer 2 must not even trace layers above it.
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, capture_layer=1,
+                                                   stop_at_capture=True))(params))
+  # Layer 0 in full (q, k, v, scores, context, attention output, FFN in and out) + layer 1's q, k, v.
+  assert jaxpr.count("dot_general") == 8 + 3
+
+
+def test_param_tree_uses_hf_flax_names():
+  config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16)
+  p = BertEncoder(config).init_params(jax.random.key(0))
+  assert p["embeddings"]["word_embeddings"]["embedding"].shape == (50, 32)
+  assert p["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"].shape == (32, 32)
+  assert p["encoder"]["layer"]["0"]["attention"]["output"]["LayerNorm"]["scale"].shape == (32,)
+  assert p["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"].shape == (32, 64)
+  assert p["encoder"]["layer"]["0"]["output"]["dense"]["kernel"].shape == (64, 32)
+
+
+def test_gelu_is_exact_erf():
+  from minilm_jax.model import _ACTIVATIONS
+  x = np.linspace(-4, 4, 101).astype(np.float32)
+  from scipy.special import erf  # noqa: independent oracle
+  np.testing.assert_allclose(_ACTIVATIONS["gelu"](x), 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=1e-6)
+
+
+def test_dropout_only_when_not_deterministic():
+  config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16)
+  model = BertEncoder(config)
+  params = model.init_params(jax.random.key(0))
+  ids = jnp.arange(16).reshape(2, 8)
+  a = model.apply({"params": params}, ids).last_hidden_state
+  b = model.apply({"params": params}, ids).last_hidden_state
+  c = model.apply({"params": params}, ids, deterministic=False,
+                  rngs={"dropout": jax.random.key(3)}).last_hidden_state
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_token_type_ids_default_to_zeros_and_bf16_compute():
+  config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16)
+  params = BertEncoder(config).init_params(jax.random.key(0))
+  ids = jnp.arange(16).reshape(2, 8)
+  a = BertEncoder(config).apply({"params": params}, ids).last_hidden_state
+  b = BertEncoder(config).apply({"params": params}, ids, None, jnp.zeros_like(ids)).last_hidden_state
+  np.testing.assert_array_equal(a, b)
+  bf = BertEncoder(config, dtype=jnp.bfloat16).apply({"params": params}, ids)
+  assert bf.last_hidden_state.dtype == jnp.bfloat16 and bf.qkv[0].dtype == jnp.bfloat16
+  # Loose on purpose: bf16 keeps 8 bits of mantissa.
+  np.testing.assert_allclose(np.asarray(bf.last_hidden_state, np.float32), a, atol=0.1)
+
+
+def test_capture_layer_out_of_range():
+  config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=16)
+  model = BertEncoder(config)
+  params = model.init_params(jax.random.key(0))
+  with pytest.raises(ValueError, match="capture_layer 2 is out of range for 2 layers"):
+    model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), capture_layer=2)
+
+
+def test_config_round_trips_hf_json(tmp_path):
+  import transformers
+  hf = transformers.BertConfig(hidden_size=36, num_attention_heads=3, intermediate_size=50,
+                               type_vocab_size=3, hidden_act="relu", layer_norm_eps=1e-7)
+  cfg = BertConfig.from_dict(hf.to_dict())
+  assert (cfg.hidden_size, cfg.num_attention_heads, cfg.type_vocab_size, cfg.hidden_act,
+          cfg.layer_norm_eps) == (36, 3, 3, "relu", 1e-7)
+  back = transformers.BertConfig(**cfg.to_hf_dict())
+  assert back.intermediate_size == 50 and back.hidden_act == "relu"
+  with pytest.raises(ValueError, match="relative_key"):
+    BertConfig.from_dict({"position_embedding_type": "relative_key"})
