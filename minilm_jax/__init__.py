@@ -1,6 +1,6 @@
 """minilm_jax: MiniLM deep self-attention distillation in JAX/Flax."""
 
-from minilm_jax.hf import load_pretrained, save_pretrained
+from minilm_jax.hf import load_pretrained, load_student, save_pretrained
 from minilm_jax.model import BertConfig, BertEncoder, EncoderOutput
 
-__all__ = ["BertConfig", "BertEncoder", "EncoderOutput", "load_pretrained", "save_pretrained"]
+__all__ = ["BertConfig", "BertEncoder", "EncoderOutput", "load_pretrained", "load_student", "save_pretrained"]

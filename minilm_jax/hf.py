@@ -252,3 +252,37 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
   elif tokenizer is not None:
     tokenizer.save_pretrained(path)
   return path
+
+
+FLAX_PARAMS = "flax_params.msgpack"
+
+
+def export_student(path: str, config: BertConfig, params: Dict[str, Any], tokenizer=None) -> str:
+  """An HF folder (see save_pretrained) that also holds the exact Flax params as `flax_params.msgpack`."""
+  from flax import serialization
+  save_pretrained(path, config, params, tokenizer)
+  blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, jax.device_get(params)))
+  def write(p):
+    with open(p, "wb") as f:
+      f.write(blob)
+  _write_atomically(os.path.join(path, FLAX_PARAMS), write)
+  return path
+
+
+def load_student(path: str):
+  """(BertEncoder, params) from a trainer workdir, its `student/` folder, or any HF folder: one line
+  for Flax users. Prefers the exact Flax params, else converts model.safetensors."""
+  from flax import serialization
+  folder = os.path.join(path, "student") if os.path.isdir(os.path.join(path, "student")) else path
+  flax_file = os.path.join(folder, FLAX_PARAMS)
+  if os.path.isfile(flax_file):
+    config = load_config(folder)
+    with open(flax_file, "rb") as f:
+      params = serialization.msgpack_restore(f.read())
+    expected = param_shapes(config)
+    got = {p: tuple(v.shape) for p, v in _flatten(params)}
+    if got != expected:
+      raise ValueError(f"{flax_file}: params do not match {os.path.join(folder, 'config.json')}")
+  else:
+    config, params = load_pretrained(folder)
+  return BertEncoder(config), params

@@ -1,0 +1,511 @@
+"""The distillation trainer: state, the jitted step, and the loop (closures over the config).
+
+The step runs the frozen teacher only up to the Q/K/V projections of `loss.teacher_layer`, the student only
+up to the Q/K/V of its own last layer (with dropout), takes the MiniLM v1 or v2 relation loss, and applies
+AdamW. The student's last-layer parameters above its Q/K/V (attention output, its LayerNorm, the FFN) get
+no gradient from this loss; they are frozen (neither updated nor decayed), as PyTorch's AdamW would leave
+them. Weight decay skips biases and LayerNorm parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from minilm_jax import checkpoint, data, hf, losses, sharding
+from minilm_jax.model import BertConfig, BertEncoder
+
+STUDENT_INITS = ("random", "teacher", "teacher_first")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # int32 scalar: updates applied (skipped ones included)
+  params: Any                  # student params
+  opt_state: Any
+  nonfinite: jax.Array         # int32: steps whose loss or gradient was NaN/Inf (their update is skipped)
+  first_nonfinite: jax.Array   # int32: the first such step, -1 if none
+
+
+def default_config():
+  """Every config key with its default; configs/*.py start from this and change what they need."""
+  import ml_collections
+  c = ml_collections.ConfigDict()
+  c.teacher = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder or hub id (this one ships offline)
+  c.student = dict(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
+                   init="random",   # "random" (the papers) | "teacher" (every k-th layer) | "teacher_first"
+                   dropout=0.1)
+  c.loss = dict(version="v2",       # "v1": attention + value relation | "v2": Q-Q + K-K + V-V
+                relation_heads=12,  # v1: the native head count; v2: A_r (48 base, 64 large in the paper)
+                teacher_layer=-1,   # 1-based as in the papers (21 of 24 for BERT-large); -1 = last
+                reduction="example",  # "example": 1/(A|x|) per example then batch mean | "token"
+                weights=(),         # per-term weights; () = all 1
+                chunk_heads=0)      # 0 = automatic; n = relation KL n heads at a time (long sequences)
+  c.data = dict(source="stdlib",    # "stdlib" demo corpus | file/folder (.txt/.jsonl/.parquet) | hub name
+                hub_config="", text_field="text", split="train", max_len=128)
+  c.batch_size = 32                 # global, over all devices and hosts
+  c.grad_accum = 1
+  c.steps = 1000
+  c.seed = 0
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.keep_every = 0                  # > 0: also keep every n-th step's checkpoint for good
+  c.max_nonfinite_steps = 0         # NaN/Inf steps skipped before the run stops with an error
+  c.optim = dict(lr=6e-4, warmup_steps=100, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
+  c.parallel = dict(mode="jit", fsdp=1)
+  c.precision = "float32"           # "bfloat16": bf16 teacher and compute; the loss stays fp32
+  return c
+
+
+# --- Configuration -> models ---------------------------------------------------------------------------
+
+def teacher_layer_index(teacher_layer: int, num_layers: int) -> int:
+  """`loss.teacher_layer` is 1-based as in the papers (21 of 24 for BERT-large) or negative from the
+  end (-1 = last). Returns the 0-based index."""
+  if 1 <= teacher_layer <= num_layers:
+    return teacher_layer - 1
+  if -num_layers <= teacher_layer <= -1:
+    return num_layers + teacher_layer
+  raise ValueError(f"loss.teacher_layer {teacher_layer} is out of range for a {num_layers}-layer "
+                   f"teacher: use 1..{num_layers}, or -1 for the last")
+
+
+def student_config(cfg, teacher: BertConfig) -> BertConfig:
+  """The teacher's vocabulary, positions and type vocabulary, with the student's depth and width."""
+  s = cfg.student
+  return dataclasses.replace(
+      teacher, num_hidden_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
+      intermediate_size=s.intermediate_size, hidden_dropout_prob=s.dropout,
+      attention_probs_dropout_prob=s.dropout)
+
+
+def teacher_init_layers(init: str, teacher_layers: int, student_layers: int) -> list:
+  """Teacher layer indices a "teacher"/"teacher_first" init copies into student layers 0..n-1."""
+  if student_layers > teacher_layers:
+    raise ValueError(f"student.init={init!r} needs a student no deeper than the teacher "
+                     f"({student_layers} > {teacher_layers} layers)")
+  if init == "teacher_first":
+    return list(range(student_layers))
+  k = teacher_layers // student_layers  # every k-th layer, starting from the first
+  return [i * k for i in range(student_layers)]
+
+
+def init_student(cfg, scfg: BertConfig, teacher_params: Any, teacher_layers: int, rng) -> Any:
+  """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns)."""
+  params = BertEncoder(scfg).init_params(rng)
+  if cfg.student.init == "random":
+    return params
+  layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers)
+  cut = lambda t, s: t[tuple(slice(0, n) for n in s.shape)].astype(s.dtype)
+  out = jax.tree.map(cut, {k: v for k, v in teacher_params.items() if k != "encoder"},
+                     {k: v for k, v in params.items() if k != "encoder"})
+  out["encoder"] = {"layer": {str(i): jax.tree.map(cut, teacher_params["encoder"]["layer"][str(t)],
+                                                   params["encoder"]["layer"][str(i)])
+                              for i, t in enumerate(layers)}}
+  return out
+
+
+# --- Optimizer ------------------------------------------------------------------------------------------
+
+def _path_names(path) -> Tuple[str, ...]:
+  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def frozen_labels(params: Any, num_layers: int) -> Any:
+  """"freeze" for the student's last-layer parameters the loss cannot reach, "train" elsewhere."""
+  last = str(num_layers - 1)
+  def label(path, _):
+    n = _path_names(path)
+    unreachable = n[:3] == ("encoder", "layer", last) and n[3:5] != ("attention", "self")
+    return "freeze" if unreachable else "train"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on kernels and embeddings only: not on biases or LayerNorm (as BERT trains)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: not (_path_names(p)[-1] == "bias" or "LayerNorm" in _path_names(p)), params)
+
+
+def lr_schedule(cfg) -> optax.Schedule:
+  """Linear warmup to optim.lr over optim.warmup_steps, then linear decay to 0 at `steps`."""
+  warm = min(cfg.optim.warmup_steps, cfg.steps)
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.optim.lr, max(warm, 1)),
+                               optax.linear_schedule(cfg.optim.lr, 0.0, max(cfg.steps - warm, 1))],
+                              [warm])
+
+
+def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransformation:
+  o = cfg.optim
+  adamw = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+      optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                  mask=decay_mask))
+  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
+                               frozen_labels(params, num_layers))
+
+
+# --- The step -------------------------------------------------------------------------------------------
+
+def relation_loss_fn(cfg, student_heads: int) -> Callable:
+  """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss."""
+  l = cfg.loss
+  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None)
+  if l.weights:
+    kw["weights"] = tuple(l.weights)
+  if l.version == "v1":
+    return lambda t, s, m: losses.minilm_v1_loss(t, s, m, l.relation_heads,
+                                                 student_num_heads=student_heads, **kw)
+  if l.version == "v2":
+    return lambda t, s, m: losses.minilm_v2_loss(t, s, m, l.relation_heads, **kw)
+  raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
+
+
+def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int):
+  """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated."""
+  relation = relation_loss_fn(cfg, student.config.num_attention_heads)
+  schedule = lr_schedule(cfg)
+  base_key = jax.random.key(cfg.seed)
+
+  def loss_on(params, teacher_params, batch, rng):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    t = teacher.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
+                      stop_at_capture=True)
+    s = student.apply({"params": params}, ids, mask, capture_layer=-1, stop_at_capture=True,
+                      deterministic=False, rngs={"dropout": rng})
+    return relation(jax.lax.stop_gradient(t.qkv), s.qkv, mask)
+
+  grad_fn = jax.value_and_grad(loss_on)
+
+  def step(state: TrainState, teacher_params, batch):
+    rng = jax.random.fold_in(base_key, state.step)  # no RNG in the state: resumes replay exactly
+    accum = cfg.grad_accum
+    if accum == 1:
+      loss, grads = grad_fn(state.params, teacher_params, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+      def body(carry, xs):
+        i, mb = xs
+        l, g = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, g)), None
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step,
+                                  state.first_nonfinite))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+    return new_state, metrics
+
+  return step
+
+
+# --- Setup shared by the trainer, the benchmark and the tests -------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs besides data: models, params on devices, the jitted step."""
+  cfg: Any
+  teacher_dir: str
+  teacher_config: BertConfig
+  student_config: BertConfig
+  teacher_layer: int
+  mesh: Any
+  teacher_params: Any
+  state_shardings: Any
+  init_state: Callable[[], TrainState]   # jitted, creates the state directly on its shards
+  step: Callable                          # jitted (state, teacher_params, batch) -> (state, metrics)
+
+
+def _dtype(precision: str):
+  if precision not in ("float32", "bfloat16"):
+    raise ValueError(f"precision {precision!r}: use 'float32' or 'bfloat16'")
+  return jnp.float32 if precision == "float32" else jnp.bfloat16
+
+
+def check_config(cfg, tcfg: BertConfig) -> None:
+  """Bad combinations as one-line ValueErrors, before any compile."""
+  s, l = cfg.student, cfg.loss
+  if s.init not in STUDENT_INITS:
+    raise ValueError(f"student.init {s.init!r}: use one of {', '.join(STUDENT_INITS)}")
+  if s.hidden_size % s.num_heads:
+    raise ValueError(f"student.num_heads {s.num_heads} does not divide student.hidden_size {s.hidden_size}")
+  if l.version == "v1":
+    if tcfg.num_attention_heads != s.num_heads:
+      raise ValueError(f"loss.version 'v1' needs equal head counts: teacher has "
+                       f"{tcfg.num_attention_heads}, student.num_heads is {s.num_heads} (use v2)")
+    if l.relation_heads != s.num_heads:
+      raise ValueError(f"loss.version 'v1' uses the native heads: loss.relation_heads must be "
+                       f"{s.num_heads}, not {l.relation_heads}")
+  for who, width in (("teacher hidden size", tcfg.hidden_size), ("student.hidden_size", s.hidden_size)):
+    if l.relation_heads < 1 or width % l.relation_heads:
+      raise ValueError(f"loss.relation_heads {l.relation_heads} does not divide the {who} {width}")
+  if cfg.data.max_len > tcfg.max_len:
+    raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the teacher's {tcfg.max_len} positions")
+  if cfg.steps < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
+    raise ValueError("steps, batch_size, log_every and checkpoint_every must be positive")
+  if cfg.grad_accum < 1:
+    raise ValueError(f"grad_accum {cfg.grad_accum} must be positive")
+  _dtype(cfg.precision)
+
+
+def setup(cfg, teacher=None) -> Setup:
+  """Load the teacher (or take `teacher=(dir, config, params)`), build the models, the optimizer, the
+  mesh and the jitted init and step."""
+  if teacher is None:
+    teacher_dir = hf.resolve(cfg.teacher)
+    tcfg, tparams = hf.load_pretrained(teacher_dir)
+  else:
+    teacher_dir, tcfg, tparams = teacher
+  check_config(cfg, tcfg)
+  tl = teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
+  scfg = student_config(cfg, tcfg)
+  dtype = _dtype(cfg.precision)
+  mesh = sharding.make_mesh(cfg.parallel.fsdp)
+  sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
+
+  teacher_model = BertEncoder(tcfg, dtype=dtype, param_dtype=dtype)
+  student_model = BertEncoder(scfg, dtype=dtype, param_dtype=jnp.float32)
+  # The teacher is frozen: keep it in the compute dtype (bf16 halves its memory and bandwidth).
+  tparams = jax.tree.map(lambda x: np.asarray(x, dtype), tparams)
+  teacher_sh = sharding.tree_shardings(mesh, tparams)
+  teacher_params = jax.device_put(tparams, teacher_sh)
+
+  abstract_params = jax.eval_shape(lambda: BertEncoder(scfg).init_params(jax.random.key(0)))
+  tx = make_optimizer(cfg, abstract_params, scfg.num_hidden_layers)
+
+  def init_fn(teacher_params):
+    params = init_student(cfg, scfg, teacher_params, tcfg.num_hidden_layers, jax.random.key(cfg.seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite=jnp.zeros((), jnp.int32), first_nonfinite=jnp.full((), -1, jnp.int32))
+
+  abstract_state = jax.eval_shape(init_fn, tparams)
+  state_sh = sharding.tree_shardings(mesh, abstract_state)
+  init_state = jax.jit(lambda: init_fn(teacher_params), out_shardings=state_sh)
+  step = jax.jit(make_train_step(cfg, teacher_model, student_model, tx, tl), donate_argnums=(0,),
+                 in_shardings=(state_sh, teacher_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  return Setup(cfg, teacher_dir, tcfg, scfg, tl, mesh, teacher_params, state_sh, init_state, step)
+
+
+def abstract_state(s: Setup) -> Any:
+  """ShapeDtypeStructs of the state with their shardings: the target of a restore."""
+  shapes = jax.eval_shape(s.init_state)
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes,
+                      s.state_shardings)
+
+
+def teacher_identity(teacher_dir: str, tcfg: BertConfig) -> dict:
+  """Path and SHA-256 of the teacher's config and weights: a resume must use the same teacher."""
+  h = hashlib.sha256(json.dumps(tcfg.to_dict(), sort_keys=True).encode())
+  for name in sorted(os.listdir(teacher_dir)):
+    if name.endswith(".safetensors") or name == "pytorch_model.bin":
+      with open(os.path.join(teacher_dir, name), "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+          h.update(block)
+  return {"path": os.path.abspath(teacher_dir), "sha256": h.hexdigest()}
+
+
+# --- The loop -------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# Config keys whose change would make a resumed run differ from an uninterrupted one.
+_RESUME_KEYS = ("student", "loss", "data", "batch_size", "grad_accum", "seed", "precision")
+
+
+def check_resume(saved: dict, now: dict) -> None:
+  """Refuse to resume with a different teacher or an incompatible student/data/loss setup."""
+  if saved["teacher"]["sha256"] != now["teacher"]["sha256"]:
+    raise ValueError(f"this workdir was trained with teacher {saved['teacher']['path']} "
+                     f"(sha256 {saved['teacher']['sha256'][:12]}), but the config names "
+                     f"{now['teacher']['path']} (sha256 {now['teacher']['sha256'][:12]}); "
+                     "use a new workdir")
+  if saved["student_config"] != now["student_config"]:
+    diff = {k: (saved["student_config"].get(k), v) for k, v in now["student_config"].items()
+            if saved["student_config"].get(k) != v}
+    raise ValueError(f"this workdir holds an incompatible student (saved vs config: {diff}); "
+                     "use a new workdir")
+  for key in _RESUME_KEYS:
+    if saved["config"].get(key) != now["config"].get(key):
+      raise ValueError(f"config key {key!r} differs from the run in this workdir "
+                       f"({saved['config'].get(key)} vs {now['config'].get(key)}); use a new workdir")
+
+
+def _trim_metrics(path: str, last_step: int) -> None:
+  """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError):
+      pass  # a torn last line from a crash
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write-probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"workdir {workdir} is not writable ({e.strerror})") from None
+
+
+class _StopFlag:
+  """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1:  # multi-host runs agree on preemption through Orbax instead
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
+                       log: Callable[[str], None] = print) -> dict:
+  """Distil `cfg.teacher` into a student in `workdir`, resuming from its latest checkpoint.
+
+  Writes workdir/checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF
+  folder with flax_params.msgpack) and loss.png. Returns a summary dict.
+  """
+  from transformers import AutoTokenizer
+  from minilm_jax import plots
+  if progress is None:
+    progress = sys.stderr.isatty()
+  _check_writable(workdir)
+  s = setup(cfg)
+  tok = AutoTokenizer.from_pretrained(s.teacher_dir)
+  if len(tok) > s.teacher_config.vocab_size:
+    raise ValueError(f"the tokenizer in {s.teacher_dir} has {len(tok)} tokens, but the teacher's "
+                     f"embeddings have {s.teacher_config.vocab_size} rows")
+  docs = data.load_texts(cfg.data.source, cfg.data.text_field, cfg.data.hub_config, cfg.data.split)
+  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(workdir, "cache"), progress)
+  meta = {"teacher": teacher_identity(s.teacher_dir, s.teacher_config),
+          "student_config": s.student_config.to_dict(), "config": cfg.to_dict()}
+
+  mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                                 cfg.keep_checkpoints, cfg.keep_every)
+  try:
+    state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s))
+    if state is None:
+      state, start = s.init_state(), 0
+    else:
+      check_resume(saved, meta)
+      log(f"resuming from step {start} in {workdir}")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _trim_metrics(metrics_path, start)
+    status = _loop(cfg, s, state, start, rows, mngr, meta, workdir, metrics_path, progress, log)
+    if status["preempted"]:
+      return status
+  finally:
+    mngr.wait_until_finished()  # never exit with a save half done
+    mngr.close()
+  state = status.pop("state")
+  student_dir = os.path.join(workdir, "student")
+  hf.export_student(student_dir, s.student_config, jax.device_get(state.params), tokenizer=s.teacher_dir)
+  plots.loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
+  log(f"student written to {student_dir}")
+  return {**status, "student_dir": student_dir}
+
+
+def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, metrics_path, progress, log) -> dict:
+  from tqdm.auto import tqdm
+  from tensorboardX import SummaryWriter
+  tokens_per_step = cfg.batch_size * cfg.data.max_len
+  make_batch = lambda step: data.host_batch(rows, step, cfg.batch_size, cfg.seed, jax.process_index(),
+                                            jax.process_count())
+  bar = tqdm(total=cfg.steps, initial=start, desc="distilling", unit="step", disable=not progress,
+             dynamic_ncols=True)
+  writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start) if jax.process_index() == 0 \
+      else None
+  last_t, last_step, last = time.time(), start, None
+  step_meta = lambda step: {**meta, "step": step, "data_position": step * cfg.batch_size}
+
+  def check_finite(state, step):
+    bad, first = int(state.nonfinite), int(state.first_nonfinite)
+    if bad > cfg.max_nonfinite_steps:
+      raise NonFiniteLossError(
+          f"the loss or gradient was NaN/Inf at step {first + 1} ({bad} such steps, "
+          f"max_nonfinite_steps={cfg.max_nonfinite_steps}); the last good checkpoint is step "
+          f"{mngr.latest_step()}")
+
+  try:
+    with _StopFlag() as stop, open(metrics_path, "a") as mfile:
+      for i, batch in data.prefetch(make_batch, start, cfg.steps):
+        state, metrics = s.step(state, s.teacher_params, sharding.put_batch(s.mesh, batch))
+        step = i + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+          m = jax.device_get(metrics)
+          check_finite(state, step)
+          now = time.time()
+          rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                 "learning_rate": float(m["learning_rate"]),
+                 "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_t, 1e-9),
+                 "nonfinite_steps": int(state.nonfinite)}
+          last_t, last_step, last = now, step, rec
+          if jax.process_index() == 0:
+            mfile.write(json.dumps(rec) + "\n")
+            mfile.flush()
+            for k in ("loss", "grad_norm", "learning_rate", "tokens_per_s"):
+              writer.add_scalar(k, rec[k], step)
+          bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.update(1)
+        preempted = stop.signal is not None or mngr.reached_preemption(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or preempted:
+          check_finite(state, step)
+          checkpoint.save(mngr, step, state, step_meta(step), force=True)
+        if preempted and step < cfg.steps:
+          mngr.wait_until_finished()
+          log(f"stopped by {stop.signal or 'preemption'} at step {step}; checkpoint saved; "
+              "rerun the same command to resume")
+          return {"preempted": True, "step": step, "last": last}
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
+  if start >= cfg.steps:
+    log(f"already trained to step {start}")
+  return {"preempted": False, "step": max(start, cfg.steps), "last": last, "state": state}
