@@ -204,7 +204,7 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

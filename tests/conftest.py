@@ -56,3 +56,74 @@ def random_batch(rng, b, t, vocab, padding="right", pad_id=0, low=2):
       mask[i, t - n:] = 1
   ids = np.where(mask > 0, ids, pad_id)
   return ids, mask
+
+
+TINY_TEXT = """The quick brown fox jumps over the lazy dog. Attention relations carry what a layer knows.
+
+MiniLM distils the self-attention of a teacher into a small student, layer by layer, relation by relation.
+
+Queries, keys and values are split into relation heads; the student learns the teacher's distributions.
+
+Padding must never count: padded keys are masked and padded rows are excluded from the mean.
+
+A resumed run must see exactly the batches an uninterrupted run would have seen, in the same order."""
+
+
+def make_tiny_teacher(folder, layers=2, hidden=32, heads=4, intermediate=64, max_positions=64, seed=0):
+  """A random BERT with a character-level WordPiece tokenizer, saved as an HF folder."""
+  import transformers
+  torch = pytest.importorskip("torch")
+  os.makedirs(folder, exist_ok=True)
+  chars = "abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"()-!?"
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars]
+  with open(os.path.join(folder, "vocab.txt"), "w") as f:
+    f.write("\n".join(vocab) + "\n")
+  tok = transformers.BertTokenizerFast(vocab_file=os.path.join(folder, "vocab.txt"), do_lower_case=True)
+  tok.save_pretrained(folder)
+  torch.manual_seed(seed)
+  cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=intermediate,
+                                max_position_embeddings=max_positions,
+                                initializer_range=0.3)  # sharp attention: a loss far from 0
+  transformers.BertModel(cfg).save_pretrained(folder)
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+  return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(TINY_TEXT)
+  return str(path)
+
+
+def tiny_config(teacher, corpus, **overrides):
+  """A train config for the tiny teacher: 1×16 student, v2 with 4 relation heads, batch 8 × 32."""
+  from minilm_jax.train import default_config
+  c = default_config()
+  c.teacher = teacher
+  c.student.update(num_layers=1, hidden_size=16, num_heads=4, intermediate_size=32, init="random")
+  c.loss.update(version="v2", relation_heads=4)
+  c.data.update(source=corpus, max_len=32)
+  c.batch_size = 8
+  c.steps = 6
+  c.log_every = 1
+  c.checkpoint_every = 3
+  c.optim.update(lr=3e-3, warmup_steps=2)
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+TINY_CLI_ARGS = ["--config.student.num_layers=1", "--config.student.hidden_size=16",
+                 "--config.student.num_heads=4", "--config.student.intermediate_size=32",
+                 "--config.loss.relation_heads=4", "--config.data.max_len=32", "--config.batch_size=8",
+                 "--config.log_every=1", "--config.optim.warmup_steps=2"]

@@ -1,0 +1,158 @@
+"""The training step and its setup, on a tiny random teacher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minilm_jax import data, hf, sharding, train
+from conftest import tiny_config
+
+
+def batches(cfg, teacher_dir, n, start=0):
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(teacher_dir)
+  rows = data.tokenize_and_pack(data.load_texts(cfg.data.source), tok, cfg.data.max_len)
+  return [data.host_batch(rows, s, cfg.batch_size, cfg.seed) for s in range(start, start + n)]
+
+
+def run_steps(s, state, bs):
+  losses = []
+  for b in bs:
+    state, m = s.step(state, s.teacher_params, sharding.put_batch(s.mesh, b))
+    losses.append(float(m["loss"]))
+  return state, losses
+
+
+def leaves(tree):
+  return dict(hf._flatten(jax.device_get(tree)))
+
+
+def test_loss_falls_and_frozen_params_stay(tiny_teacher, tiny_corpus):
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=30)
+  s = train.setup(cfg)
+  state0 = s.init_state()
+  before = leaves(state0.params)
+  state, losses = run_steps(s, state0, batches(cfg, tiny_teacher, 30))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+  after = leaves(state.params)
+  last = "0"  # the student has one layer: its last layer is layer 0
+  for path in before:
+    frozen = path[:3] == ("encoder", "layer", last) and path[3:5] != ("attention", "self")
+    if frozen:
+      np.testing.assert_array_equal(before[path], after[path], err_msg="/".join(path))
+    else:
+      assert not np.array_equal(before[path], after[path]), "/".join(path)
+
+
+def test_decay_mask_and_frozen_labels():
+  from minilm_jax.model import BertConfig, BertEncoder
+  p = BertEncoder(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=16, max_position_embeddings=8)).init_params(jax.random.key(0))
+  labels, decay = leaves(train.frozen_labels(p, 2)), leaves(train.decay_mask(p))
+  assert labels[("encoder", "layer", "1", "attention", "self", "query", "kernel")] == "train"
+  assert labels[("encoder", "layer", "1", "attention", "output", "dense", "kernel")] == "freeze"
+  assert labels[("encoder", "layer", "1", "output", "LayerNorm", "scale")] == "freeze"
+  assert labels[("encoder", "layer", "1", "intermediate", "dense", "bias")] == "freeze"
+  assert labels[("encoder", "layer", "0", "output", "dense", "kernel")] == "train"
+  assert decay[("encoder", "layer", "0", "output", "dense", "kernel")]
+  assert decay[("embeddings", "word_embeddings", "embedding")]
+  assert not decay[("encoder", "layer", "0", "output", "dense", "bias")]
+  assert not decay[("embeddings", "LayerNorm", "scale")]
+
+
+def test_weight_decay_only_on_kernels(tiny_teacher, tiny_corpus):
+  # One step with decay on and off from the same state: only decayed tensors may differ (after one
+  # step; later steps would see the decayed kernels through the gradient).
+  cfg_a = tiny_config(tiny_teacher, tiny_corpus, **{"optim.weight_decay": 0.0, "optim.warmup_steps": 0})
+  cfg_b = tiny_config(tiny_teacher, tiny_corpus, **{"optim.weight_decay": 0.5, "optim.warmup_steps": 0})
+  bs = batches(cfg_a, tiny_teacher, 1)
+  sa, sb = train.setup(cfg_a), train.setup(cfg_b)
+  a = leaves(run_steps(sa, sa.init_state(), bs)[0].params)
+  b = leaves(run_steps(sb, sb.init_state(), bs)[0].params)
+  for path in a:
+    same = np.array_equal(a[path], b[path])
+    if path[-1] == "bias" or "LayerNorm" in path:
+      assert same, "/".join(path)
+    elif path[:3] != ("encoder", "layer", "0") or path[3:5] == ("attention", "self"):
+      assert not same, "/".join(path)
+
+
+def test_teacher_init_takes_every_kth_layer_sliced(tiny_teacher, tiny_corpus):
+  cfg = tiny_config(tiny_teacher, tiny_corpus, **{"student.init": "teacher"})
+  s = train.setup(cfg)
+  _, tp = hf.load_pretrained(tiny_teacher)
+  sp = leaves(s.init_state().params)
+  assert train.teacher_init_layers("teacher", 12, 6) == [0, 2, 4, 6, 8, 10]
+  assert train.teacher_init_layers("teacher", 6, 3) == [0, 2, 4]
+  assert train.teacher_init_layers("teacher_first", 6, 3) == [0, 1, 2]
+  q = sp[("encoder", "layer", "0", "attention", "self", "query", "kernel")]
+  np.testing.assert_array_equal(q, tp["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"][:16, :16])
+  np.testing.assert_array_equal(sp[("embeddings", "word_embeddings", "embedding")],
+                                tp["embeddings"]["word_embeddings"]["embedding"][:, :16])
+
+
+def test_teacher_layer_index():
+  assert train.teacher_layer_index(-1, 12) == 11
+  assert train.teacher_layer_index(21, 24) == 20
+  assert train.teacher_layer_index(1, 6) == 0
+  for bad in (0, 7, -7):
+    with pytest.raises(ValueError, match=f"loss.teacher_layer {bad} is out of range for a 6-layer"):
+      train.teacher_layer_index(bad, 6)
+
+
+def test_grad_accumulation_matches_full_batch(tiny_teacher, tiny_corpus):
+  # No dropout, so two micro-batches of 4 must give the same update as one batch of 8.
+  over = {"student.dropout": 0.0}
+  cfg1 = tiny_config(tiny_teacher, tiny_corpus, **over)
+  cfg2 = tiny_config(tiny_teacher, tiny_corpus, grad_accum=2, **over)
+  bs = batches(cfg1, tiny_teacher, 2)
+  s1, s2 = train.setup(cfg1), train.setup(cfg2)
+  st1, l1 = run_steps(s1, s1.init_state(), bs)
+  st2, l2 = run_steps(s2, s2.init_state(), bs)
+  np.testing.assert_allclose(l1, l2, rtol=1e-4)  # whole-model tolerance
+  a, b = leaves(st1.params), leaves(st2.params)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg="/".join(k))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_teacher, tiny_corpus):
+  cfg = tiny_config(tiny_teacher, tiny_corpus)
+  s = train.setup(cfg)
+  state = s.init_state()
+  before = leaves(state.params)
+  nan_teacher = jax.tree.map(lambda x: x * jnp.nan, s.teacher_params)
+  b = sharding.put_batch(s.mesh, batches(cfg, tiny_teacher, 1)[0])
+  state, m = s.step(state, nan_teacher, b)
+  assert not np.isfinite(float(m["loss"]))
+  assert int(state.nonfinite) == 1 and int(state.first_nonfinite) == 0 and int(state.step) == 1
+  after = leaves(state.params)
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"loss.relation_heads": 5}, "loss.relation_heads 5 does not divide the teacher hidden size 32"),
+    ({"loss.relation_heads": 8, "student.hidden_size": 12, "student.num_heads": 4},
+     "loss.relation_heads 8 does not divide the student.hidden_size 12"),
+    ({"loss.version": "v1", "student.num_heads": 2, "loss.relation_heads": 2},
+     "loss.version 'v1' needs equal head counts: teacher has 4, student.num_heads is 2"),
+    ({"loss.teacher_layer": 3}, "loss.teacher_layer 3 is out of range for a 2-layer teacher"),
+    ({"data.max_len": 100}, "data.max_len 100 exceeds the teacher's 64 positions"),
+    ({"student.init": "magic"}, "student.init 'magic'"),
+    ({"precision": "fp8"}, "precision 'fp8'"),
+    ({"batch_size": 6, "grad_accum": 4}, "batch_size 6 is not divisible by grad_accum 4"),
+])
+def test_bad_config_is_a_clear_error(tiny_teacher, tiny_corpus, override, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    train.setup(tiny_config(tiny_teacher, tiny_corpus, **override))
+
+
+def test_bfloat16_precision_runs(tiny_teacher, tiny_corpus):
+  cfg = tiny_config(tiny_teacher, tiny_corpus, precision="bfloat16")
+  s = train.setup(cfg)
+  assert jax.tree.leaves(s.teacher_params)[0].dtype == jnp.bfloat16
+  state, losses = run_steps(s, s.init_state(), batches(cfg, tiny_teacher, 2))
+  assert np.all(np.isfinite(losses))
+  assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
