@@ -43,6 +43,9 @@ def _distill(argv):
 
 
 def main():
+  if any(a in ("-h", "--help", "--helpshort") for a in sys.argv[1:]):
+    flags.FLAGS.mark_as_parsed()
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
   app.run(_distill)
 
 

@@ -424,7 +424,8 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   docs = data.load_texts(cfg.data.source, cfg.data.text_field, cfg.data.hub_config, cfg.data.split)
   rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(workdir, "cache"), progress)
   meta = {"teacher": teacher_identity(s.teacher_dir, s.teacher_config),
-          "student_config": s.student_config.to_dict(), "config": cfg.to_dict()}
+          "student_config": s.student_config.to_dict(),
+          "config": json.loads(json.dumps(cfg.to_dict()))}  # as a checkpoint reads it back
 
   mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)

@@ -1,0 +1,112 @@
+"""The real `minilm-distill` command, driven as a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY_CLI_ARGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+
+def cli(*args):
+  return [sys.executable, "-m", "minilm_jax.cli", *args]
+
+
+def env():
+  e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  e.pop("XLA_FLAGS", None)
+  return e
+
+
+def run(*args, timeout=600):
+  return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_help_lists_the_flags():
+  r = run("--help")
+  assert r.returncode == 0
+  assert "--config" in r.stdout and "--workdir" in r.stdout
+
+
+def test_demo_runs_loss_falls_and_student_loads(real_teacher, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+  import minilm_jax
+  workdir = str(tmp_path / "demo")
+  r = run("--config", DEMO, "--workdir", workdir, "--config.steps=16", "--config.log_every=4",
+          "--config.checkpoint_every=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"student written to {workdir}/student" in r.stdout
+  rows = read_metrics(workdir)
+  assert [m["step"] for m in rows] == [4, 8, 12, 16]
+  for m in rows:
+    assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(m)
+    assert m["tokens_per_s"] > 0
+  assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
+  for name in ("loss.png", "student/config.json", "student/model.safetensors", "student/tokenizer.json",
+               "student/flax_params.msgpack"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tb"))
+  # The export loads in transformers with every encoder weight, and agrees with the Flax student.
+  tm, info = transformers.BertModel.from_pretrained(os.path.join(workdir, "student"),
+                                                    output_loading_info=True)
+  assert not [k for k in info["missing_keys"] if not k.startswith("pooler.")], info
+  model, params = minilm_jax.load_student(workdir)
+  assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 384
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
+  enc = tok(["a distilled student", "loads anywhere"], padding=True, return_tensors="np")
+  flax_out = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"]).last_hidden_state
+  with torch.no_grad():
+    torch_out = tm.eval()(input_ids=torch.tensor(enc["input_ids"]),
+                          attention_mask=torch.tensor(enc["attention_mask"])).last_hidden_state.numpy()
+  valid = enc["attention_mask"][..., None] > 0
+  np.testing.assert_allclose(np.where(valid, flax_out, 0), np.where(valid, torch_out, 0), atol=1e-4)
+
+
+def test_interrupted_then_resumed_run_is_bit_identical(tiny_teacher, tiny_corpus, tmp_path):
+  args = ["--config", DEMO, f"--config.teacher={tiny_teacher}", f"--config.data.source={tiny_corpus}",
+          "--config.steps=300", "--config.checkpoint_every=100", *TINY_CLI_ARGS]
+  whole = str(tmp_path / "whole")
+  r = run(*args, "--workdir", whole)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  # Stop the second run with SIGTERM (what a preempted TPU VM gets) between two checkpoints.
+  cut = str(tmp_path / "cut")
+  proc = subprocess.Popen(cli(*args, "--workdir", cut), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env(), cwd=ROOT)
+  metrics = os.path.join(cut, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isfile(metrics) and sum(1 for _ in open(metrics)) >= 5:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.01)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped by SIGTERM at step" in out, (out, err[-2000:])
+  stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 5 <= stopped_at < 300 and stopped_at % 100, stopped_at  # between checkpoints
+  assert not os.path.exists(os.path.join(cut, "student"))
+
+  r = run(*args, "--workdir", cut)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming from step {stopped_at}" in r.stdout
+  for name in ("flax_params.msgpack", "model.safetensors"):
+    with open(os.path.join(whole, "student", name), "rb") as a, open(os.path.join(cut, "student", name),
+                                                                     "rb") as b:
+      assert a.read() == b.read(), name
+  strip = lambda rows: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in rows]
+  assert strip(read_metrics(whole)) == strip(read_metrics(cut))
