@@ -17,6 +17,7 @@ import queue
 import sys
 import sysconfig
 import threading
+import zipfile
 from typing import Dict, Iterator, List, Sequence, Union
 
 import numpy as np
@@ -150,7 +151,7 @@ def tokenize_and_pack(docs: Sequence[str], tokenizer, max_len: int, cache_dir: s
       try:
         with np.load(path) as z:
           return {"input_ids": z["input_ids"], "attention_mask": z["attention_mask"]}
-      except (OSError, ValueError, KeyError):
+      except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # A torn cache file: tokenise again.
   from tqdm.auto import tqdm
   token_lists = []
@@ -198,15 +199,24 @@ def prefetch(make_batch, start_step: int, end_step: int, depth: int = 2) -> Iter
   q: "queue.Queue" = queue.Queue(maxsize=depth)
   stop = threading.Event()
 
+  def put(item):
+    while not stop.is_set():  # never block forever on a consumer that has gone away
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
   def worker():
     try:
       for step in range(start_step, end_step):
-        if stop.is_set():
+        if not put((step, make_batch(step))):
           return
-        q.put((step, make_batch(step)))
     except BaseException as e:  # Hand errors to the consumer rather than dying silently.
-      q.put((None, e))
-    q.put((None, None))
+      put((None, e))
+      return
+    put((None, None))
 
   threading.Thread(target=worker, daemon=True).start()
   try:
