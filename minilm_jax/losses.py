@@ -131,8 +131,12 @@ def _heads_kl(ta_BTCd, tb_BTCd, sa_BTCd, sb_BTCd, valid_B1TS, w_BT):
 
     Shared by the direct path (one group of all heads) and the chunked path (lax.map over groups).
     """
-    zt_BCTS = jnp.where(valid_B1TS, jnp.einsum("btcd,bscd->bcts", ta_BTCd, tb_BTCd), _MASK_VALUE)
-    zs_BCTS = jnp.where(valid_B1TS, jnp.einsum("btcd,bscd->bcts", sa_BTCd, sb_BTCd), _MASK_VALUE)
+    # Heads-major layout first: XLA:CPU runs [B·C] batched matmuls ~3x faster than with the head axis
+    # in the middle of the operands (measured on 32×12×128×32).
+    heads_major = lambda x_BTCd: jnp.swapaxes(x_BTCd, 1, 2)
+    logits = lambda a, b: jnp.einsum("bctd,bcsd->bcts", heads_major(a), heads_major(b))
+    zt_BCTS = jnp.where(valid_B1TS, logits(ta_BTCd, tb_BTCd), _MASK_VALUE)
+    zs_BCTS = jnp.where(valid_B1TS, logits(sa_BTCd, sb_BTCd), _MASK_VALUE)
     lse_t_BCT, lse_s_BCT = _logsumexp(zt_BCTS), _logsumexp(zs_BCTS)
     # log P_T − log P_S = (z_T − z_S) − (lse_T − lse_S): written this way the only [B, C, T, T] tensors
     # are the two logit tensors; the rest fuses into one reduction (no log-softmax tensors stored).

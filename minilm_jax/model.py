@@ -117,6 +117,23 @@ def _layer_norm(config, dtype, param_dtype, name):
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+class Dropout(nn.Module):
+  """Dropout drawing 16 random bits per element instead of nn.Dropout's 32: on CPU the random bits
+  dominate dropout's cost, and this halves them. The rate is exact to 1/65536."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    threshold = round(self.rate * 65536)
+    shape = x.shape[:-1] + (-(-x.shape[-1] // 2),)
+    words = jax.random.bits(self.make_rng("dropout"), shape, jnp.uint32)
+    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
+    keep = u16 >= threshold
+    return jnp.where(keep, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
+
+
 def position_ids(config: BertConfig, input_ids_BT: jax.Array) -> jax.Array:
   """[B, T] position ids as HF makes them: 0..T-1 for BERT; for RoBERTa, counted over non-pad tokens
   and offset by pad_token_id + 1 (pads get pad_token_id)."""
@@ -140,7 +157,7 @@ class Embeddings(nn.Module):
              + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids_BT))
              + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BT))
     x_BTH = _layer_norm(c, self.dtype, self.param_dtype, "LayerNorm")(x_BTH)
-    return nn.Dropout(c.hidden_dropout_prob)(x_BTH, deterministic=deterministic)
+    return Dropout(c.hidden_dropout_prob)(x_BTH, deterministic=deterministic)
 
 
 class SelfAttentionQKV(nn.Module):
@@ -155,15 +172,24 @@ class SelfAttentionQKV(nn.Module):
     return tuple(_dense(h, self.dtype, self.param_dtype, n)(x_BTH) for n in ("query", "key", "value"))
 
 
-def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads):
-  """Multi-head attention probabilities. All keys are visible except padding. Returns [B, N, T, S]."""
+def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, dropout=None):
+  """Multi-head attention over all keys except padding. Returns the context [B, T, D].
+
+  `dropout(probs)` is applied to the attention probabilities (training). Heads go to a heads-major
+  layout before the batched matmuls: XLA:CPU runs them ~3x faster than with the head axis in the middle.
+  """
   b, t, d = q_BTD.shape
-  split = lambda x: x.reshape(b, t, num_heads, d // num_heads)
-  scores_BNTS = jnp.einsum("btnk,bsnk->bnts", split(q_BTD), split(k_BTD)) / math.sqrt(d // num_heads)
-  # Softmax in fp32 even under bf16 compute. HF adds dtype-min to masked keys: the same result.
-  scores_BNTS = jnp.where(mask_BT[:, None, None, :] > 0, scores_BNTS.astype(jnp.float32),
-                          jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores_BNTS, axis=-1).astype(q_BTD.dtype)
+  k_dim = d // num_heads
+  to_heads = lambda x: x.reshape(b, t, num_heads, k_dim).transpose(0, 2, 1, 3)
+  scores_BNTS = jnp.einsum("bntk,bnsk->bnts", to_heads(q_BTD) * (1.0 / math.sqrt(k_dim)),
+                           to_heads(k_BTD)).astype(jnp.float32)
+  # Softmax in fp32 even under bf16 compute. Adding dtype-min to masked keys, as HF does.
+  bias_B11S = jnp.where(mask_BT > 0, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+  probs_BNTS = jax.nn.softmax(scores_BNTS + bias_B11S, axis=-1).astype(q_BTD.dtype)
+  if dropout is not None:
+    probs_BNTS = dropout(probs_BNTS)
+  ctx_BNTK = jnp.einsum("bnts,bnsk->bntk", probs_BNTS, to_heads(v_BTD))
+  return ctx_BNTK.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
 class AddNorm(nn.Module):
@@ -176,7 +202,7 @@ class AddNorm(nn.Module):
   def __call__(self, h_BTX, residual_BTH, deterministic):
     c = self.config
     y_BTH = _dense(c.hidden_size, self.dtype, self.param_dtype, "dense")(h_BTX)
-    y_BTH = nn.Dropout(c.hidden_dropout_prob)(y_BTH, deterministic=deterministic)
+    y_BTH = Dropout(c.hidden_dropout_prob)(y_BTH, deterministic=deterministic)
     return _layer_norm(c, self.dtype, self.param_dtype, "LayerNorm")(y_BTH + residual_BTH)
 
 
@@ -191,11 +217,9 @@ class Attention(nn.Module):
     qkv = SelfAttentionQKV(c, self.dtype, self.param_dtype, name="self")(x_BTH)
     if qkv_only:
       return None, qkv
-    probs_BNTS = attention(*qkv, mask_BT, c.num_attention_heads)
-    probs_BNTS = nn.Dropout(c.attention_probs_dropout_prob)(probs_BNTS, deterministic=deterministic)
-    b, t, d = x_BTH.shape
-    v_BTNK = qkv[2].reshape(b, t, c.num_attention_heads, c.head_dim)
-    ctx_BTH = jnp.einsum("bnts,bsnk->btnk", probs_BNTS, v_BTNK).reshape(b, t, d)
+    drop = Dropout(c.attention_probs_dropout_prob)
+    ctx_BTH = attention(*qkv, mask_BT, c.num_attention_heads,
+                        lambda p: drop(p, deterministic=deterministic))
     return AddNorm(c, self.dtype, self.param_dtype, name="output")(ctx_BTH, x_BTH, deterministic), qkv
 
 
