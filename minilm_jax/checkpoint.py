@@ -8,12 +8,15 @@ visible only once completely written, so a crash mid-save leaves the previous ch
 
 from __future__ import annotations
 
-import logging
+from absl import logging
 import os
+import time
 import warnings
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental.multihost_utils import sync_global_devices
 
 
 def make_manager(directory: str, save_every: int, keep: int = 3, keep_every: int = 0,
@@ -42,28 +45,60 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   check_meta: Callable[[dict], None] = lambda meta: None
                    ) -> Tuple[Optional[Any], Optional[dict], Optional[int]]:
   """(state, meta, step) of the newest checkpoint that restores, or (None, None, None) if there are none.
 
   `abstract_state` is a tree of jax.ShapeDtypeStruct carrying the target shardings. A checkpoint that
   fails to restore (corrupted, truncated) is skipped with a warning in favour of the one before it; if
   checkpoints exist but none restores, this raises rather than silently starting over.
+  `check_meta(meta)` runs on each step's JSON before its arrays are read, so an incompatible run is
+  refused with its own error rather than reported as a damaged checkpoint.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   errors = []
   for step in steps:
     try:
+      meta = read_meta(mngr, step)
+    except Exception as e:
+      meta, meta_error = None, e
+    if meta is not None:
+      check_meta(meta)
+    try:
+      if meta is None:
+        raise meta_error
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      if errors:
-        warnings.warn(f"checkpoint step {errors[0][0]} is unreadable ({errors[0][1]}); "
-                      f"resuming from step {step} instead")
-      return restored["state"], restored["meta"], step
     except Exception as e:  # Orbax raises many types for damaged files.
-      logging.warning("checkpoint at step %d failed to restore: %s", step, e)
-      errors.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+      logging.info("checkpoint at step %d failed to restore: %s", step, e)
+      errors.append((step, _short(e)))
+      continue
+    if errors:
+      moved = _quarantine(mngr, [s for s, _ in errors])
+      warnings.warn(f"checkpoint step {errors[0][0]} is unreadable ({errors[0][1]}); resuming from "
+                    f"step {step} instead (unreadable steps moved to {moved})")
+    return restored["state"], restored["meta"], step
   if errors:
     raise RuntimeError(f"{mngr.directory}: none of the checkpoints {steps} can be restored (latest: "
                        f"{errors[0][1]}); refusing to start over: move the folder away to start afresh")
   return None, None, None
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+  text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quarantine(mngr: ocp.CheckpointManager, steps) -> str:
+  """Move unreadable steps aside (kept for inspection, never deleted) so they can be written again."""
+  if jax.process_index() == 0:
+    root = mngr.directory.parent / (mngr.directory.name + "_unreadable")
+    root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      src = mngr.directory / str(step)
+      dst = root / f"{step}-{int(time.time())}"
+      src.rename(dst)
+  sync_global_devices("minilm_jax_quarantine")
+  mngr.reload()
+  return str(mngr.directory.parent / (mngr.directory.name + "_unreadable"))

@@ -6,6 +6,7 @@ checkpoint. Errors print one line and exit non-zero; --verbose shows the traceba
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -21,7 +22,11 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors."
 def _fail(prog: str, e: BaseException) -> None:
   msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   print(f"{prog}: error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Skip interpreter teardown: Orbax/TensorStore threads print asyncio tracebacks when torn down after
+  # a failed restore. Any checkpoint save was already waited for (train.py's finally clause).
+  os._exit(2)
 
 
 def _distill(argv):
@@ -29,6 +34,8 @@ def _distill(argv):
     _fail("minilm-distill", ValueError(f"unexpected arguments: {' '.join(argv[1:])}"))
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("minilm-distill", ValueError("--config and --workdir are required (see --help)"))
+  import warnings
+  warnings.formatwarning = lambda msg, *_, **__: f"minilm-distill: warning: {msg}\n"
   from absl import logging
   logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)  # Orbax is chatty at INFO
   from minilm_jax import train
@@ -42,11 +49,43 @@ def _distill(argv):
     print(f"final loss {summary['last']['loss']:.5f} at step {summary['step']}")
 
 
-def main():
-  if any(a in ("-h", "--help", "--helpshort") for a in sys.argv[1:]):
+def _config_path(argv):
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+  return None
+
+
+def _parse(argv):
+  """absl parsing, with one-line errors for a missing config file, unknown keys and bad values."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path.split(":")[0]):
+    raise ValueError(f"config file {path}: no such file")
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.KEY that does not exist
+    key = str(e).strip("\"'")
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    raise ValueError(f"unknown config key {bad[0] if bad else key!r} (see the config's keys in "
+                     "minilm_jax.train.default_config)") from None
+  except flags.Error as e:
+    raise ValueError(str(e).splitlines()[0]) from None
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
     flags.FLAGS.mark_as_parsed()
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
-  app.run(_distill)
+  try:
+    rest = _parse(argv)
+  except Exception as e:  # a config file that fails to load raises anything at all
+    if "--verbose" in argv:
+      raise
+    _fail("minilm-distill", e)
+  _distill(rest)
 
 
 if __name__ == "__main__":

@@ -430,11 +430,11 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)
   try:
-    state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s))
+    state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s),
+                                                    lambda saved: check_resume(saved, meta))
     if state is None:
       state, start = s.init_state(), 0
     else:
-      check_resume(saved, meta)
       log(f"resuming from step {start} in {workdir}")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _trim_metrics(metrics_path, start)
@@ -497,16 +497,29 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, metrics_path, 
         preempted = stop.signal is not None or mngr.reached_preemption(step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or preempted:
           check_finite(state, step)
-          checkpoint.save(mngr, step, state, step_meta(step), force=True)
+          try:
+            checkpoint.save(mngr, step, state, step_meta(step), force=True)
+          except Exception as e:  # a failed async save surfaces here (or at the final wait)
+            raise OSError(f"saving the checkpoint at step {step} failed ({e}); earlier checkpoints "
+                          f"are intact (latest complete: step {mngr.latest_step()})") from e
         if preempted and step < cfg.steps:
           mngr.wait_until_finished()
           log(f"stopped by {stop.signal or 'preemption'} at step {step}; checkpoint saved; "
               "rerun the same command to resume")
           return {"preempted": True, "step": step, "last": last}
+  except OSError as e:
+    if "earlier checkpoints are intact" in str(e):
+      raise
+    # e.g. a full disk while writing metrics or events: say where, and what is safe.
+    raise OSError(f"writing to {workdir} failed near step {bar.n} ({e}); earlier checkpoints are "
+                  f"intact (latest complete: step {mngr.latest_step()})") from e
   finally:
     bar.close()
     if writer is not None:
-      writer.close()
+      try:
+        writer.close()
+      except OSError:
+        pass  # a full disk: never mask the error that brought us here
   if start >= cfg.steps:
     log(f"already trained to step {start}")
   return {"preempted": False, "step": max(start, cfg.steps), "last": last, "state": state}
