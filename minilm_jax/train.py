@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from minilm_jax import checkpoint, data, hf, losses, sharding
 from minilm_jax.model import BertConfig, BertEncoder
@@ -174,8 +175,14 @@ def relation_loss_fn(cfg, student_heads: int) -> Callable:
   raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
 
 
-def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int):
-  """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated."""
+def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int,
+                    pmap_axis: Optional[str] = None):
+  """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated.
+
+  With `pmap_axis`, it is the per-device step of `jax.pmap`: each device takes its own dropout key and
+  its shard's gradients are averaged with `lax.pmean` (equal to the global mean when every shard holds
+  the same number of examples). The loss and update code is the same.
+  """
   relation = relation_loss_fn(cfg, student.config.num_attention_heads)
   schedule = lr_schedule(cfg)
   base_key = jax.random.key(cfg.seed)
@@ -192,6 +199,8 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
 
   def step(state: TrainState, teacher_params, batch):
     rng = jax.random.fold_in(base_key, state.step)  # no RNG in the state: resumes replay exactly
+    if pmap_axis is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(pmap_axis))
     accum = cfg.grad_accum
     if accum == 1:
       loss, grads = grad_fn(state.params, teacher_params, batch, rng)
@@ -204,6 +213,8 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    if pmap_axis is not None:
+      loss, grads = jax.lax.pmean((loss, grads), pmap_axis)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -302,10 +313,41 @@ def setup(cfg, teacher=None) -> Setup:
   abstract_state = jax.eval_shape(init_fn, tparams)
   state_sh = sharding.tree_shardings(mesh, abstract_state)
   init_state = jax.jit(lambda: init_fn(teacher_params), out_shardings=state_sh)
-  step = jax.jit(make_train_step(cfg, teacher_model, student_model, tx, tl), donate_argnums=(0,),
-                 in_shardings=(state_sh, teacher_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  if cfg.parallel.mode == "jit":
+    step = jax.jit(make_train_step(cfg, teacher_model, student_model, tx, tl), donate_argnums=(0,),
+                   in_shardings=(state_sh, teacher_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)))
+  elif cfg.parallel.mode == "pmap":
+    if cfg.parallel.fsdp != 1 or jax.process_count() > 1:
+      raise ValueError("parallel.mode 'pmap' runs data-parallel on one host: use parallel.fsdp=1, "
+                       "or mode 'jit' for fsdp and multi-host")
+    step = _pmap_step(make_train_step(cfg, teacher_model, student_model, tx, tl, pmap_axis="batch"),
+                      mesh)
+  else:
+    raise ValueError(f"parallel.mode {cfg.parallel.mode!r}: use 'jit' (default) or 'pmap'")
   return Setup(cfg, teacher_dir, tcfg, scfg, tl, mesh, teacher_params, state_sh, init_state, step)
+
+
+def _pmap_step(per_device_step, mesh):
+  """The pmap path behind the jit path's interface (global state in, global state out), for pipelines
+  built on pmap. Each call replicates the state over a leading device axis and takes device 0's copy
+  back; the copies cost a little, which is why "jit" is the default."""
+  devices = list(mesh.devices.flat)
+  n = len(devices)
+  pstep = jax.pmap(per_device_step, axis_name="batch", devices=devices)
+  # Arrays laid out the way the pmap shim expects: leading axis over a one-axis "batch" mesh.
+  stacked = NamedSharding(jax.make_mesh((n,), ("batch",), axis_types=(AxisType.Auto,),
+                                        devices=devices), P("batch"))
+
+  def step(state, teacher_params, batch):
+    rep = lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + x.shape), stacked)
+    split = lambda x: jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), stacked)
+    new_state, metrics = pstep(jax.tree.map(rep, state), jax.tree.map(rep, teacher_params),
+                               jax.tree.map(split, batch))
+    take0 = lambda x: x[0]
+    return jax.tree.map(take0, new_state), jax.tree.map(take0, metrics)
+
+  return step
 
 
 def abstract_state(s: Setup) -> Any:
