@@ -17,6 +17,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file; 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the student go; rerun "
                                "with the same workdir to resume.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize() before anything touches devices: 'auto' does it on a multi-host TPU "
+    "pod (TPU_WORKER_HOSTNAMES lists several hosts) or when JAX_COORDINATOR_ADDRESS or "
+    "--coordinator_address is set.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
+                                   "multi-process runs outside a TPU pod (with --num_processes, "
+                                   "--process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def _maybe_initialize_distributed():
+  """Multi-host runs need jax.distributed before the first device query; every host runs this."""
+  on_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  wanted = _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and (
+      on_pod or _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  if wanted:
+    import jax
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def _fail(prog: str, e: BaseException) -> None:
@@ -40,6 +61,7 @@ def _distill(argv):
   logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)  # Orbax is chatty at INFO
   from minilm_jax import train
   try:
+    _maybe_initialize_distributed()
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as e:
     if _VERBOSE.value:

@@ -165,7 +165,7 @@ def tokenize_and_pack(docs: Sequence[str], tokenizer, max_len: int, cache_dir: s
                    tokenizer.pad_token_id)
   if path:
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.tmp{os.getpid()}.npz"  # hosts sharing the folder write the same bytes
     np.savez(tmp, input_ids=ids, attention_mask=mask)
     os.replace(tmp, path)
   return {"input_ids": ids, "attention_mask": mask}

@@ -398,7 +398,7 @@ def check_resume(saved: dict, now: dict) -> None:
 
 def _trim_metrics(path: str, last_step: int) -> None:
   """Drop lines logged after the checkpoint we resume from: they will be logged again."""
-  if not os.path.isfile(path):
+  if jax.process_index() != 0 or not os.path.isfile(path):
     return
   with open(path) as f:
     lines = [l for l in f if l.strip()]
@@ -417,7 +417,7 @@ def _trim_metrics(path: str, last_step: int) -> None:
 def _check_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write-probe")
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -488,9 +488,14 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
     mngr.close()
   state = status.pop("state")
   student_dir = os.path.join(workdir, "student")
-  hf.export_student(student_dir, s.student_config, jax.device_get(state.params), tokenizer=s.teacher_dir)
-  plots.loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
-  log(f"student written to {student_dir}")
+  params = state.params
+  if jax.process_count() > 1:  # every host takes part in gathering the (possibly sharded) params
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() == 0:
+    hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
+    plots.loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
+    log(f"student written to {student_dir}")
   return {**status, "student_dir": student_dir}
 
 
@@ -516,7 +521,8 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, metrics_path, 
           f"{mngr.latest_step()}")
 
   try:
-    with _StopFlag() as stop, open(metrics_path, "a") as mfile:
+    with _StopFlag() as stop, open(metrics_path if jax.process_index() == 0 else os.devnull,
+                                   "a") as mfile:
       for i, batch in data.prefetch(make_batch, start, cfg.steps):
         state, metrics = s.step(state, s.teacher_params, sharding.put_batch(s.mesh, batch))
         step = i + 1
