@@ -32,7 +32,9 @@ def make_manager(directory: str, save_every: int, keep: int = 3, keep_every: int
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,  # Half-written steps from a crash are removed on start.
       create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  if "://" not in directory:  # gs:// and other remote paths go to Orbax as they are
+    directory = os.path.abspath(directory)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:

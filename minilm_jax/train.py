@@ -414,15 +414,52 @@ def _trim_metrics(path: str, last_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
+def is_remote(path: str) -> bool:
+  return "://" in path
+
+
 def _check_writable(workdir: str) -> None:
+  from etils import epath
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe = epath.Path(workdir) / f".write-probe-{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
-    raise OSError(f"workdir {workdir} is not writable ({e.strerror})") from None
+    raise OSError(f"workdir {workdir} is not writable ({e.strerror or e})") from None
+
+
+def local_dir(workdir: str) -> str:
+  """Where metrics, TensorBoard events, the token cache and the export are written: the workdir itself,
+  or for a remote (gs://) workdir a local mirror that is copied up at every checkpoint and at the end
+  (Orbax writes the checkpoints straight to the remote workdir)."""
+  if not is_remote(workdir):
+    return workdir
+  key = hashlib.sha1(workdir.encode()).hexdigest()[:12]
+  return os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", "runs", key)
+
+
+def _files_under(path):
+  """Every file under an epath (itself if a file); iterdir, since GCS refuses recursive globs."""
+  if not path.is_dir():
+    return [path]
+  return [f for child in sorted(path.iterdir()) for f in _files_under(child)]
+
+
+def _sync(workdir: str, local: str, names, down: bool = False) -> None:
+  """Copy files/folders `names` between the local mirror and a remote workdir (process 0 only)."""
+  if not is_remote(workdir) or jax.process_index() != 0:
+    return
+  from etils import epath
+  for name in names:
+    src, dst = (epath.Path(workdir) / name, epath.Path(local) / name) if down else \
+        (epath.Path(local) / name, epath.Path(workdir) / name)
+    if not src.exists():
+      continue
+    for f in _files_under(src):
+      target = dst if f == src else dst / f.relative_to(src)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      f.copy(target, overwrite=True)
 
 
 class _StopFlag:
@@ -458,13 +495,15 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   if progress is None:
     progress = sys.stderr.isatty()
   _check_writable(workdir)
+  local = local_dir(workdir)
+  os.makedirs(local, exist_ok=True)
   s = setup(cfg)
   tok = AutoTokenizer.from_pretrained(s.teacher_dir)
   if len(tok) > s.teacher_config.vocab_size:
     raise ValueError(f"the tokenizer in {s.teacher_dir} has {len(tok)} tokens, but the teacher's "
                      f"embeddings have {s.teacher_config.vocab_size} rows")
   docs = data.load_texts(cfg.data.source, cfg.data.text_field, cfg.data.hub_config, cfg.data.split)
-  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(workdir, "cache"), progress)
+  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(local, "cache"), progress)
   meta = {"teacher": teacher_identity(s.teacher_dir, s.teacher_config),
           "student_config": s.student_config.to_dict(),
           "config": json.loads(json.dumps(cfg.to_dict()))}  # as a checkpoint reads it back
@@ -478,28 +517,35 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
       state, start = s.init_state(), 0
     else:
       log(f"resuming from step {start} in {workdir}")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+      _sync(workdir, local, ["metrics.jsonl", "tb"], down=True)
+    metrics_path = os.path.join(local, "metrics.jsonl")
     _trim_metrics(metrics_path, start)
-    status = _loop(cfg, s, state, start, rows, mngr, meta, workdir, metrics_path, progress, log)
+    status = _loop(cfg, s, state, start, rows, mngr, meta, local,
+                   lambda: _sync(workdir, local, ["metrics.jsonl", "tb"]), progress, log)
     if status["preempted"]:
       return status
   finally:
     mngr.wait_until_finished()  # never exit with a save half done
     mngr.close()
   state = status.pop("state")
-  student_dir = os.path.join(workdir, "student")
+  student_dir = os.path.join(local, "student")
   params = state.params
   if jax.process_count() > 1:  # every host takes part in gathering the (possibly sharded) params
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
-    plots.loss_curve(metrics_path, os.path.join(workdir, "loss.png"))
+    plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
+    _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
+    if is_remote(workdir):
+      student_dir = f"{workdir.rstrip('/')}/student"
     log(f"student written to {student_dir}")
   return {**status, "student_dir": student_dir}
 
 
-def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, metrics_path, progress, log) -> dict:
+def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progress, log) -> dict:
+  """The steps from `start` to cfg.steps; `workdir` here is where metrics and events are written."""
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   from tqdm.auto import tqdm
   from tensorboardX import SummaryWriter
   tokens_per_step = cfg.batch_size * cfg.data.max_len
@@ -547,6 +593,9 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, metrics_path, 
           check_finite(state, step)
           try:
             checkpoint.save(mngr, step, state, step_meta(step), force=True)
+            if writer is not None:
+              writer.flush()
+            sync_up()
           except Exception as e:  # a failed async save surfaces here (or at the final wait)
             raise OSError(f"saving the checkpoint at step {step} failed ({e}); earlier checkpoints "
                           f"are intact (latest complete: step {mngr.latest_step()})") from e

@@ -156,3 +156,31 @@ def test_bfloat16_precision_runs(tiny_teacher, tiny_corpus):
   state, losses = run_steps(s, s.init_state(), batches(cfg, tiny_teacher, 2))
   assert np.all(np.isfinite(losses))
   assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+
+
+def test_remote_workdir_goes_through_a_local_mirror(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+  """A gs:// workdir: Orbax writes checkpoints there; metrics, events and the export are written to a
+  local mirror and copied up. Here a local folder stands in for the bucket."""
+  import json
+  import os
+  import shutil
+  monkeypatch.setattr(train, "is_remote", lambda path: True)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  bucket = str(tmp_path / "bucket")
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=2)
+  logs = []
+  out = train.train_and_evaluate(cfg, bucket, progress=False, log=logs.append)
+  mirror = train.local_dir(bucket)
+  assert mirror.startswith(str(tmp_path / "home")) and mirror != bucket
+  for name in ("metrics.jsonl", "loss.png", "student/config.json", "student/flax_params.msgpack"):
+    assert os.path.isfile(os.path.join(bucket, name)), name
+  assert os.listdir(os.path.join(bucket, "tb"))
+  assert out["student_dir"] == f"{bucket}/student"
+  assert not os.path.exists(os.path.join(mirror, "checkpoints"))
+  # A fresh VM: no mirror. The run resumes from the bucket, metrics included.
+  shutil.rmtree(mirror)
+  shutil.rmtree(os.path.join(bucket, "checkpoints", "4"))
+  train.train_and_evaluate(cfg, bucket, progress=False, log=logs.append)
+  assert "resuming from step 2" in " ".join(logs)
+  with open(os.path.join(bucket, "metrics.jsonl")) as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
