@@ -107,6 +107,9 @@ def parse_args(argv=None):
                  help="a random teacher of this depth, with the --teacher's widths and max(seq, its) "
                       "positions, instead of its weights")
   p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile and report XLA's memory analysis without running (for shapes that may "
+                      "not fit)")
   return p.parse_args(argv)
 
 
@@ -140,6 +143,13 @@ def run(args) -> dict:
   t0 = time.perf_counter()
   compiled = s.step.lower(state, s.teacher_params, batch).compile()
   compile_s = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  analysed = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+  if args.compile_only:
+    return {"impl": "minilm_jax", "batch": args.batch, "seq": args.seq, "relation_heads":
+            args.relation_heads, "chunk_heads": args.chunk_heads, "compiled_memory_bytes": analysed,
+            "temp_bytes": int(m.temp_size_in_bytes), "compile_s": compile_s}
   for _ in range(args.warmup):
     state, metrics = compiled(state, s.teacher_params, batch)
   jax.block_until_ready(state)
@@ -160,9 +170,7 @@ def run(args) -> dict:
   if "peak_bytes_in_use" in stats:
     mem, mem_source = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
   else:
-    m = compiled.memory_analysis()
-    mem = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-              - m.alias_size_in_bytes)
+    mem = analysed
     mem_source = "XLA memory analysis: arguments + outputs + temporaries"
   return {
       "impl": "minilm_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
@@ -172,7 +180,7 @@ def run(args) -> dict:
       "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
       "peak_flops_per_s": peak, "peak_source": peak_source, "mfu": flops / step_s / peak,
       "peak_memory_bytes": mem, "memory_source": mem_source, "compile_s": compile_s,
-      "loss": float(metrics["loss"]),
+      "loss": float(metrics["loss"]), "chunk_heads": args.chunk_heads,
   }
 
 

@@ -1,0 +1,53 @@
+"""Every config in configs/ loads, and its loss/student settings are valid for the teacher it names."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from minilm_jax import train
+from minilm_jax.model import BertConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The architectures of the hub teachers the recipes name (no download needed to check them).
+TEACHERS = {
+    "sentence-transformers/all-MiniLM-L6-v2": BertConfig(hidden_size=384, num_hidden_layers=6,
+                                                         intermediate_size=1536),
+    "bert-base-uncased": BertConfig(),
+    "bert-large-uncased": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096),
+    "roberta-large": BertConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                                num_attention_heads=16, intermediate_size=4096,
+                                max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                                model_type="roberta"),
+}
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_is_valid_for_its_teacher(path):
+  module = load(path)
+  assert "minilm-distill --config configs/" in module.__doc__ and "Cost" in module.__doc__
+  cfg = module.get_config()
+  assert set(cfg.keys()) == set(train.default_config().keys())
+  tcfg = TEACHERS[cfg.teacher]
+  train.check_config(cfg, tcfg)
+  layer = train.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
+  if "large" in cfg.teacher:
+    assert layer + 1 == {"bert-large-uncased": 21, "roberta-large": 19}[cfg.teacher]
+  else:
+    assert layer == tcfg.num_hidden_layers - 1
+
+
+def test_paper_recipes_are_all_there():
+  names = {os.path.basename(p) for p in CONFIGS}
+  assert {"demo.py", "v1_bert_base_6x768.py", "v1_bert_base_6x384.py", "v2_bert_base_6x384.py",
+          "v2_bert_large_6x768.py", "v2_roberta_large_6x384.py"} <= names
