@@ -286,3 +286,46 @@ def load_student(path: str):
   else:
     config, params = load_pretrained(folder)
   return BertEncoder(config), params
+
+
+def export_sentence_transformers(path: str, config: BertConfig, teacher_dir: str, max_seq_length: int) -> str:
+  """Make the HF folder at `path` a sentence-transformers folder too: modules.json, the pooling config
+  and sentence_bert_config.json, copied from the teacher where it has them (mean pooling otherwise).
+  `sentence_transformers.SentenceTransformer(path)` then loads the student."""
+  def read(name):
+    p = os.path.join(teacher_dir, name)
+    if os.path.isfile(p):
+      with open(p) as f:
+        return json.load(f)
+    return None
+
+  def write(name, obj):
+    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+    def w(p):
+      with open(p, "w") as f:
+        json.dump(obj, f, indent=2)
+    _write_atomically(os.path.join(path, name), w)
+
+  modules = read("modules.json") or [
+      {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+  for m in modules:
+    if m["type"].endswith("Pooling"):
+      pooling = read(os.path.join(m["path"], "config.json")) or {
+          "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+          "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
+      write(os.path.join(m["path"], "config.json"),
+            {**pooling, "word_embedding_dimension": config.hidden_size})
+    elif m["path"] and os.path.isdir(os.path.join(teacher_dir, m["path"])):
+      # Parameter-free modules (Normalize) are copied as they are; a Dense head would not fit the
+      # student's width, so it is refused rather than copied.
+      if m["type"].endswith("Dense"):
+        raise ValueError(f"{teacher_dir}: the teacher's sentence-transformers Dense module cannot be "
+                         "carried over to a student of another width")
+      shutil.copytree(os.path.join(teacher_dir, m["path"]), os.path.join(path, m["path"]),
+                      dirs_exist_ok=True)
+  write("modules.json", modules)
+  sbert = read("sentence_bert_config.json") or {"do_lower_case": False}
+  write("sentence_bert_config.json", {**sbert, "max_seq_length": min(
+      sbert.get("max_seq_length", max_seq_length), config.max_len)})
+  return path

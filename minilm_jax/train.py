@@ -9,6 +9,7 @@ them. Weight decay skips biases and LayerNorm parameters.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -67,6 +68,10 @@ def default_config():
   c.max_nonfinite_steps = 0         # NaN/Inf steps skipped before the run stops with an error
   c.optim = dict(lr=6e-4, warmup_steps=100, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
   c.parallel = dict(mode="jit", fsdp=1)
+  c.export = dict(sentence_transformers=True)
+  # Teaching assistant (MiniLM v1, Sec. 3.3): first distil the teacher into an assistant with the
+  # teacher's depth and the student's width, in DIR/assistant; then the assistant teaches the student.
+  c.assistant = dict(enabled=False, steps=0)  # steps 0: as many as the student stage  # also make DIR/student a sentence-transformers folder
   c.precision = "float32"           # "bfloat16": bf16 teacher and compute; the loss stays fp32
   return c
 
@@ -485,7 +490,41 @@ class _StopFlag:
 
 def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
                        log: Callable[[str], None] = print) -> dict:
-  """Distil `cfg.teacher` into a student in `workdir`, resuming from its latest checkpoint.
+  """Distil `cfg.teacher` into a student in `workdir`, resuming from its latest checkpoint; with
+  `assistant.enabled`, through a teaching assistant trained first in `workdir/assistant` (each stage
+  has its own checkpoints and export, and resumes on its own)."""
+  if not cfg.assistant.enabled:
+    return _train_stage(cfg, workdir, progress, log)
+  from minilm_jax import plots
+  teacher_config = hf.load_config(hf.resolve(cfg.teacher))
+  a_cfg = copy.deepcopy(cfg)
+  a_cfg.assistant.enabled = False
+  a_cfg.student.num_layers = teacher_config.num_hidden_layers
+  a_cfg.steps = cfg.assistant.steps or cfg.steps
+  a_dir = os.path.join(workdir, "assistant") if not is_remote(workdir) else f"{workdir}/assistant"
+  log(f"stage 1/2: teacher -> assistant ({a_cfg.student.num_layers}x{a_cfg.student.hidden_size}) "
+      f"in {a_dir}")
+  first = _train_stage(a_cfg, a_dir, progress, log)
+  if first["preempted"]:
+    return first
+  s_cfg = copy.deepcopy(cfg)
+  s_cfg.assistant.enabled = False
+  s_cfg.teacher = first["student_dir"]
+  s_cfg.loss.teacher_layer = -1  # the assistant is distilled from its own last layer
+  log(f"stage 2/2: assistant -> student in {workdir}")
+  second = _train_stage(s_cfg, workdir, progress, log)
+  if not second["preempted"] and jax.process_index() == 0:
+    local, a_local = local_dir(workdir), local_dir(a_dir)
+    plots.loss_curves({"teacher -> assistant": os.path.join(a_local, "metrics.jsonl"),
+                       "assistant -> student": os.path.join(local, "metrics.jsonl")},
+                      os.path.join(local, "loss_chain.png"), "MiniLM teaching-assistant chain")
+    _sync(workdir, local, ["loss_chain.png"])
+  return {**second, "assistant_dir": first["student_dir"]}
+
+
+def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
+                 log: Callable[[str], None] = print) -> dict:
+  """One distillation run, teacher to student, in `workdir`.
 
   Writes workdir/checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF
   folder with flax_params.msgpack) and loss.png. Returns a summary dict.
@@ -535,6 +574,8 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
+    if cfg.export.sentence_transformers:
+      hf.export_sentence_transformers(student_dir, s.student_config, s.teacher_dir, cfg.data.max_len)
     plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
     _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
     if is_remote(workdir):

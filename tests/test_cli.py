@@ -74,6 +74,12 @@ def test_demo_runs_loss_falls_and_student_loads(real_teacher, tmp_path):
                           attention_mask=torch.tensor(enc["attention_mask"])).last_hidden_state.numpy()
   valid = enc["attention_mask"][..., None] > 0
   np.testing.assert_allclose(np.where(valid, flax_out, 0), np.where(valid, torch_out, 0), atol=1e-4)
+  # And as a sentence-transformers model: the teacher's mean pooling and normalisation, carried over.
+  st = pytest.importorskip("sentence_transformers")
+  emb = st.SentenceTransformer(os.path.join(workdir, "student"), device="cpu").encode(
+      ["a distilled student", "loads anywhere"])
+  mean = (np.asarray(flax_out) * valid).sum(1) / valid.sum(1)
+  np.testing.assert_allclose(emb, mean / np.linalg.norm(mean, axis=-1, keepdims=True), atol=1e-4)
 
 
 def test_interrupted_then_resumed_run_is_bit_identical(tiny_teacher, tiny_corpus, tmp_path):

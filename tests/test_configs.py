@@ -50,4 +50,5 @@ def test_config_is_valid_for_its_teacher(path):
 def test_paper_recipes_are_all_there():
   names = {os.path.basename(p) for p in CONFIGS}
   assert {"demo.py", "v1_bert_base_6x768.py", "v1_bert_base_6x384.py", "v2_bert_base_6x384.py",
-          "v2_bert_large_6x768.py", "v2_roberta_large_6x384.py"} <= names
+          "v2_bert_large_6x768.py", "v2_roberta_large_6x384.py", "ta_bert_base_6x384.py",
+          "demo_ta.py"} <= names

@@ -184,3 +184,29 @@ def test_remote_workdir_goes_through_a_local_mirror(tiny_teacher, tiny_corpus, t
   assert "resuming from step 2" in " ".join(logs)
   with open(os.path.join(bucket, "metrics.jsonl")) as f:
     assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
+
+
+def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path):
+  """teacher (2×32) -> assistant (2×16: the teacher's depth, the student's width) -> student (1×16)."""
+  import os
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=2,
+                    **{"assistant.enabled": True, "assistant.steps": 3})
+  w = str(tmp_path / "chain")
+  logs = []
+  out = train.train_and_evaluate(cfg, w, progress=False, log=logs.append)
+  a_model, _ = hf.load_student(os.path.join(w, "assistant"))
+  s_model, _ = hf.load_student(w)
+  assert (a_model.config.num_hidden_layers, a_model.config.hidden_size) == (2, 16)
+  assert (s_model.config.num_hidden_layers, s_model.config.hidden_size) == (1, 16)
+  assert out["assistant_dir"] == os.path.join(w, "assistant", "student")
+  assert sorted(os.listdir(os.path.join(w, "assistant", "checkpoints"))) == ["2", "3"]
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "4"]
+  assert os.path.isfile(os.path.join(w, "loss_chain.png"))
+  # The student stage was taught by the assistant, from its last layer.
+  from minilm_jax import checkpoint
+  meta = checkpoint.read_meta(checkpoint.make_manager(os.path.join(w, "checkpoints"), 2), 4)
+  assert meta["teacher"]["path"] == os.path.abspath(out["assistant_dir"])
+  # Rerunning resumes each stage on its own: both are already done.
+  logs.clear()
+  train.train_and_evaluate(cfg, w, progress=False, log=logs.append)
+  assert sum("already trained" in l for l in logs) == 2, logs
