@@ -110,5 +110,29 @@ def main(argv=None):
   _distill(rest)
 
 
+def eval_main(argv=None):
+  """`minilm-eval --workdir DIR [--task nsp|glue:NAME|FILE:cols] [--lr X ...] [--epochs N ...]`."""
+  import argparse
+  p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate a minilm-distill run: its "
+                              "teacher, student and undistilled baselines on the same budget.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--task", action="append", help="nsp (default, offline), glue:sst2|mnli|qnli|qqp|rte|"
+                 "mrpc|cola (needs the hub), or FILE.csv|.jsonl:text_a[,text_b],label")
+  p.add_argument("--lr", action="append", type=float, help="fine-tuning learning rates (grid)")
+  p.add_argument("--epochs", action="append", type=int, help="fine-tuning epochs (grid)")
+  p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--verbose", action="store_true")
+  a = p.parse_args(argv)
+  from minilm_jax import evaluate
+  try:
+    evaluate.evaluate_run(a.workdir, a.task or ["nsp"], a.lr or [1e-4], a.epochs or [2],
+                          baselines=not a.no_baselines)
+  except (ValueError, OSError, KeyError, ImportError) as e:
+    if a.verbose:
+      raise
+    _fail("minilm-eval", e)
+  print(f"results in {os.path.join(a.workdir, 'eval')}")
+
+
 if __name__ == "__main__":
   main()

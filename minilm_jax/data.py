@@ -9,6 +9,7 @@ checkpoint only needs the step.
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import json
@@ -18,7 +19,7 @@ import sys
 import sysconfig
 import threading
 import zipfile
-from typing import Dict, Iterator, List, Sequence, Union
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,7 +27,8 @@ STDLIB = "stdlib"
 _SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
 
 
-def stdlib_corpus(split: str = "train") -> List[str]:
+@functools.lru_cache(maxsize=2)
+def stdlib_corpus(split: str = "train") -> Tuple[str, ...]:
   """A small demo corpus every Python installation carries: the language reference topics
   (`pydoc_data.topics`) and the standard library's docstrings longer than 200 characters.
 
@@ -53,7 +55,7 @@ def stdlib_corpus(split: str = "train") -> List[str]:
   held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 20 == 0
   if split not in ("train", "heldout"):
     raise ValueError(f"stdlib corpus split {split!r}: use 'train' or 'heldout'")
-  return [d for d in docs if held(d) == (split == "heldout")]
+  return tuple(d for d in docs if held(d) == (split == "heldout"))
 
 
 def _read_file(path: str, text_field: str) -> List[str]:

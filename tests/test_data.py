@@ -240,6 +240,7 @@ def test_stdlib_corpus(stdlib_splits):
   assert all(held(d) for d in heldout) and not any(held(d) for d in train)
   # Roughly one document in 20 is held out.
   assert 0.02 < len(heldout) / (len(train) + len(heldout)) < 0.1
+  data.stdlib_corpus.cache_clear()  # read the files again: the same documents in the same order
   assert data.load_texts(data.STDLIB, split="heldout") == heldout  # deterministic
   with pytest.raises(ValueError, match="split"):
     data.stdlib_corpus("test")
