@@ -125,7 +125,7 @@ def eval_main(argv=None):
   a = p.parse_args(argv)
   from minilm_jax import evaluate
   try:
-    evaluate.evaluate_run(a.workdir, a.task or ["nsp"], a.lr or [1e-4], a.epochs or [2],
+    evaluate.evaluate_run(a.workdir, a.task or ["nsp"], a.lr or [2e-4], a.epochs or [3],
                           baselines=not a.no_baselines)
   except (ValueError, OSError, KeyError, ImportError) as e:
     if a.verbose:

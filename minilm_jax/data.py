@@ -33,7 +33,7 @@ def stdlib_corpus(split: str = "train") -> Tuple[str, ...]:
   (`pydoc_data.topics`) and the standard library's docstrings longer than 200 characters.
 
   About 1.7 MB of English technical prose: enough to show distillation working offline, far too small
-  and narrow to pretrain a useful student. Every 20th document (by content hash) is held out:
+  and narrow to pretrain a useful student. Every 5th document (by content hash) is held out:
   `split="heldout"` returns those, for evaluation on text the run did not train on.
   """
   import pydoc_data.topics
@@ -52,7 +52,7 @@ def stdlib_corpus(split: str = "train") -> Tuple[str, ...]:
           doc = ast.get_docstring(node)
           if doc and len(doc) > 200:
             docs.append(doc)
-  held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 20 == 0
+  held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
   if split not in ("train", "heldout"):
     raise ValueError(f"stdlib corpus split {split!r}: use 'train' or 'heldout'")
   return tuple(d for d in docs if held(d) == (split == "heldout"))

@@ -48,26 +48,23 @@ def _sentences(doc: str) -> List[str]:
 
 
 def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.ndarray]:
-  """Next-sentence prediction from raw text: (s_i, s_i+1) of one document is 1, (s_i, a random sentence
-  of another document) is 0, in equal numbers."""
+  """Next-sentence prediction from raw text: for each sentence with a successor, (s_i, s_i+1) is 1 and
+  (s_i, a random sentence of another document) is 0, so the classes are exactly balanced."""
   rng = np.random.default_rng(seed)
   sents = [_sentences(d) for d in docs]
   owners = [(i, s) for i, ss in enumerate(sents) for s in ss]
   a, b, y = [], [], []
   for i, ss in enumerate(sents):
     for j in range(len(ss) - 1):
-      a.append(ss[j])
-      if rng.random() < 0.5:
-        b.append(ss[j + 1])
-        y.append(1)
-      else:
-        while True:
-          k, s = owners[rng.integers(len(owners))]
-          if k != i:
-            break
-        b.append(s)
-        y.append(0)
-  return a, b, np.array(y, np.int32)
+      while True:
+        k, other = owners[rng.integers(len(owners))]
+        if k != i:
+          break
+      a += [ss[j], ss[j]]
+      b += [ss[j + 1], other]
+      y += [1, 0]
+  order = rng.permutation(len(y))
+  return [a[i] for i in order], [b[i] for i in order], np.array(y, np.int32)[order]
 
 
 def nsp_task(seed: int = 0, limit: int = 2000) -> Task:
@@ -280,8 +277,8 @@ def models_of_run(workdir: str, baselines: bool = True):
   return cfg, models, teacher_dir
 
 
-def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (1e-4,),
-                 epochs: Sequence[int] = (2,), baselines: bool = True, log=print) -> dict:
+def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (2e-4,),
+                 epochs: Sequence[int] = (3,), baselines: bool = True, log=print) -> dict:
   """Every model of the run on every task (best over the lr × epochs grid, same budget for all), plus
   held-out relation loss, size and encoding speed. Writes DIR/eval/results.{json,md,png}."""
   from transformers import AutoTokenizer

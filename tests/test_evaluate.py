@@ -15,8 +15,8 @@ def test_nsp_pairs_are_balanced_and_honest():
   docs = [f"Doc {d} sentence one is here. Doc {d} sentence two is here. Doc {d} sentence three is here."
           for d in range(30)]
   a, b, y = evaluate.nsp_pairs(docs, seed=0)
-  assert len(a) == len(b) == len(y) == 60
-  assert 0.3 < y.mean() < 0.7
+  assert len(a) == len(b) == len(y) == 120
+  assert y.mean() == 0.5
   for sa, sb, label in zip(a, b, y):
     same_doc = sa.split()[1] == sb.split()[1]
     nxt = {"one": "two", "two": "three"}[sa.split()[3]]
