@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import queue
-import sys
 import sysconfig
 import threading
 import zipfile

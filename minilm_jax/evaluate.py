@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data, hf, losses, train
+from minilm_jax import data, hf, train
 from minilm_jax.model import BertConfig, BertEncoder
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.

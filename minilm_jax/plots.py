@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, Sequence
+from typing import Dict
 
 
 def read_metrics(path: str) -> list:

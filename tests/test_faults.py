@@ -4,9 +4,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import minilm_jax
 from minilm_jax import hf
 from minilm_jax.model import BertConfig, BertEncoder
 from conftest import make_hf_model, random_batch
