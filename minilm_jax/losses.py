@@ -38,237 +38,271 @@ _REDUCTIONS = ("example", "token")
 
 
 def _as_int(x):
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
+  try:
+    return operator.index(x)
+  except TypeError:
+    return None
 
 
 def _check_reduction(reduction):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+  if reduction not in _REDUCTIONS:
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _check_pair(a, b, who):
-    """a, b: the two inputs of one model's relation, both [B, T, D]."""
-    if a.ndim != 3 or b.ndim != 3:
-        raise ValueError(f"{who} inputs must be [B, T, D], got shapes {a.shape} and {b.shape}")
-    if a.shape != b.shape:
-        raise ValueError(f"{who} relation inputs differ in shape: {a.shape} vs {b.shape}")
+  """a, b: the two inputs of one model's relation, both [B, T, D]."""
+  if a.ndim != 3 or b.ndim != 3:
+    raise ValueError(f"{who} inputs must be [B, T, D], got shapes {a.shape} and {b.shape}")
+  if a.shape != b.shape:
+    raise ValueError(f"{who} relation inputs differ in shape: {a.shape} vs {b.shape}")
 
 
 def _check_inputs(teacher_a, teacher_b, student_a, student_b, mask, num_heads, segment_ids):
-    _check_pair(teacher_a, teacher_b, "teacher")
-    _check_pair(student_a, student_b, "student")
-    if teacher_a.shape[:2] != student_a.shape[:2]:
-        raise ValueError(
-            f"teacher [B, T] = {teacher_a.shape[:2]} does not match student [B, T] = {student_a.shape[:2]}"
-        )
-    bt = tuple(teacher_a.shape[:2])
-    if np.shape(mask) != bt:
-        raise ValueError(f"mask shape {np.shape(mask)} does not match inputs [B, T] = {bt}")
-    if segment_ids is not None and np.shape(segment_ids) != bt:
-        raise ValueError(f"segment_ids shape {np.shape(segment_ids)} does not match inputs [B, T] = {bt}")
-    if _as_int(num_heads) is None or num_heads < 1:
-        raise ValueError(f"relation heads must be a positive int, got {num_heads!r}")
-    for who, width in (("teacher", teacher_a.shape[-1]), ("student", student_a.shape[-1])):
-        if width % num_heads:
-            raise ValueError(f"relation heads {num_heads} do not divide {who} width {width}")
+  _check_pair(teacher_a, teacher_b, "teacher")
+  _check_pair(student_a, student_b, "student")
+  if teacher_a.shape[:2] != student_a.shape[:2]:
+    raise ValueError(
+        f"teacher [B, T] = {teacher_a.shape[:2]} does not match student [B, T] = {student_a.shape[:2]}"
+    )
+  bt = tuple(teacher_a.shape[:2])
+  if np.shape(mask) != bt:
+    raise ValueError(f"mask shape {np.shape(mask)} does not match inputs [B, T] = {bt}")
+  if segment_ids is not None and np.shape(segment_ids) != bt:
+    raise ValueError(f"segment_ids shape {np.shape(segment_ids)} does not match inputs [B, T] = {bt}")
+  if _as_int(num_heads) is None or num_heads < 1:
+    raise ValueError(f"relation heads must be a positive int, got {num_heads!r}")
+  for who, width in (("teacher", teacher_a.shape[-1]), ("student", student_a.shape[-1])):
+    if width % num_heads:
+      raise ValueError(f"relation heads {num_heads} do not divide {who} width {width}")
 
 
 def _check_qkv(qkv, who):
-    if len(qkv) != 3:
-        raise ValueError(f"{who}_qkv must be (q, k, v), got {len(qkv)} arrays")
-    shapes = tuple(tuple(x.shape) for x in qkv)
-    if len(set(shapes)) != 1:
-        raise ValueError(f"{who} q/k/v shapes differ: q {shapes[0]}, k {shapes[1]}, v {shapes[2]}")
+  if len(qkv) != 3:
+    raise ValueError(f"{who}_qkv must be (q, k, v), got {len(qkv)} arrays")
+  shapes = tuple(tuple(x.shape) for x in qkv)
+  if len(set(shapes)) != 1:
+    raise ValueError(f"{who} q/k/v shapes differ: q {shapes[0]}, k {shapes[1]}, v {shapes[2]}")
 
 
 def _check_weights(weights, n):
-    if len(weights) != n:
-        raise ValueError(f"expected {n} loss weights, got {len(weights)}: {tuple(weights)}")
+  if len(weights) != n:
+    raise ValueError(f"expected {n} loss weights, got {len(weights)}: {tuple(weights)}")
 
 
 # ----------------------------------------------------------------------------------- masks, weights
 
 
 def _key_valid(mask_BT, segment_ids_BT):
-    """Which keys each query may attend to, broadcastable over heads: [B, 1, 1, S] or [B, 1, T, S]."""
-    if segment_ids_BT is None:
-        return mask_BT[:, None, None, :]
-    same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (mask_BT[:, None, :] & same_doc_BTS)[:, None]
+  """Which keys each query may attend to, broadcastable over heads: [B, 1, 1, S] or [B, 1, T, S]."""
+  if segment_ids_BT is None:
+    return mask_BT[:, None, None, :]
+  same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return (mask_BT[:, None, :] & same_doc_BTS)[:, None]
 
 
 def _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype):
-    """Per-query-token weight w_BT so that the loss is Σ_{b,h,t} w[b,t] KL[b,h,t].
+  """Per-query-token weight w_BT so that the loss is Σ_{b,h,t} w[b,t] KL[b,h,t].
 
-    example: 1/(A · n_doc(t) · number of docs); token: 1/(A · Σ n). Padded tokens get 0.
-    """
-    real_BT = mask_BT.astype(dtype)
-    if reduction == "token":
-        return real_BT / (num_heads * jnp.maximum(real_BT.sum(), 1.0))
-    # n_doc(t) = number of keys visible from t: the example's length, or the document's with segments.
-    # For real t it is ≥ 1 (t sees itself); clamp only to keep padded rows finite.
-    n_doc_BT = jnp.broadcast_to(valid_B1TS[:, 0].sum(-1, dtype=dtype), mask_BT.shape)
-    inv_n_BT = real_BT / jnp.maximum(n_doc_BT, 1.0)
-    # Each document's tokens contribute n · (1/n) = 1; round away the float summation error.
-    num_docs = jnp.round(inv_n_BT.sum())
-    return inv_n_BT / (num_heads * jnp.maximum(num_docs, 1.0))
+  example: 1/(A · n_doc(t) · number of docs); token: 1/(A · Σ n). Padded tokens get 0.
+  """
+  real_BT = mask_BT.astype(dtype)
+  if reduction == "token":
+    return real_BT / (num_heads * jnp.maximum(real_BT.sum(), 1.0))
+  # n_doc(t) = number of keys visible from t: the example's length, or the document's with segments.
+  # For real t it is ≥ 1 (t sees itself); clamp only to keep padded rows finite.
+  n_doc_BT = jnp.broadcast_to(valid_B1TS[:, 0].sum(-1, dtype=dtype), mask_BT.shape)
+  inv_n_BT = real_BT / jnp.maximum(n_doc_BT, 1.0)
+  # Each document's tokens contribute n · (1/n) = 1; round away the float summation error.
+  num_docs = jnp.round(inv_n_BT.sum())
+  return inv_n_BT / (num_heads * jnp.maximum(num_docs, 1.0))
 
 
 # --------------------------------------------------------------------------------------------- KL
 
 
 def _logsumexp(z_BCTS):
-    """log Σ_s exp(z) [B, C, T]; z is finite (masked with a finite value), so no inf handling."""
-    m_BCT = jax.lax.stop_gradient(z_BCTS.max(-1))  # any m is exact; stop_gradient keeps the vjp lean
-    return m_BCT + jnp.log(jnp.exp(z_BCTS - m_BCT[..., None]).sum(-1))
+  """log Σ_s exp(z) [B, C, T]; z is finite (masked with a finite value), so no inf handling."""
+  m_BCT = jax.lax.stop_gradient(z_BCTS.max(-1))  # any m is exact; stop_gradient keeps the vjp lean
+  return m_BCT + jnp.log(jnp.exp(z_BCTS - m_BCT[..., None]).sum(-1))
 
 
 def _heads_kl(ta_BTCd, tb_BTCd, sa_BTCd, sb_BTCd, valid_B1TS, w_BT):
-    """Σ_{b,c,t} w[b,t] KL_t for one group of C heads. Inputs are pre-scaled by 1/sqrt(d), fp32.
+  """Σ_{b,c,t} w[b,t] KL_t for one group of C heads. Inputs are pre-scaled by 1/sqrt(d), fp32.
 
-    Shared by the direct path (one group of all heads) and the chunked path (lax.map over groups).
-    """
-    # Heads-major layout first: XLA:CPU runs [B·C] batched matmuls ~3x faster than with the head axis
-    # in the middle of the operands (measured on 32×12×128×32).
-    heads_major = lambda x_BTCd: jnp.swapaxes(x_BTCd, 1, 2)
-    logits = lambda a, b: jnp.einsum("bctd,bcsd->bcts", heads_major(a), heads_major(b))
-    zt_BCTS = jnp.where(valid_B1TS, logits(ta_BTCd, tb_BTCd), _MASK_VALUE)
-    zs_BCTS = jnp.where(valid_B1TS, logits(sa_BTCd, sb_BTCd), _MASK_VALUE)
-    lse_t_BCT, lse_s_BCT = _logsumexp(zt_BCTS), _logsumexp(zs_BCTS)
-    # log P_T − log P_S = (z_T − z_S) − (lse_T − lse_S): written this way the only [B, C, T, T] tensors
-    # are the two logit tensors; the rest fuses into one reduction (no log-softmax tensors stored).
-    dlse_BCT1 = (lse_t_BCT - lse_s_BCT)[..., None]
-    pt_BCTS = jnp.exp(zt_BCTS - lse_t_BCT[..., None])
-    # where(), not a multiplication by the mask, so a masked 0·(log 0 − log 0) can never be NaN.
-    kl_BCT = jnp.where(valid_B1TS, pt_BCTS * ((zt_BCTS - zs_BCTS) - dlse_BCT1), 0.0).sum(-1)
-    return jnp.einsum("bct,bt->", kl_BCT, w_BT)
+  Shared by the direct path (one group of all heads) and the chunked path (lax.map over groups).
+  """
+  # Heads-major layout first: XLA:CPU runs [B·C] batched matmuls ~3x faster than with the head axis
+  # in the middle of the operands (measured on 32×12×128×32).
+  heads_major = lambda x_BTCd: jnp.swapaxes(x_BTCd, 1, 2)
+  logits = lambda a, b: jnp.einsum("bctd,bcsd->bcts", heads_major(a), heads_major(b))
+  zt_BCTS = jnp.where(valid_B1TS, logits(ta_BTCd, tb_BTCd), _MASK_VALUE)
+  zs_BCTS = jnp.where(valid_B1TS, logits(sa_BTCd, sb_BTCd), _MASK_VALUE)
+  lse_t_BCT, lse_s_BCT = _logsumexp(zt_BCTS), _logsumexp(zs_BCTS)
+  # log P_T − log P_S = (z_T − z_S) − (lse_T − lse_S): written this way the only [B, C, T, T] tensors
+  # are the two logit tensors; the rest fuses into one reduction (no log-softmax tensors stored).
+  dlse_BCT1 = (lse_t_BCT - lse_s_BCT)[..., None]
+  pt_BCTS = jnp.exp(zt_BCTS - lse_t_BCT[..., None])
+  # where(), not a multiplication by the mask, so a masked 0·(log 0 − log 0) can never be NaN.
+  kl_BCT = jnp.where(valid_B1TS, pt_BCTS * ((zt_BCTS - zs_BCTS) - dlse_BCT1), 0.0).sum(-1)
+  return jnp.einsum("bct,bt->", kl_BCT, w_BT)
 
 
 def _auto_chunk_heads(batch, num_heads, seq_len):
-    """Largest divisor of A whose [B, C, T, T] tensors stay under the direct-path budget."""
-    if batch * num_heads * seq_len * seq_len <= _DIRECT_MAX_ELEMENTS:
-        return None
-    for c in range(num_heads, 0, -1):
-        if num_heads % c == 0 and batch * c * seq_len * seq_len <= _DIRECT_MAX_ELEMENTS:
-            return c
-    return 1
+  """Largest divisor of A whose [B, C, T, T] tensors stay under the direct-path budget."""
+  if batch * num_heads * seq_len * seq_len <= _DIRECT_MAX_ELEMENTS:
+    return None
+  for c in range(num_heads, 0, -1):
+    if num_heads % c == 0 and batch * c * seq_len * seq_len <= _DIRECT_MAX_ELEMENTS:
+      return c
+  return 1
 
 
 def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid_B1TS, w_BT, num_heads, chunk_heads):
-    """Weighted KL sum over all heads; inputs already checked."""
-    batch, seq_len = teacher_a.shape[:2]
-    if chunk_heads is None:
-        chunk_heads = _auto_chunk_heads(batch, num_heads, seq_len)
-    elif _as_int(chunk_heads) is None or chunk_heads < 1 or num_heads % chunk_heads:
-        raise ValueError(f"chunk_heads {chunk_heads!r} does not divide relation heads {num_heads}")
-    if chunk_heads == num_heads:
-        chunk_heads = None  # one chunk of everything: the direct path, no scan or remat overhead
-    dtype = w_BT.dtype
+  """Weighted KL sum over all heads; inputs already checked."""
+  batch, seq_len = teacher_a.shape[:2]
+  if chunk_heads is None:
+    chunk_heads = _auto_chunk_heads(batch, num_heads, seq_len)
+  elif _as_int(chunk_heads) is None or chunk_heads < 1 or num_heads % chunk_heads:
+    raise ValueError(f"chunk_heads {chunk_heads!r} does not divide relation heads {num_heads}")
+  if chunk_heads == num_heads:
+    chunk_heads = None  # one chunk of everything: the direct path, no scan or remat overhead
+  dtype = w_BT.dtype
 
-    def prep(x_BTD):
-        # fp32 before the matmul; fold 1/sqrt(d) into one side (B·T·D work instead of B·A·T²).
-        x_BTD = x_BTD.astype(dtype)
-        return x_BTD, x_BTD.shape[-1] // num_heads
+  def prep(x_BTD):
+    # fp32 before the matmul; fold 1/sqrt(d) into one side (B·T·D work instead of B·A·T²).
+    x_BTD = x_BTD.astype(dtype)
+    return x_BTD, x_BTD.shape[-1] // num_heads
 
-    (ta, dt), (tb, _), (sa, ds), (sb, _) = map(prep, (teacher_a, teacher_b, student_a, student_b))
-    ta = ta * (1.0 / math.sqrt(dt))
-    sa = sa * (1.0 / math.sqrt(ds))
+  (ta, dt), (tb, _), (sa, ds), (sb, _) = map(prep, (teacher_a, teacher_b, student_a, student_b))
+  ta = ta * (1.0 / math.sqrt(dt))
+  sa = sa * (1.0 / math.sqrt(ds))
 
-    if chunk_heads is None:
-        split = lambda x, d: x.reshape(batch, seq_len, num_heads, d)
-        return _heads_kl(split(ta, dt), split(tb, dt), split(sa, ds), split(sb, ds), valid_B1TS, w_BT)
+  if chunk_heads is None:
+    split = lambda x, d: x.reshape(batch, seq_len, num_heads, d)
+    return _heads_kl(split(ta, dt), split(tb, dt), split(sa, ds), split(sb, ds), valid_B1TS, w_BT)
 
-    groups = num_heads // chunk_heads
+  groups = num_heads // chunk_heads
 
-    def to_groups(x_BTD, d):
-        # Heads are contiguous slices of D, so group g is the contiguous slice g·C·d:(g+1)·C·d.
-        return jnp.moveaxis(x_BTD.reshape(batch, seq_len, groups, chunk_heads, d), 2, 0)
+  def to_groups(x_BTD, d):
+    # Heads are contiguous slices of D, so group g is the contiguous slice g·C·d:(g+1)·C·d.
+    return jnp.moveaxis(x_BTD.reshape(batch, seq_len, groups, chunk_heads, d), 2, 0)
 
-    # checkpoint: the backward pass recomputes each group's [B, C, T, T] tensors instead of the scan
-    # stacking them as residuals, which would rebuild the full [B, A, T, T] footprint.
-    # (prevent_cse is unnecessary inside a scan, which already keeps XLA from CSE-ing the recompute.)
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def group_kl(xs):
-        return _heads_kl(*xs, valid_B1TS, w_BT)
+  # checkpoint: the backward pass recomputes each group's [B, C, T, T] tensors instead of the scan
+  # stacking them as residuals, which would rebuild the full [B, A, T, T] footprint.
+  # (prevent_cse is unnecessary inside a scan, which already keeps XLA from CSE-ing the recompute.)
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def group_kl(xs):
+    return _heads_kl(*xs, valid_B1TS, w_BT)
 
-    xs = (to_groups(ta, dt), to_groups(tb, dt), to_groups(sa, ds), to_groups(sb, ds))
-    return jax.lax.map(group_kl, xs).sum()
+  xs = (to_groups(ta, dt), to_groups(tb, dt), to_groups(sa, ds), to_groups(sb, ds))
+  return jax.lax.map(group_kl, xs).sum()
 
 
 def _prepare(mask, segment_ids, num_heads, reduction, dtypes):
-    """Key validity and token weights, shared by all relations of one loss call."""
-    _check_reduction(reduction)
-    # fp32 at least; fp64 inputs stay fp64 (useful for finite-difference gradient checks).
-    dtype = jnp.result_type(jnp.float32, *dtypes)
-    mask_BT = jnp.asarray(mask) != 0
-    seg_BT = None if segment_ids is None else jnp.asarray(segment_ids)
-    valid_B1TS = _key_valid(mask_BT, seg_BT)
-    return valid_B1TS, _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype)
+  """Key validity and token weights, shared by all relations of one loss call."""
+  _check_reduction(reduction)
+  # fp32 at least; fp64 inputs stay fp64 (useful for finite-difference gradient checks).
+  dtype = jnp.result_type(jnp.float32, *dtypes)
+  mask_BT = jnp.asarray(mask) != 0
+  seg_BT = None if segment_ids is None else jnp.asarray(segment_ids)
+  valid_B1TS = _key_valid(mask_BT, seg_BT)
+  return valid_B1TS, _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype)
 
 
 # -------------------------------------------------------------------------------------------- public
 
 
-def relation_kl(teacher_a, teacher_b, student_a, student_b, mask, num_heads, reduction="example", *,
-                segment_ids=None, chunk_heads=None):
-    """KL(R_T || R_S) of the relations R(a, b), reduced to a scalar (see the module docstring).
+def relation_kl(
+    teacher_a,
+    teacher_b,
+    student_a,
+    student_b,
+    mask,
+    num_heads,
+    reduction="example",
+    *,
+    segment_ids=None,
+    chunk_heads=None,
+):
+  """KL(R_T || R_S) of the relations R(a, b), reduced to a scalar (see the module docstring).
 
-    teacher_a, teacher_b: [B, T, D_t]; student_a, student_b: [B, T, D_s]; mask, segment_ids: [B, T].
-    num_heads: relation heads A (must divide D_t and D_s). chunk_heads: None (automatic) or a divisor
-    of A. Returns an fp32 scalar (fp64 for fp64 inputs).
-    """
-    _check_inputs(teacher_a, teacher_b, student_a, student_b, mask, num_heads, segment_ids)
-    valid, w = _prepare(mask, segment_ids, num_heads, reduction,
-                        (teacher_a.dtype, teacher_b.dtype, student_a.dtype, student_b.dtype))
-    return _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid, w, num_heads, chunk_heads)
+  teacher_a, teacher_b: [B, T, D_t]; student_a, student_b: [B, T, D_s]; mask, segment_ids: [B, T].
+  num_heads: relation heads A (must divide D_t and D_s). chunk_heads: None (automatic) or a divisor
+  of A. Returns an fp32 scalar (fp64 for fp64 inputs).
+  """
+  _check_inputs(teacher_a, teacher_b, student_a, student_b, mask, num_heads, segment_ids)
+  valid, w = _prepare(
+      mask,
+      segment_ids,
+      num_heads,
+      reduction,
+      (teacher_a.dtype, teacher_b.dtype, student_a.dtype, student_b.dtype),
+  )
+  return _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid, w, num_heads, chunk_heads)
 
 
 def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads):
-    """Σ_i weights[i] · relation_kl(*pairs[i]); masks and token weights computed once for all pairs."""
-    for args in pairs:
-        _check_inputs(*args, mask, num_heads, segment_ids)
-    valid, w = _prepare(mask, segment_ids, num_heads, reduction, [x.dtype for args in pairs for x in args])
-    total = jnp.zeros((), w.dtype)
-    for weight, args in zip(weights, pairs):
-        if isinstance(weight, (int, float)) and weight == 0:
-            continue  # a switched-off term costs nothing
-        total = total + weight * _relation_kl_sum(*args, valid, w, num_heads, chunk_heads)
-    return total
+  """Σ_i weights[i] · relation_kl(*pairs[i]); masks and token weights computed once for all pairs."""
+  for args in pairs:
+    _check_inputs(*args, mask, num_heads, segment_ids)
+  valid, w = _prepare(mask, segment_ids, num_heads, reduction, [x.dtype for args in pairs for x in args])
+  total = jnp.zeros((), w.dtype)
+  for weight, args in zip(weights, pairs):
+    if isinstance(weight, (int, float)) and weight == 0:
+      continue  # a switched-off term costs nothing
+    total = total + weight * _relation_kl_sum(*args, valid, w, num_heads, chunk_heads)
+  return total
 
 
-def minilm_v1_loss(teacher_qkv, student_qkv, mask, num_heads, *, weights=(1.0, 1.0), reduction="example",
-                   segment_ids=None, chunk_heads=None, student_num_heads=None):
-    """MiniLM v1: weights[0]·R(Q, K) + weights[1]·R(V, V), with A = the attention heads.
+def minilm_v1_loss(
+    teacher_qkv,
+    student_qkv,
+    mask,
+    num_heads,
+    *,
+    weights=(1.0, 1.0),
+    reduction="example",
+    segment_ids=None,
+    chunk_heads=None,
+    student_num_heads=None,
+):
+  """MiniLM v1: weights[0]·R(Q, K) + weights[1]·R(V, V), with A = the attention heads.
 
-    teacher_qkv: (q, k, v) each [B, T, D_t]; student_qkv: (q, k, v) each [B, T, D_s]; mask: [B, T].
-    student_num_heads: the student's native head count, if it may differ from the teacher's (v1 needs
-    them equal; use v2 otherwise).
-    """
-    if student_num_heads is not None and student_num_heads != num_heads:
-        raise ValueError(
-            f"MiniLM v1 needs equal head counts: teacher {num_heads} vs student {student_num_heads} "
-            "(use minilm_v2_loss with relation heads instead)"
-        )
-    _check_weights(weights, 2)
-    _check_qkv(teacher_qkv, "teacher")
-    _check_qkv(student_qkv, "student")
-    (tq, tk, tv), (sq, sk, sv) = teacher_qkv, student_qkv
-    pairs = ((tq, tk, sq, sk), (tv, tv, sv, sv))
-    return _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads)
+  teacher_qkv: (q, k, v) each [B, T, D_t]; student_qkv: (q, k, v) each [B, T, D_s]; mask: [B, T].
+  student_num_heads: the student's native head count, if it may differ from the teacher's (v1 needs
+  them equal; use v2 otherwise).
+  """
+  if student_num_heads is not None and student_num_heads != num_heads:
+    raise ValueError(
+        f"MiniLM v1 needs equal head counts: teacher {num_heads} vs student {student_num_heads} "
+        "(use minilm_v2_loss with relation heads instead)"
+    )
+  _check_weights(weights, 2)
+  _check_qkv(teacher_qkv, "teacher")
+  _check_qkv(student_qkv, "student")
+  (tq, tk, tv), (sq, sk, sv) = teacher_qkv, student_qkv
+  pairs = ((tq, tk, sq, sk), (tv, tv, sv, sv))
+  return _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads)
 
 
-def minilm_v2_loss(teacher_qkv, student_qkv, mask, num_relation_heads, *, weights=(1.0, 1.0, 1.0),
-                   reduction="example", segment_ids=None, chunk_heads=None):
-    """MiniLMv2: weights · (R(Q, Q), R(K, K), R(V, V)) with A = A_r relation heads.
+def minilm_v2_loss(
+    teacher_qkv,
+    student_qkv,
+    mask,
+    num_relation_heads,
+    *,
+    weights=(1.0, 1.0, 1.0),
+    reduction="example",
+    segment_ids=None,
+    chunk_heads=None,
+):
+  """MiniLMv2: weights · (R(Q, Q), R(K, K), R(V, V)) with A = A_r relation heads.
 
-    teacher_qkv: (q, k, v) each [B, T, D_t]; student_qkv: (q, k, v) each [B, T, D_s]; mask: [B, T].
-    A_r must divide D_t and D_s; the native head counts do not matter.
-    """
-    _check_weights(weights, 3)
-    _check_qkv(teacher_qkv, "teacher")
-    _check_qkv(student_qkv, "student")
-    pairs = tuple((t, t, s, s) for t, s in zip(teacher_qkv, student_qkv))
-    return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads)
+  teacher_qkv: (q, k, v) each [B, T, D_t]; student_qkv: (q, k, v) each [B, T, D_s]; mask: [B, T].
+  A_r must divide D_t and D_s; the native head counts do not matter.
+  """
+  _check_weights(weights, 3)
+  _check_qkv(teacher_qkv, "teacher")
+  _check_qkv(student_qkv, "student")
+  pairs = tuple((t, t, s, s) for t, s in zip(teacher_qkv, student_qkv))
+  return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads)

@@ -28,85 +28,87 @@ D_T, D_S = 48, 24
 
 
 def rand(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
+  return rng.standard_normal(shape).astype(np.float32)
 
 
 def rand_qkv(rng, b, t, d):
-    return tuple(rand(rng, b, t, d) for _ in range(3))
+  return tuple(rand(rng, b, t, d) for _ in range(3))
 
 
 # ------------------------------------------------------------------------------------------ oracle
 
 
 def _softmax_rows(z):
-    out = np.empty_like(z)
-    for i in range(z.shape[0]):
-        e = np.exp(z[i] - z[i].max())
-        out[i] = e / e.sum()
-    return out
+  out = np.empty_like(z)
+  for i in range(z.shape[0]):
+    e = np.exp(z[i] - z[i].max())
+    out[i] = e / e.sum()
+  return out
 
 
 def _relation(a, b, h, num_heads):
-    """Relation of head h for one example's real tokens a, b: [n, D] -> [n, n], float64."""
-    d = a.shape[1] // num_heads
-    x = a[:, h * d : (h + 1) * d].astype(np.float64)
-    y = b[:, h * d : (h + 1) * d].astype(np.float64)
-    return _softmax_rows(x @ y.T / np.sqrt(d))
+  """Relation of head h for one example's real tokens a, b: [n, D] -> [n, n], float64."""
+  d = a.shape[1] // num_heads
+  x = a[:, h * d : (h + 1) * d].astype(np.float64)
+  y = b[:, h * d : (h + 1) * d].astype(np.float64)
+  return _softmax_rows(x @ y.T / np.sqrt(d))
 
 
 def _documents(mask, segment_ids):
-    """[(row, token indices)] for each example: a row's real tokens, or one (row, segment id)."""
-    docs = []
-    for b in range(mask.shape[0]):
-        real = [t for t in range(mask.shape[1]) if mask[b, t]]
-        if segment_ids is None:
-            if real:
-                docs.append((b, real))
-            continue
-        for seg in sorted({int(segment_ids[b, t]) for t in real}):
-            docs.append((b, [t for t in real if segment_ids[b, t] == seg]))
-    return docs
+  """[(row, token indices)] for each example: a row's real tokens, or one (row, segment id)."""
+  docs = []
+  for b in range(mask.shape[0]):
+    real = [t for t in range(mask.shape[1]) if mask[b, t]]
+    if segment_ids is None:
+      if real:
+        docs.append((b, real))
+      continue
+    for seg in sorted({int(segment_ids[b, t]) for t in real}):
+      docs.append((b, [t for t in real if segment_ids[b, t] == seg]))
+  return docs
 
 
 def oracle_relation_kl(ta, tb, sa, sb, mask, num_heads, reduction="example", segment_ids=None):
-    """The spec's formulas, one example (document) at a time, without padding, in float64."""
-    sums, lengths = [], []
-    for b, idx in _documents(np.asarray(mask), segment_ids):
-        total = 0.0
-        for h in range(num_heads):
-            r_t = _relation(ta[b, idx], tb[b, idx], h, num_heads)
-            r_s = _relation(sa[b, idx], sb[b, idx], h, num_heads)
-            for t in range(len(idx)):
-                for s in range(len(idx)):
-                    if r_t[t, s] > 0:
-                        total += r_t[t, s] * (np.log(r_t[t, s]) - np.log(r_s[t, s]))
-        sums.append(total)
-        lengths.append(len(idx))
-    if not sums:
-        return 0.0
-    if reduction == "example":
-        return float(np.mean([s / (num_heads * n) for s, n in zip(sums, lengths)]))
-    return float(sum(sums) / (num_heads * sum(lengths)))
+  """The spec's formulas, one example (document) at a time, without padding, in float64."""
+  sums, lengths = [], []
+  for b, idx in _documents(np.asarray(mask), segment_ids):
+    total = 0.0
+    for h in range(num_heads):
+      r_t = _relation(ta[b, idx], tb[b, idx], h, num_heads)
+      r_s = _relation(sa[b, idx], sb[b, idx], h, num_heads)
+      for t in range(len(idx)):
+        for s in range(len(idx)):
+          if r_t[t, s] > 0:
+            total += r_t[t, s] * (np.log(r_t[t, s]) - np.log(r_s[t, s]))
+    sums.append(total)
+    lengths.append(len(idx))
+  if not sums:
+    return 0.0
+  if reduction == "example":
+    return float(np.mean([s / (num_heads * n) for s, n in zip(sums, lengths)]))
+  return float(sum(sums) / (num_heads * sum(lengths)))
 
 
 def oracle_v1(tqkv, sqkv, mask, num_heads, weights=(1.0, 1.0), **kw):
-    (tq, tk, tv), (sq, sk, sv) = tqkv, sqkv
-    at = oracle_relation_kl(tq, tk, sq, sk, mask, num_heads, **kw)
-    vr = oracle_relation_kl(tv, tv, sv, sv, mask, num_heads, **kw)
-    return weights[0] * at + weights[1] * vr
+  (tq, tk, tv), (sq, sk, sv) = tqkv, sqkv
+  at = oracle_relation_kl(tq, tk, sq, sk, mask, num_heads, **kw)
+  vr = oracle_relation_kl(tv, tv, sv, sv, mask, num_heads, **kw)
+  return weights[0] * at + weights[1] * vr
 
 
 def oracle_v2(tqkv, sqkv, mask, num_heads, weights=(1.0, 1.0, 1.0), **kw):
-    return sum(w * oracle_relation_kl(t, t, s, s, mask, num_heads, **kw) for w, t, s in zip(weights, tqkv, sqkv))
+  return sum(
+      w * oracle_relation_kl(t, t, s, s, mask, num_heads, **kw) for w, t, s in zip(weights, tqkv, sqkv)
+  )
 
 
 def test_oracle_is_positive_and_zero_on_itself():
-    # Guard the oracle itself: KL ≥ 0, and 0 for identical relations.
-    rng = np.random.default_rng(0)
-    a, b = rand(rng, 2, 5, 8), rand(rng, 2, 5, 8)
-    mask = np.ones((2, 5))
-    assert oracle_relation_kl(a, b, a, b, mask, 2) == 0.0
-    assert oracle_relation_kl(a, b, b, a, mask, 2) > 0.0
+  # Guard the oracle itself: KL ≥ 0, and 0 for identical relations.
+  rng = np.random.default_rng(0)
+  a, b = rand(rng, 2, 5, 8), rand(rng, 2, 5, 8)
+  mask = np.ones((2, 5))
+  assert oracle_relation_kl(a, b, a, b, mask, 2) == 0.0
+  assert oracle_relation_kl(a, b, b, a, mask, 2) > 0.0
 
 
 # -------------------------------------------------------------------------------- against oracle
@@ -115,177 +117,174 @@ def test_oracle_is_positive_and_zero_on_itself():
 @pytest.mark.parametrize("num_heads", [4, 6])
 @pytest.mark.parametrize("reduction", ["example", "token"])
 def test_relation_kl_matches_oracle(num_heads, reduction):
-    rng = np.random.default_rng(1)
-    ta, tb = rand(rng, 5, 7, D_T), rand(rng, 5, 7, D_T)
-    sa, sb = rand(rng, 5, 7, D_S), rand(rng, 5, 7, D_S)
-    got = relation_kl(ta, tb, sa, sb, MASK, num_heads, reduction)
-    want = oracle_relation_kl(ta, tb, sa, sb, MASK, num_heads, reduction)
-    assert got.dtype == jnp.float32 and got.shape == ()
-    assert want > 0.01
-    np.testing.assert_allclose(got, want, rtol=RTOL)
+  rng = np.random.default_rng(1)
+  ta, tb = rand(rng, 5, 7, D_T), rand(rng, 5, 7, D_T)
+  sa, sb = rand(rng, 5, 7, D_S), rand(rng, 5, 7, D_S)
+  got = relation_kl(ta, tb, sa, sb, MASK, num_heads, reduction)
+  want = oracle_relation_kl(ta, tb, sa, sb, MASK, num_heads, reduction)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  assert want > 0.01
+  np.testing.assert_allclose(got, want, rtol=RTOL)
 
 
 @pytest.mark.parametrize("reduction", ["example", "token"])
 def test_v1_v2_match_oracle(reduction):
-    rng = np.random.default_rng(2)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    mask = MASK.astype(bool)  # bool masks are accepted as well as int ones
-    got = minilm_v1_loss(tqkv, sqkv, mask, 4, weights=(1.0, 0.5), reduction=reduction)
-    np.testing.assert_allclose(got, oracle_v1(tqkv, sqkv, MASK, 4, (1.0, 0.5), reduction=reduction), rtol=RTOL)
-    got = minilm_v2_loss(tqkv, sqkv, mask, 6, weights=(1.0, 2.0, 0.5), reduction=reduction)
-    np.testing.assert_allclose(got, oracle_v2(tqkv, sqkv, MASK, 6, (1.0, 2.0, 0.5), reduction=reduction), rtol=RTOL)
+  rng = np.random.default_rng(2)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  mask = MASK.astype(bool)  # bool masks are accepted as well as int ones
+  got = minilm_v1_loss(tqkv, sqkv, mask, 4, weights=(1.0, 0.5), reduction=reduction)
+  np.testing.assert_allclose(got, oracle_v1(tqkv, sqkv, MASK, 4, (1.0, 0.5), reduction=reduction), rtol=RTOL)
+  got = minilm_v2_loss(tqkv, sqkv, mask, 6, weights=(1.0, 2.0, 0.5), reduction=reduction)
+  np.testing.assert_allclose(
+      got, oracle_v2(tqkv, sqkv, MASK, 6, (1.0, 2.0, 0.5), reduction=reduction), rtol=RTOL
+  )
 
 
 def test_v1_weight_zero_drops_the_term():
-    rng = np.random.default_rng(3)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    got = minilm_v1_loss(tqkv, sqkv, MASK, 4, weights=(0.0, 1.0))
-    np.testing.assert_allclose(got, oracle_relation_kl(tqkv[2], tqkv[2], sqkv[2], sqkv[2], MASK, 4), rtol=RTOL)
+  rng = np.random.default_rng(3)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  got = minilm_v1_loss(tqkv, sqkv, MASK, 4, weights=(0.0, 1.0))
+  np.testing.assert_allclose(got, oracle_relation_kl(tqkv[2], tqkv[2], sqkv[2], sqkv[2], MASK, 4), rtol=RTOL)
 
 
 # Packed rows, T=11: three docs + padding; one doc right-padded; two docs after left padding.
 # Padding tokens carry arbitrary segment ids (they must be ignored).
 PACKED_MASK = np.array(
-    [
-        [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-    ],
+    [[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
     dtype=np.int32,
 )
 PACKED_SEGMENTS = np.array(
-    [
-        [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0],
-        [5, 5, 5, 5, 5, 5, 5, 0, 1, 2, 3],
-        [1, 0, 1, 1, 1, 7, 7, 7, 7, 7, 7],
-    ],
+    [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5, 5, 0, 1, 2, 3], [1, 0, 1, 1, 1, 7, 7, 7, 7, 7, 7]],
     dtype=np.int32,
 )
 
 
 @pytest.mark.parametrize("reduction", ["example", "token"])
 def test_packed_matches_oracle_and_documents_alone(reduction):
-    rng = np.random.default_rng(4)
-    tqkv, sqkv = rand_qkv(rng, 3, 11, D_T), rand_qkv(rng, 3, 11, D_S)
-    got = minilm_v2_loss(tqkv, sqkv, PACKED_MASK, 6, reduction=reduction, segment_ids=PACKED_SEGMENTS)
-    want = oracle_v2(tqkv, sqkv, PACKED_MASK, 6, reduction=reduction, segment_ids=PACKED_SEGMENTS)
-    np.testing.assert_allclose(got, want, rtol=RTOL)
+  rng = np.random.default_rng(4)
+  tqkv, sqkv = rand_qkv(rng, 3, 11, D_T), rand_qkv(rng, 3, 11, D_S)
+  got = minilm_v2_loss(tqkv, sqkv, PACKED_MASK, 6, reduction=reduction, segment_ids=PACKED_SEGMENTS)
+  want = oracle_v2(tqkv, sqkv, PACKED_MASK, 6, reduction=reduction, segment_ids=PACKED_SEGMENTS)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
 
-    # The same documents unpacked: one per row, right-padded, no segment ids.
-    docs = _documents(PACKED_MASK, PACKED_SEGMENTS)
-    assert len(docs) == 6
-    t_max = max(len(idx) for _, idx in docs)
-    mask = np.zeros((len(docs), t_max), np.int32)
-    unpacked = [np.zeros((len(docs), t_max, x.shape[-1]), np.float32) for x in tqkv + sqkv]
-    for i, (b, idx) in enumerate(docs):
-        mask[i, : len(idx)] = 1
-        for dst, src in zip(unpacked, tqkv + sqkv):
-            dst[i, : len(idx)] = src[b, idx]
-    alone = minilm_v2_loss(tuple(unpacked[:3]), tuple(unpacked[3:]), mask, 6, reduction=reduction)
-    np.testing.assert_allclose(got, alone, rtol=RTOL)
-    # v1 and relation_kl take segment ids too.
-    got_v1 = minilm_v1_loss(tqkv, sqkv, PACKED_MASK, 4, reduction=reduction, segment_ids=PACKED_SEGMENTS)
-    want_v1 = oracle_v1(tqkv, sqkv, PACKED_MASK, 4, reduction=reduction, segment_ids=PACKED_SEGMENTS)
-    np.testing.assert_allclose(got_v1, want_v1, rtol=RTOL)
+  # The same documents unpacked: one per row, right-padded, no segment ids.
+  docs = _documents(PACKED_MASK, PACKED_SEGMENTS)
+  assert len(docs) == 6
+  t_max = max(len(idx) for _, idx in docs)
+  mask = np.zeros((len(docs), t_max), np.int32)
+  unpacked = [np.zeros((len(docs), t_max, x.shape[-1]), np.float32) for x in tqkv + sqkv]
+  for i, (b, idx) in enumerate(docs):
+    mask[i, : len(idx)] = 1
+    for dst, src in zip(unpacked, tqkv + sqkv):
+      dst[i, : len(idx)] = src[b, idx]
+  alone = minilm_v2_loss(tuple(unpacked[:3]), tuple(unpacked[3:]), mask, 6, reduction=reduction)
+  np.testing.assert_allclose(got, alone, rtol=RTOL)
+  # v1 and relation_kl take segment ids too.
+  got_v1 = minilm_v1_loss(tqkv, sqkv, PACKED_MASK, 4, reduction=reduction, segment_ids=PACKED_SEGMENTS)
+  want_v1 = oracle_v1(tqkv, sqkv, PACKED_MASK, 4, reduction=reduction, segment_ids=PACKED_SEGMENTS)
+  np.testing.assert_allclose(got_v1, want_v1, rtol=RTOL)
 
 
 # ------------------------------------------------------------------------------------- properties
 
 
 def test_zero_when_student_equals_teacher():
-    rng = np.random.default_rng(5)
-    qkv = rand_qkv(rng, 5, 7, D_T)
-    assert abs(float(relation_kl(qkv[0], qkv[1], qkv[0], qkv[1], MASK, 4))) < 1e-6
-    assert abs(float(minilm_v1_loss(qkv, qkv, MASK, 4))) < 1e-6
-    assert abs(float(minilm_v2_loss(qkv, qkv, MASK, 6, reduction="token"))) < 1e-6
-    packed = tuple(x[:3] for x in qkv)
-    assert abs(float(minilm_v2_loss(packed, packed, PACKED_MASK[:, :7], 6, segment_ids=PACKED_SEGMENTS[:, :7]))) < 1e-6
+  rng = np.random.default_rng(5)
+  qkv = rand_qkv(rng, 5, 7, D_T)
+  assert abs(float(relation_kl(qkv[0], qkv[1], qkv[0], qkv[1], MASK, 4))) < 1e-6
+  assert abs(float(minilm_v1_loss(qkv, qkv, MASK, 4))) < 1e-6
+  assert abs(float(minilm_v2_loss(qkv, qkv, MASK, 6, reduction="token"))) < 1e-6
+  packed = tuple(x[:3] for x in qkv)
+  assert (
+      abs(float(minilm_v2_loss(packed, packed, PACKED_MASK[:, :7], 6, segment_ids=PACKED_SEGMENTS[:, :7])))
+      < 1e-6
+  )
 
 
 def test_left_padding_equals_right_padding_equals_per_example_loop():
-    rng = np.random.default_rng(6)
-    lengths, t_max, heads = [3, 6, 1, 4], 6, 4
-    examples = [(rand_qkv(rng, 1, n, D_T), rand_qkv(rng, 1, n, D_S)) for n in lengths]
-    per_example = [float(minilm_v1_loss(t, s, np.ones((1, n)), heads)) for (t, s), n in zip(examples, lengths)]
+  rng = np.random.default_rng(6)
+  lengths, t_max, heads = [3, 6, 1, 4], 6, 4
+  examples = [(rand_qkv(rng, 1, n, D_T), rand_qkv(rng, 1, n, D_S)) for n in lengths]
+  per_example = [float(minilm_v1_loss(t, s, np.ones((1, n)), heads)) for (t, s), n in zip(examples, lengths)]
 
-    def batch(left):
-        mask = np.zeros((len(lengths), t_max), np.int32)
-        arrays = [np.zeros((len(lengths), t_max, d), np.float32) for d in [D_T] * 3 + [D_S] * 3]
-        for i, ((t, s), n) in enumerate(zip(examples, lengths)):
-            sl = slice(t_max - n, t_max) if left else slice(0, n)
-            mask[i, sl] = 1
-            for dst, src in zip(arrays, t + s):
-                dst[i, sl] = src[0]
-        return tuple(arrays[:3]), tuple(arrays[3:]), mask
+  def batch(left):
+    mask = np.zeros((len(lengths), t_max), np.int32)
+    arrays = [np.zeros((len(lengths), t_max, d), np.float32) for d in [D_T] * 3 + [D_S] * 3]
+    for i, ((t, s), n) in enumerate(zip(examples, lengths)):
+      sl = slice(t_max - n, t_max) if left else slice(0, n)
+      mask[i, sl] = 1
+      for dst, src in zip(arrays, t + s):
+        dst[i, sl] = src[0]
+    return tuple(arrays[:3]), tuple(arrays[3:]), mask
 
-    right = minilm_v1_loss(*batch(left=False), heads)
-    left = minilm_v1_loss(*batch(left=True), heads)
-    np.testing.assert_allclose(right, np.mean(per_example), rtol=RTOL)
-    np.testing.assert_allclose(left, right, rtol=RTOL)
+  right = minilm_v1_loss(*batch(left=False), heads)
+  left = minilm_v1_loss(*batch(left=True), heads)
+  np.testing.assert_allclose(right, np.mean(per_example), rtol=RTOL)
+  np.testing.assert_allclose(left, right, rtol=RTOL)
 
 
 def test_batch_permutation_invariance():
-    rng = np.random.default_rng(7)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    perm = np.array([3, 0, 4, 2, 1])
-    for reduction in ("example", "token"):
-        base = minilm_v2_loss(tqkv, sqkv, MASK, 6, reduction=reduction)
-        permuted = minilm_v2_loss(
-            tuple(x[perm] for x in tqkv), tuple(x[perm] for x in sqkv), MASK[perm], 6, reduction=reduction
-        )
-        np.testing.assert_allclose(permuted, base, rtol=RTOL)
+  rng = np.random.default_rng(7)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  perm = np.array([3, 0, 4, 2, 1])
+  for reduction in ("example", "token"):
+    base = minilm_v2_loss(tqkv, sqkv, MASK, 6, reduction=reduction)
+    permuted = minilm_v2_loss(
+        tuple(x[perm] for x in tqkv), tuple(x[perm] for x in sqkv), MASK[perm], 6, reduction=reduction
+    )
+    np.testing.assert_allclose(permuted, base, rtol=RTOL)
 
 
 def test_v2_with_qk_vv_pairs_equals_v1():
-    rng = np.random.default_rng(8)
-    (tq, tk, tv), (sq, sk, sv) = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    pairs = relation_kl(tq, tk, sq, sk, MASK, 4) + relation_kl(tv, tv, sv, sv, MASK, 4)
-    np.testing.assert_allclose(pairs, minilm_v1_loss((tq, tk, tv), (sq, sk, sv), MASK, 4), rtol=RTOL)
+  rng = np.random.default_rng(8)
+  (tq, tk, tv), (sq, sk, sv) = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  pairs = relation_kl(tq, tk, sq, sk, MASK, 4) + relation_kl(tv, tv, sv, sv, MASK, 4)
+  np.testing.assert_allclose(pairs, minilm_v1_loss((tq, tk, tv), (sq, sk, sv), MASK, 4), rtol=RTOL)
 
 
 def test_no_examples_gives_finite_zero():
-    rng = np.random.default_rng(9)
-    tqkv, sqkv = rand_qkv(rng, 2, 4, D_T), rand_qkv(rng, 2, 4, D_S)
-    mask = np.zeros((2, 4), np.int32)
-    for reduction in ("example", "token"):
-        value, grads = jax.value_and_grad(lambda s: minilm_v2_loss(tqkv, s, mask, 6, reduction=reduction))(sqkv)
-        assert float(value) == 0.0
-        assert all(np.all(np.asarray(g) == 0.0) for g in grads)
+  rng = np.random.default_rng(9)
+  tqkv, sqkv = rand_qkv(rng, 2, 4, D_T), rand_qkv(rng, 2, 4, D_S)
+  mask = np.zeros((2, 4), np.int32)
+  for reduction in ("example", "token"):
+    value, grads = jax.value_and_grad(lambda s: minilm_v2_loss(tqkv, s, mask, 6, reduction=reduction))(sqkv)
+    assert float(value) == 0.0
+    assert all(np.all(np.asarray(g) == 0.0) for g in grads)
 
 
 def test_finite_value_and_gradient_with_length_one_and_fully_padded_rows():
-    rng = np.random.default_rng(10)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    for chunk_heads in (None, 2):
-        value, (g_t, g_s) = jax.value_and_grad(
-            lambda t, s: minilm_v1_loss(t, s, MASK, 4, chunk_heads=chunk_heads), argnums=(0, 1)
-        )(tqkv, sqkv)
-        assert np.isfinite(float(value)) and float(value) >= 0.0
-        for g in jax.tree.leaves((g_t, g_s)):
-            assert np.all(np.isfinite(np.asarray(g)))
-        # Padded positions cannot influence the loss.
-        for g in jax.tree.leaves(g_s):
-            assert np.all(np.asarray(g)[MASK == 0] == 0.0)
-        # The length-1 row (a single key: relation ≡ 1) carries no signal either.
-        assert all(np.all(np.asarray(g)[4] == 0.0) for g in jax.tree.leaves(g_s))
+  rng = np.random.default_rng(10)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  for chunk_heads in (None, 2):
+    value, (g_t, g_s) = jax.value_and_grad(
+        lambda t, s: minilm_v1_loss(t, s, MASK, 4, chunk_heads=chunk_heads), argnums=(0, 1)
+    )(tqkv, sqkv)
+    assert np.isfinite(float(value)) and float(value) >= 0.0
+    for g in jax.tree.leaves((g_t, g_s)):
+      assert np.all(np.isfinite(np.asarray(g)))
+    # Padded positions cannot influence the loss.
+    for g in jax.tree.leaves(g_s):
+      assert np.all(np.asarray(g)[MASK == 0] == 0.0)
+    # The length-1 row (a single key: relation ≡ 1) carries no signal either.
+    assert all(np.all(np.asarray(g)[4] == 0.0) for g in jax.tree.leaves(g_s))
 
 
 def test_bf16_inputs_close_to_fp32_and_loss_is_fp32():
-    rng = np.random.default_rng(11)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
-    ref = minilm_v2_loss(tqkv, sqkv, MASK, 6)
-    bf = lambda xs: tuple(jnp.asarray(x, jnp.bfloat16) for x in xs)
-    got = minilm_v2_loss(bf(tqkv), bf(sqkv), MASK, 6)
-    assert got.dtype == jnp.float32
-    # Loose ONLY here: rounding the inputs to bf16 (8-bit mantissa, relative error ~4e-3) perturbs the
-    # logits themselves; the loss is computed in fp32 from those rounded inputs, so ~1% is expected.
-    np.testing.assert_allclose(got, ref, rtol=2e-2)
-    # Tight: the loss casts bf16 inputs up before any arithmetic, so it equals the fp32 loss of the
-    # bf16-rounded inputs (fails if the relation matmuls or softmax ran in bf16).
-    up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
-    np.testing.assert_allclose(got, minilm_v2_loss(up(bf(tqkv)), up(bf(sqkv)), MASK, 6), rtol=RTOL)
-    grads = jax.grad(lambda s: minilm_v2_loss(bf(tqkv), s, MASK, 6))(bf(sqkv))
-    assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+  rng = np.random.default_rng(11)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  ref = minilm_v2_loss(tqkv, sqkv, MASK, 6)
+  bf = lambda xs: tuple(jnp.asarray(x, jnp.bfloat16) for x in xs)
+  got = minilm_v2_loss(bf(tqkv), bf(sqkv), MASK, 6)
+  assert got.dtype == jnp.float32
+  # Loose ONLY here: rounding the inputs to bf16 (8-bit mantissa, relative error ~4e-3) perturbs the
+  # logits themselves; the loss is computed in fp32 from those rounded inputs, so ~1% is expected.
+  np.testing.assert_allclose(got, ref, rtol=2e-2)
+  # Tight: the loss casts bf16 inputs up before any arithmetic, so it equals the fp32 loss of the
+  # bf16-rounded inputs (fails if the relation matmuls or softmax ran in bf16).
+  up = lambda xs: tuple(x.astype(jnp.float32) for x in xs)
+  np.testing.assert_allclose(got, minilm_v2_loss(up(bf(tqkv)), up(bf(sqkv)), MASK, 6), rtol=RTOL)
+  grads = jax.grad(lambda s: minilm_v2_loss(bf(tqkv), s, MASK, 6))(bf(sqkv))
+  assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
 
 
 # --------------------------------------------------------------------------------------- chunking
@@ -294,146 +293,154 @@ def test_bf16_inputs_close_to_fp32_and_loss_is_fp32():
 @pytest.mark.parametrize("chunk_heads", [1, 2])
 @pytest.mark.parametrize("packed", [False, True])
 def test_chunked_equals_direct_values_and_gradients(chunk_heads, packed):
-    rng = np.random.default_rng(12)
-    mask, seg = (PACKED_MASK, PACKED_SEGMENTS) if packed else (MASK[:3, :], None)
-    b, t = mask.shape
-    tqkv, sqkv = rand_qkv(rng, b, t, D_T), rand_qkv(rng, b, t, D_S)
+  rng = np.random.default_rng(12)
+  mask, seg = (PACKED_MASK, PACKED_SEGMENTS) if packed else (MASK[:3, :], None)
+  b, t = mask.shape
+  tqkv, sqkv = rand_qkv(rng, b, t, D_T), rand_qkv(rng, b, t, D_S)
 
-    def loss(s, chunk):
-        return minilm_v1_loss(tqkv, s, mask, 4, segment_ids=seg, chunk_heads=chunk)
+  def loss(s, chunk):
+    return minilm_v1_loss(tqkv, s, mask, 4, segment_ids=seg, chunk_heads=chunk)
 
-    direct, g_direct = jax.value_and_grad(loss)(sqkv, None)
-    chunked, g_chunked = jax.value_and_grad(loss)(sqkv, chunk_heads)
-    np.testing.assert_allclose(chunked, direct, rtol=1e-6)
-    for gc, gd in zip(g_chunked, g_direct):
-        np.testing.assert_allclose(gc, gd, rtol=RTOL, atol=1e-7)
+  direct, g_direct = jax.value_and_grad(loss)(sqkv, None)
+  chunked, g_chunked = jax.value_and_grad(loss)(sqkv, chunk_heads)
+  np.testing.assert_allclose(chunked, direct, rtol=1e-6)
+  for gc, gd in zip(g_chunked, g_direct):
+    np.testing.assert_allclose(gc, gd, rtol=RTOL, atol=1e-7)
 
 
 def test_chunk_heads_equal_to_num_heads_is_direct():
-    rng = np.random.default_rng(13)
-    ta, tb, sa, sb = (rand(rng, 2, 5, 16) for _ in range(4))
-    mask = np.ones((2, 5))
-    f = lambda c: jax.make_jaxpr(lambda x: relation_kl(ta, tb, x, sb, mask, 4, chunk_heads=c))(sa)
-    assert "scan" not in str(f(4)) and "scan" not in str(f(None))
-    assert "scan" in str(f(2))
+  rng = np.random.default_rng(13)
+  ta, tb, sa, sb = (rand(rng, 2, 5, 16) for _ in range(4))
+  mask = np.ones((2, 5))
+  f = lambda c: jax.make_jaxpr(lambda x: relation_kl(ta, tb, x, sb, mask, 4, chunk_heads=c))(sa)
+  assert "scan" not in str(f(4)) and "scan" not in str(f(None))
+  assert "scan" in str(f(2))
 
 
 def test_automatic_chunking_kicks_in_for_large_relations(monkeypatch):
-    assert losses._auto_chunk_heads(8, 12, 512) is None
-    assert losses._auto_chunk_heads(8, 12, 2048) == 2  # 8·2·2048² = 2**26
-    assert losses._auto_chunk_heads(64, 12, 2048) == 1
-    rng = np.random.default_rng(14)
-    ta, tb, sa, sb = (rand(rng, 2, 5, 16) for _ in range(4))
-    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    direct = relation_kl(ta, tb, sa, sb, mask, 4)
-    monkeypatch.setattr(losses, "_DIRECT_MAX_ELEMENTS", 2 * 2 * 5 * 5)  # room for 2 of the 4 heads
-    assert losses._auto_chunk_heads(2, 4, 5) == 2
-    assert "scan" in str(jax.make_jaxpr(lambda x: relation_kl(ta, tb, x, sb, mask, 4))(sa))
-    np.testing.assert_allclose(relation_kl(ta, tb, sa, sb, mask, 4), direct, rtol=1e-6)
+  assert losses._auto_chunk_heads(8, 12, 512) is None
+  assert losses._auto_chunk_heads(8, 12, 2048) == 2  # 8·2·2048² = 2**26
+  assert losses._auto_chunk_heads(64, 12, 2048) == 1
+  rng = np.random.default_rng(14)
+  ta, tb, sa, sb = (rand(rng, 2, 5, 16) for _ in range(4))
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  direct = relation_kl(ta, tb, sa, sb, mask, 4)
+  monkeypatch.setattr(losses, "_DIRECT_MAX_ELEMENTS", 2 * 2 * 5 * 5)  # room for 2 of the 4 heads
+  assert losses._auto_chunk_heads(2, 4, 5) == 2
+  assert "scan" in str(jax.make_jaxpr(lambda x: relation_kl(ta, tb, x, sb, mask, 4))(sa))
+  np.testing.assert_allclose(relation_kl(ta, tb, sa, sb, mask, 4), direct, rtol=1e-6)
 
 
 def test_chunked_path_uses_less_temp_memory():
-    # Compiled (not run) value-and-gradient step; XLA's buffer assignment reports the temp memory.
-    b, t, heads, d = 2, 512, 16, 512
-    shapes = [jax.ShapeDtypeStruct((b, t, d), jnp.float32)] * 4
-    mask = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  # Compiled (not run) value-and-gradient step; XLA's buffer assignment reports the temp memory.
+  b, t, heads, d = 2, 512, 16, 512
+  shapes = [jax.ShapeDtypeStruct((b, t, d), jnp.float32)] * 4
+  mask = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
-    def temp_bytes(chunk_heads):
-        def step(ta, tb, sa, sb, m):
-            return jax.value_and_grad(
-                lambda s: relation_kl(jax.lax.stop_gradient(ta), tb, s, sb, m, heads, chunk_heads=chunk_heads)
-            )(sa)
+  def temp_bytes(chunk_heads):
+    def step(ta, tb, sa, sb, m):
+      return jax.value_and_grad(
+          lambda s: relation_kl(jax.lax.stop_gradient(ta), tb, s, sb, m, heads, chunk_heads=chunk_heads)
+      )(sa)
 
-        stats = jax.jit(step).lower(*shapes, mask).compile().memory_analysis()
-        return None if stats is None else stats.temp_size_in_bytes
+    stats = jax.jit(step).lower(*shapes, mask).compile().memory_analysis()
+    return None if stats is None else stats.temp_size_in_bytes
 
-    direct, chunked = temp_bytes(None), temp_bytes(1)
-    if direct is None or chunked is None:
-        pytest.skip("memory_analysis() unavailable on this backend")
-    full = b * heads * t * t * 4  # one fp32 [B, A, T, T] tensor: 32 MiB
-    assert direct >= full  # the direct path holds (several) full relation tensors...
-    assert chunked < full, (chunked, direct)  # ...the chunked one never holds even one
-    assert chunked < direct / 4, (chunked, direct)
+  direct, chunked = temp_bytes(None), temp_bytes(1)
+  if direct is None or chunked is None:
+    pytest.skip("memory_analysis() unavailable on this backend")
+  full = b * heads * t * t * 4  # one fp32 [B, A, T, T] tensor: 32 MiB
+  assert direct >= full  # the direct path holds (several) full relation tensors...
+  assert chunked < full, (chunked, direct)  # ...the chunked one never holds even one
+  assert chunked < direct / 4, (chunked, direct)
 
 
 # --------------------------------------------------------------------------------------- gradients
 
 
 def test_gradients_match_finite_differences_in_float64():
-    # float64 inputs are computed in float64 (the loss only ever casts *up* to fp32), so the
-    # finite-difference check can run at check_grads' default (tight) tolerances.
-    rng = np.random.default_rng(15)
-    with jax.enable_x64(True):
-        mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
-        seg = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]])
-        ta, tb = (jnp.asarray(rng.standard_normal((3, 4, 8))) for _ in range(2))
-        sa, sb = (jnp.asarray(rng.standard_normal((3, 4, 4))) for _ in range(2))
-        assert sa.dtype == jnp.float64
-        for chunk_heads, segment_ids in ((None, None), (1, seg)):
-            f = lambda *x: relation_kl(*x, mask, 2, segment_ids=segment_ids, chunk_heads=chunk_heads)
-            assert f(ta, tb, sa, sb).dtype == jnp.float64
-            check_grads(f, (ta, tb, sa, sb), order=1, modes=["rev"])
+  # float64 inputs are computed in float64 (the loss only ever casts *up* to fp32), so the
+  # finite-difference check can run at check_grads' default (tight) tolerances.
+  rng = np.random.default_rng(15)
+  with jax.enable_x64(True):
+    mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
+    seg = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]])
+    ta, tb = (jnp.asarray(rng.standard_normal((3, 4, 8))) for _ in range(2))
+    sa, sb = (jnp.asarray(rng.standard_normal((3, 4, 4))) for _ in range(2))
+    assert sa.dtype == jnp.float64
+    for chunk_heads, segment_ids in ((None, None), (1, seg)):
+      f = lambda *x: relation_kl(*x, mask, 2, segment_ids=segment_ids, chunk_heads=chunk_heads)
+      assert f(ta, tb, sa, sb).dtype == jnp.float64
+      check_grads(f, (ta, tb, sa, sb), order=1, modes=["rev"])
 
 
 def test_teacher_gets_no_gradient_student_does():
-    rng = np.random.default_rng(16)
-    tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  rng = np.random.default_rng(16)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
 
-    def loss(t, s):
-        return minilm_v2_loss(jax.tree.map(jax.lax.stop_gradient, t), s, MASK, 6)
+  def loss(t, s):
+    return minilm_v2_loss(jax.tree.map(jax.lax.stop_gradient, t), s, MASK, 6)
 
-    g_t, g_s = jax.grad(loss, argnums=(0, 1))(tqkv, sqkv)
-    assert all(np.all(np.asarray(g) == 0.0) for g in g_t)
-    assert all(np.any(np.asarray(g) != 0.0) for g in g_s)
+  g_t, g_s = jax.grad(loss, argnums=(0, 1))(tqkv, sqkv)
+  assert all(np.all(np.asarray(g) == 0.0) for g in g_t)
+  assert all(np.any(np.asarray(g) != 0.0) for g in g_s)
 
 
 # ------------------------------------------------------------------------------------------ errors
 
 
 def _qkv(b, t, d, widths=None):
-    return tuple(jnp.zeros((b, t, w)) for w in (widths or (d, d, d)))
+  return tuple(jnp.zeros((b, t, w)) for w in (widths or (d, d, d)))
 
 
 def test_error_heads_do_not_divide_widths():
-    x384, x256 = jnp.zeros((1, 4, 384)), jnp.zeros((1, 4, 256))
-    mask = jnp.ones((1, 4))
-    with pytest.raises(ValueError, match="relation heads 5 do not divide teacher width 384"):
-        relation_kl(x384, x384, x384, x384, mask, 5)
-    with pytest.raises(ValueError, match="relation heads 48 do not divide student width 256"):
-        minilm_v2_loss(_qkv(1, 4, 384), _qkv(1, 4, 256), mask, 48)
+  x384, x256 = jnp.zeros((1, 4, 384)), jnp.zeros((1, 4, 256))
+  mask = jnp.ones((1, 4))
+  with pytest.raises(ValueError, match="relation heads 5 do not divide teacher width 384"):
+    relation_kl(x384, x384, x384, x384, mask, 5)
+  with pytest.raises(ValueError, match="relation heads 48 do not divide student width 256"):
+    minilm_v2_loss(_qkv(1, 4, 384), _qkv(1, 4, 256), mask, 48)
 
 
 def test_error_v1_head_count_mismatch():
-    with pytest.raises(ValueError, match="teacher 12 vs student 6"):
-        minilm_v1_loss(_qkv(1, 4, 48), _qkv(1, 4, 24), jnp.ones((1, 4)), 12, student_num_heads=6)
+  with pytest.raises(ValueError, match="teacher 12 vs student 6"):
+    minilm_v1_loss(_qkv(1, 4, 48), _qkv(1, 4, 24), jnp.ones((1, 4)), 12, student_num_heads=6)
 
 
 def test_error_shape_mismatches():
-    mask = jnp.ones((2, 4))
-    with pytest.raises(ValueError, match=r"teacher \[B, T\] = \(2, 4\) does not match student \[B, T\] = \(3, 4\)"):
-        minilm_v1_loss(_qkv(2, 4, 8), _qkv(3, 4, 8), mask, 2)
-    with pytest.raises(ValueError, match=r"\(2, 4\) does not match student \[B, T\] = \(2, 5\)"):
-        minilm_v2_loss(_qkv(2, 4, 8), _qkv(2, 5, 8), mask, 2)
-    with pytest.raises(ValueError, match=r"mask shape \(2, 5\) does not match inputs \[B, T\] = \(2, 4\)"):
-        minilm_v1_loss(_qkv(2, 4, 8), _qkv(2, 4, 8), jnp.ones((2, 5)), 2)
-    with pytest.raises(ValueError, match=r"segment_ids shape \(2,\) does not match inputs \[B, T\] = \(2, 4\)"):
-        minilm_v1_loss(_qkv(2, 4, 8), _qkv(2, 4, 8), mask, 2, segment_ids=jnp.zeros((2,), jnp.int32))
-    with pytest.raises(ValueError, match=r"student q/k/v shapes differ: q \(2, 4, 8\), k \(2, 4, 8\), v \(2, 4, 16\)"):
-        minilm_v2_loss(_qkv(2, 4, 8), _qkv(2, 4, 8, (8, 8, 16)), mask, 2)
-    with pytest.raises(ValueError, match=r"teacher q/k/v shapes differ: q \(2, 4, 16\), k \(2, 4, 8\)"):
-        minilm_v1_loss(_qkv(2, 4, 8, (16, 8, 8)), _qkv(2, 4, 8), mask, 2)
-    with pytest.raises(ValueError, match=r"teacher relation inputs differ in shape: \(2, 4, 8\) vs \(2, 4, 16\)"):
-        relation_kl(jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 16)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 8)), mask, 2)
+  mask = jnp.ones((2, 4))
+  with pytest.raises(
+      ValueError, match=r"teacher \[B, T\] = \(2, 4\) does not match student \[B, T\] = \(3, 4\)"
+  ):
+    minilm_v1_loss(_qkv(2, 4, 8), _qkv(3, 4, 8), mask, 2)
+  with pytest.raises(ValueError, match=r"\(2, 4\) does not match student \[B, T\] = \(2, 5\)"):
+    minilm_v2_loss(_qkv(2, 4, 8), _qkv(2, 5, 8), mask, 2)
+  with pytest.raises(ValueError, match=r"mask shape \(2, 5\) does not match inputs \[B, T\] = \(2, 4\)"):
+    minilm_v1_loss(_qkv(2, 4, 8), _qkv(2, 4, 8), jnp.ones((2, 5)), 2)
+  with pytest.raises(ValueError, match=r"segment_ids shape \(2,\) does not match inputs \[B, T\] = \(2, 4\)"):
+    minilm_v1_loss(_qkv(2, 4, 8), _qkv(2, 4, 8), mask, 2, segment_ids=jnp.zeros((2,), jnp.int32))
+  with pytest.raises(
+      ValueError, match=r"student q/k/v shapes differ: q \(2, 4, 8\), k \(2, 4, 8\), v \(2, 4, 16\)"
+  ):
+    minilm_v2_loss(_qkv(2, 4, 8), _qkv(2, 4, 8, (8, 8, 16)), mask, 2)
+  with pytest.raises(ValueError, match=r"teacher q/k/v shapes differ: q \(2, 4, 16\), k \(2, 4, 8\)"):
+    minilm_v1_loss(_qkv(2, 4, 8, (16, 8, 8)), _qkv(2, 4, 8), mask, 2)
+  with pytest.raises(
+      ValueError, match=r"teacher relation inputs differ in shape: \(2, 4, 8\) vs \(2, 4, 16\)"
+  ):
+    relation_kl(
+        jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 16)), jnp.zeros((2, 4, 8)), jnp.zeros((2, 4, 8)), mask, 2
+    )
 
 
 def test_error_bad_reduction_chunk_heads_weights():
-    mask = jnp.ones((2, 4))
-    t, s = _qkv(2, 4, 8), _qkv(2, 4, 8)
-    with pytest.raises(ValueError, match="reduction must be one of .*'mean'"):
-        minilm_v1_loss(t, s, mask, 2, reduction="mean")
-    with pytest.raises(ValueError, match="chunk_heads 3 does not divide relation heads 4"):
-        minilm_v2_loss(t, s, mask, 4, chunk_heads=3)
-    with pytest.raises(ValueError, match="expected 3 loss weights, got 2"):
-        minilm_v2_loss(t, s, mask, 4, weights=(1.0, 1.0))
-    with pytest.raises(ValueError, match="expected 2 loss weights, got 3"):
-        minilm_v1_loss(t, s, mask, 4, weights=(1.0, 1.0, 1.0))
+  mask = jnp.ones((2, 4))
+  t, s = _qkv(2, 4, 8), _qkv(2, 4, 8)
+  with pytest.raises(ValueError, match="reduction must be one of .*'mean'"):
+    minilm_v1_loss(t, s, mask, 2, reduction="mean")
+  with pytest.raises(ValueError, match="chunk_heads 3 does not divide relation heads 4"):
+    minilm_v2_loss(t, s, mask, 4, chunk_heads=3)
+  with pytest.raises(ValueError, match="expected 3 loss weights, got 2"):
+    minilm_v2_loss(t, s, mask, 4, weights=(1.0, 1.0))
+  with pytest.raises(ValueError, match="expected 2 loss weights, got 3"):
+    minilm_v1_loss(t, s, mask, 4, weights=(1.0, 1.0, 1.0))
