@@ -43,19 +43,29 @@ def files_under(path):
   return [f for child in sorted(path.iterdir()) for f in files_under(child)]
 
 
+def copy_tree(src, dst) -> None:
+  """Copy a file or folder (etils.epath paths, local or gs://) to `dst`, file by file."""
+  for f in files_under(src):
+    target = dst if f == src else dst / f.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    f.copy(target, overwrite=True)
+
+
+def cache_dir(kind: str, key: str) -> str:
+  """~/.cache/minilm_jax/KIND/<hash of key>: local copies of remote folders and runs."""
+  import hashlib
+  return os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", kind,
+                      hashlib.sha1(key.encode()).hexdigest()[:12])
+
+
 def _fetch_remote(url: str) -> str:
   """Copy a gs:// (or other remote) model folder to a local cache, on every host that asks."""
-  import hashlib
   from etils import epath
   src = epath.Path(url)
   if not src.is_dir():
     raise FileNotFoundError(f"{url}: no such folder")
-  dst = os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", "remote",
-                     hashlib.sha1(url.encode()).hexdigest()[:12])
-  for f in files_under(src):
-    target = epath.Path(dst) / f.relative_to(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    f.copy(target, overwrite=True)
+  dst = cache_dir("remote", url)
+  copy_tree(src, epath.Path(dst))
   return dst
 
 

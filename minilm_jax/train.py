@@ -438,10 +438,7 @@ def local_dir(workdir: str) -> str:
   """Where metrics, TensorBoard events, the token cache and the export are written: the workdir itself,
   or for a remote (gs://) workdir a local mirror that is copied up at every checkpoint and at the end
   (Orbax writes the checkpoints straight to the remote workdir)."""
-  if not is_remote(workdir):
-    return workdir
-  key = hashlib.sha1(workdir.encode()).hexdigest()[:12]
-  return os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", "runs", key)
+  return hf.cache_dir("runs", workdir) if is_remote(workdir) else workdir
 
 
 def _sync(workdir: str, local: str, names, down: bool = False) -> None:
@@ -452,12 +449,8 @@ def _sync(workdir: str, local: str, names, down: bool = False) -> None:
   for name in names:
     src, dst = (epath.Path(workdir) / name, epath.Path(local) / name) if down else \
         (epath.Path(local) / name, epath.Path(workdir) / name)
-    if not src.exists():
-      continue
-    for f in hf.files_under(src):
-      target = dst if f == src else dst / f.relative_to(src)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      f.copy(target, overwrite=True)
+    if src.exists():
+      hf.copy_tree(src, dst)
 
 
 class _StopFlag:
