@@ -173,9 +173,8 @@ def finetune(config: BertConfig, params, tok, task: Task, lr: float, epochs: int
   v = model.init(jax.random.key(seed), *[x[:1] for x in xtr], True)["params"]
   v = {**v, "encoder": jax.tree.map(jnp.asarray, params)}
   steps = max(1, epochs * len(ytr) // batch)
-  sched = optax.join_schedules([optax.linear_schedule(0, lr, max(steps // 10, 1)),
-                                optax.linear_schedule(lr, 0, steps - steps // 10)], [steps // 10])
-  tx = optax.adamw(sched, weight_decay=0.01, mask=train.decay_mask)
+  tx = optax.adamw(train.warmup_linear_decay(lr, steps // 10, steps), weight_decay=0.01,
+                   mask=train.decay_mask)
   opt = tx.init(v)
 
   @jax.jit
@@ -211,17 +210,10 @@ def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[
   tcfg, tparams = teacher
   scfg, sparams = student
   tl = train.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
-  relation = train.relation_loss_fn(cfg, scfg.num_attention_heads)
-
-  @jax.jit
-  def loss(ids, mask):
-    t = BertEncoder(tcfg).apply({"params": tparams}, ids, mask, capture_layer=tl, stop_at_capture=True)
-    s = BertEncoder(scfg).apply({"params": sparams}, ids, mask, capture_layer=-1, stop_at_capture=True)
-    return relation(t.qkv, s.qkv, mask)
-
+  loss = jax.jit(train.distill_loss_fn(cfg, BertEncoder(tcfg), BertEncoder(scfg), tl))
   n = min(batches, max(1, len(rows["input_ids"]) // batch))
-  vals = [float(loss(rows["input_ids"][i * batch:(i + 1) * batch],
-                     rows["attention_mask"][i * batch:(i + 1) * batch])) for i in range(n)]
+  vals = [float(loss(sparams, tparams, {k: v[i * batch:(i + 1) * batch] for k, v in rows.items()}))
+          for i in range(n)]
   return float(np.mean(vals))
 
 

@@ -146,12 +146,15 @@ def decay_mask(params: Any) -> Any:
       lambda p, _: not (_path_names(p)[-1] == "bias" or "LayerNorm" in _path_names(p)), params)
 
 
+def warmup_linear_decay(lr: float, warmup_steps: int, steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then linear decay to 0 at `steps`."""
+  warm = min(warmup_steps, steps)
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)),
+                               optax.linear_schedule(lr, 0.0, max(steps - warm, 1))], [warm])
+
+
 def lr_schedule(cfg) -> optax.Schedule:
-  """Linear warmup to optim.lr over optim.warmup_steps, then linear decay to 0 at `steps`."""
-  warm = min(cfg.optim.warmup_steps, cfg.steps)
-  return optax.join_schedules([optax.linear_schedule(0.0, cfg.optim.lr, max(warm, 1)),
-                               optax.linear_schedule(cfg.optim.lr, 0.0, max(cfg.steps - warm, 1))],
-                              [warm])
+  return warmup_linear_decay(cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps)
 
 
 def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransformation:
@@ -180,6 +183,23 @@ def relation_loss_fn(cfg, student_heads: int) -> Callable:
   raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
 
 
+def distill_loss_fn(cfg, teacher: BertEncoder, student: BertEncoder, teacher_layer: int) -> Callable:
+  """loss(params, teacher_params, batch, rng) -> scalar: the teacher up to the Q/K/V of
+  `teacher_layer` (frozen), the student up to its last Q/K/V (dropout from `rng`; None: no dropout),
+  and the configured relation loss between them."""
+  relation = relation_loss_fn(cfg, student.config.num_attention_heads)
+
+  def loss(params, teacher_params, batch, rng=None):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    t = teacher.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
+                      stop_at_capture=True)
+    s = student.apply({"params": params}, ids, mask, capture_layer=-1, stop_at_capture=True,
+                      deterministic=rng is None, rngs={} if rng is None else {"dropout": rng})
+    return relation(jax.lax.stop_gradient(t.qkv), s.qkv, mask)
+
+  return loss
+
+
 def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int,
                     pmap_axis: Optional[str] = None):
   """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated.
@@ -188,19 +208,9 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
   its shard's gradients are averaged with `lax.pmean` (equal to the global mean when every shard holds
   the same number of examples). The loss and update code is the same.
   """
-  relation = relation_loss_fn(cfg, student.config.num_attention_heads)
   schedule = lr_schedule(cfg)
   base_key = jax.random.key(cfg.seed)
-
-  def loss_on(params, teacher_params, batch, rng):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    t = teacher.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
-                      stop_at_capture=True)
-    s = student.apply({"params": params}, ids, mask, capture_layer=-1, stop_at_capture=True,
-                      deterministic=False, rngs={"dropout": rng})
-    return relation(jax.lax.stop_gradient(t.qkv), s.qkv, mask)
-
-  grad_fn = jax.value_and_grad(loss_on)
+  grad_fn = jax.value_and_grad(distill_loss_fn(cfg, teacher, student, teacher_layer))
 
   def step(state: TrainState, teacher_params, batch):
     rng = jax.random.fold_in(base_key, state.step)  # no RNG in the state: resumes replay exactly
