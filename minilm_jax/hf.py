@@ -253,6 +253,14 @@ def _write_atomically(path: str, write):
   os.replace(tmp, path)
 
 
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  def write(p):
+    with open(p, "w") as f:
+      json.dump(obj, f, indent=2)
+  _write_atomically(path, write)
+
+
 def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], tokenizer=None) -> str:
   """Write an HF folder: config.json, model.safetensors (fp32) and, if given, the tokenizer files.
 
@@ -275,10 +283,7 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
   os.makedirs(path, exist_ok=True)
   _write_atomically(os.path.join(path, "model.safetensors"),
                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-  def write_config(p):
-    with open(p, "w") as f:
-      json.dump(config.to_hf_dict(), f, indent=2)
-  _write_atomically(os.path.join(path, "config.json"), write_config)
+  _write_json(os.path.join(path, "config.json"), config.to_hf_dict())
   if isinstance(tokenizer, (str, os.PathLike)):
     for name in _TOKENIZER_FILES:
       src = os.path.join(tokenizer, name)
@@ -334,12 +339,7 @@ def export_sentence_transformers(path: str, config: BertConfig, teacher_dir: str
         return json.load(f)
     return None
 
-  def write(name, obj):
-    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-    def w(p):
-      with open(p, "w") as f:
-        json.dump(obj, f, indent=2)
-    _write_atomically(os.path.join(path, name), w)
+  write = lambda name, obj: _write_json(os.path.join(path, name), obj)
 
   modules = read("modules.json") or [
       {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
