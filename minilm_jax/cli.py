@@ -42,11 +42,15 @@ def _maybe_initialize_distributed():
 
 def _fail(prog: str, e: BaseException) -> None:
   msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  print(f"{prog}: error: {msg}", file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
-  # Skip interpreter teardown: Orbax/TensorStore threads print asyncio tracebacks when torn down after
-  # a failed restore. Any checkpoint save was already waited for (train.py's finally clause).
+  # Orbax/TensorStore threads may still print asyncio tracebacks after a failed restore. Point fd 2 at
+  # /dev/null first and write our line to a saved copy, so the error is always the last line printed.
+  real_stderr = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(real_stderr, f"{prog}: error: {msg}\n".encode())
+  # Skip interpreter teardown, which is where those threads are torn down. Any checkpoint save was
+  # already waited for (train.py's finally clause).
   os._exit(2)
 
 
