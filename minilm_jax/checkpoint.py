@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental.multihost_utils import sync_global_devices
 
@@ -45,6 +46,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """The student params saved at `step`, as numpy arrays on the host (for evaluation: no optimizer
+  state, and no target tree needed)."""
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return jax.tree.map(np.asarray, state["params"])
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,

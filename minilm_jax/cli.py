@@ -115,7 +115,7 @@ def main(argv=None):
 
 
 def eval_main(argv=None):
-  """`minilm-eval --workdir DIR [--task nsp|glue:NAME|FILE:cols] [--lr X ...] [--epochs N ...]`."""
+  """`minilm-eval --workdir DIR [--task nsp|glue:NAME|FILE:cols] [--lr X ...] [--epochs N ...] [--curve]`."""
   import argparse
   p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate a minilm-distill run: its "
                               "teacher, student and undistilled baselines on the same budget.")
@@ -125,12 +125,16 @@ def eval_main(argv=None):
   p.add_argument("--lr", action="append", type=float, help="fine-tuning learning rates (grid)")
   p.add_argument("--epochs", action="append", type=int, help="fine-tuning epochs (grid)")
   p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--curve", action="store_true", help="then the student of every kept checkpoint, "
+                 "plotted against steps with the others as flat lines (eval/curve.png)")
   p.add_argument("--verbose", action="store_true")
   a = p.parse_args(argv)
   from minilm_jax import evaluate
   try:
-    evaluate.evaluate_run(a.workdir, a.task or ["nsp"], a.lr or [2e-4], a.epochs or [3],
-                          baselines=not a.no_baselines)
+    grid = (a.task or ["nsp"], a.lr or [2e-4], a.epochs or [3])
+    evaluate.evaluate_run(a.workdir, *grid, baselines=not a.no_baselines)
+    if a.curve:
+      evaluate.evaluate_curve(a.workdir, *grid)
   except (ValueError, OSError, KeyError, ImportError) as e:
     if a.verbose:
       raise

@@ -268,6 +268,17 @@ def models_of_run(workdir: str, baselines: bool = True):
   return cfg, models, teacher_dir
 
 
+def _quality(cfg, teacher, model, tok, tasks: Dict[str, Task], rows, lrs, epochs) -> dict:
+  """Held-out relation loss against `teacher` (None: skip) and each task's best score over the grid."""
+  mcfg, params = model
+  row = {}
+  if teacher is not None and mcfg.hidden_size % cfg.loss.relation_heads == 0:
+    row["heldout_relation_loss"] = heldout_relation_loss(cfg, teacher, model, rows)
+  for t, task in tasks.items():
+    row[t] = max(finetune(mcfg, params, tok, task, lr, ep, seed=cfg.seed) for lr in lrs for ep in epochs)
+  return row
+
+
 def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (2e-4,),
                  epochs: Sequence[int] = (3,), baselines: bool = True, log=print) -> dict:
   """Every model of the run on every task (best over the lr × epochs grid, same budget for all), plus
@@ -282,10 +293,8 @@ def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[fl
     row = {"layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
            "params_M": sum(np.size(x) for x in jax.tree.leaves(params)) / 1e6,
            "encode_tokens_per_s": encode_speed(mcfg, params)}
-    if name != "teacher" and mcfg.hidden_size % cfg.loss.relation_heads == 0:
-      row["heldout_relation_loss"] = heldout_relation_loss(cfg, models["teacher"], (mcfg, params), rows)
-    for t, task in loaded.items():
-      row[t] = max(finetune(mcfg, params, tok, task, lr, ep, seed=cfg.seed) for lr in lrs for ep in epochs)
+    teacher = None if name == "teacher" else models["teacher"]
+    row.update(_quality(cfg, teacher, (mcfg, params), tok, loaded, rows, lrs, epochs))
     log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     results[name] = row
   out = os.path.join(workdir, "eval")
@@ -303,6 +312,62 @@ def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[fl
     f.write("\n".join(lines) + "\n")
   _bar_chart(results, tasks, os.path.join(out, "results.png"))
   return results
+
+
+def evaluate_curve(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (2e-4,),
+                   epochs: Sequence[int] = (3,), log=print) -> dict:
+  """Quality against compute: the student of every kept checkpoint on the tasks and the held-out relation
+  loss, beside the flat lines of DIR/eval/results.json (run `evaluate_run` first, same grid). Writes
+  DIR/eval/curve.{json,png}: {step: row} with the tokens seen at each step."""
+  from transformers import AutoTokenizer
+  from minilm_jax import checkpoint
+  table = os.path.join(workdir, "eval", "results.json")
+  if not os.path.isfile(table):
+    raise FileNotFoundError(f"{table}: no results table; evaluate the run without --curve first")
+  with open(table) as f:
+    flat = json.load(f)
+  if (flat["tasks"], flat["lrs"], flat["epochs"]) != (list(tasks), list(lrs), list(epochs)):
+    raise ValueError(f"{table} was made with tasks {flat['tasks']}, lrs {flat['lrs']} and epochs "
+                     f"{flat['epochs']}: evaluate the curve on the same grid, or evaluate the run again")
+  cfg, models, _ = models_of_run(workdir, baselines=False)
+  encoder, _ = hf.load_student(workdir)
+  tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
+  loaded = {t: load_task(t, cfg.seed) for t in tasks}
+  rows = heldout_rows(cfg, tok)
+  mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), 1)
+  curve = {}
+  for step in mngr.all_steps():
+    params = checkpoint.restore_params(mngr, step)
+    row = {"tokens": step * cfg.batch_size * cfg.data.max_len}
+    row.update(_quality(cfg, models["teacher"], (encoder.config, params), tok, loaded, rows, lrs, epochs))
+    log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    curve[step] = row
+  with open(os.path.join(workdir, "eval", "curve.json"), "w") as f:
+    json.dump({"workdir": workdir, "tasks": list(tasks), "curve": curve}, f, indent=2)
+  _curve_plot(curve, flat["results"], tasks, os.path.join(workdir, "eval", "curve.png"))
+  return curve
+
+
+def _curve_plot(curve: dict, flat: dict, tasks: Sequence[str], png: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  metrics = [*tasks, "heldout_relation_loss"]
+  steps = sorted(curve)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
+  for ax, m in zip(axes[0], metrics):
+    ax.plot(steps, [curve[s][m] for s in steps], "o-", color="black", label="student (distilled)")
+    for i, (name, row) in enumerate((n, r) for n, r in flat.items() if n != "student (distilled)"):
+      if m in row:
+        ax.axhline(row[m], color=f"C{i}", ls="--", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(m)
+    if m == "heldout_relation_loss":
+      ax.set_yscale("log")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png)
+  plt.close(fig)
 
 
 def _bar_chart(results: dict, tasks: Sequence[str], png: str) -> None:

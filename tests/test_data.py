@@ -246,6 +246,34 @@ def test_stdlib_corpus(stdlib_splits):
     data.stdlib_corpus("test")
 
 
+def test_pydocs_corpus_adds_installed_packages_docstrings(stdlib_splits, tmp_path, monkeypatch):
+  import sysconfig
+  train, heldout = stdlib_splits
+  pkg = tmp_path / "site" / "somepkg"
+  (pkg / "tests").mkdir(parents=True)
+  docs = [f"Document {i}: " + "words about the package " * 12 for i in range(40)]
+  body = "".join(f'def f{i}():\n  """{d}"""\n\n' for i, d in enumerate(docs))
+  (pkg / "mod.py").write_text(f'"""{docs[0]}"""\n\n' + body)  # docs[0] twice: kept once
+  (pkg / "other.py").write_text('"""Too short to keep."""\n')
+  (pkg / "tests" / "test_x.py").write_text('"""' + "test prose " * 30 + '"""\n')  # tests are skipped
+  (pkg / "broken.py").write_text("def (:\n")  # unparsable files are skipped
+  paths = dict(sysconfig.get_paths(), purelib=str(tmp_path / "site"), platlib=str(tmp_path / "site"))
+  monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
+  data.pydocs_corpus.cache_clear()
+  try:
+    p_train, p_heldout = data.load_texts(data.PYDOCS), data.load_texts(data.PYDOCS, split="heldout")
+  finally:
+    data.pydocs_corpus.cache_clear()
+  # Everything the stdlib corpus holds out is held out here too; the package's docs are split the same way.
+  assert set(p_heldout) >= set(heldout) and set(p_train) >= set(train)
+  assert set(p_train + p_heldout) == set(train) | set(heldout) | set(docs)
+  assert len(p_train) + len(p_heldout) == len(set(p_train + p_heldout))  # no duplicates
+  held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
+  assert all(held(d) for d in p_heldout) and not any(held(d) for d in p_train)
+  with pytest.raises(ValueError, match="split"):
+    data.pydocs_corpus("test")
+
+
 # --- tokenize_and_pack ---------------------------------------------------------------------------------
 
 

@@ -56,10 +56,10 @@ def test_bad_task_file_columns(tmp_path):
     evaluate.load_task(f"{path}:text,label")
 
 
-def test_evaluate_run_has_every_model_and_baseline(tiny_teacher, tiny_corpus, tmp_path):
+def test_evaluate_run_has_every_model_and_baseline_and_a_curve(tiny_teacher, tiny_corpus, tmp_path):
   w = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(tiny_teacher, tiny_corpus, steps=4), w, progress=False,
-                           log=lambda m: None)
+  c = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=1, keep_checkpoints=1, keep_every=2)
+  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
   results = evaluate.evaluate_run(w, ["nsp"], lrs=[1e-3], epochs=[1], log=lambda m: None)
   assert set(results) == {"teacher", "student (distilled)", "baseline: random init",
                           "baseline: first teacher layers", "baseline: every k-th teacher layer"}
@@ -72,6 +72,19 @@ def test_evaluate_run_has_every_model_and_baseline(tiny_teacher, tiny_corpus, tm
     assert os.path.isfile(os.path.join(w, "eval", name))
   table = open(os.path.join(w, "eval", "results.md")).read()
   assert "baseline: random init" in table and "heldout_relation_loss" in table
+
+  with pytest.raises(ValueError, match="same grid"):
+    evaluate.evaluate_curve(w, ["nsp"], lrs=[2e-3], epochs=[1], log=lambda m: None)
+  curve = evaluate.evaluate_curve(w, ["nsp"], lrs=[1e-3], epochs=[1], log=lambda m: None)
+  assert sorted(curve) == [2, 4]  # the kept checkpoints: every 2nd step, and the latest
+  assert curve[2]["tokens"] == 2 * 8 * 32
+  # The last checkpoint holds the exported student's params: the same scores as in the table.
+  final = results["student (distilled)"]
+  assert curve[4]["heldout_relation_loss"] == pytest.approx(final["heldout_relation_loss"], rel=1e-6)
+  assert curve[4]["nsp"] == pytest.approx(final["nsp"], abs=1e-6)
+  assert curve[2]["heldout_relation_loss"] != pytest.approx(final["heldout_relation_loss"], rel=1e-6)
+  for name in ("curve.json", "curve.png"):
+    assert os.path.isfile(os.path.join(w, "eval", name))
 
 
 def test_minilm_eval_on_a_folder_that_is_not_a_run(tmp_path):
