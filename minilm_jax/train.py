@@ -55,7 +55,9 @@ def default_config():
                 reduction="example",  # "example": 1/(A|x|) per example then batch mean | "token"
                 weights=(),         # per-term weights; () = all 1
                 chunk_heads=0)      # 0 = automatic; n = relation KL n heads at a time (long sequences)
-  c.data = dict(source="stdlib",    # "stdlib" demo corpus | file/folder (.txt/.jsonl/.parquet) | hub name
+  # "stdlib" (demo corpus) | "pydocs" (stdlib + installed packages' docstrings) | a .txt/.jsonl/.parquet
+  # file or folder | a `datasets` hub name
+  c.data = dict(source="stdlib",
                 hub_config="", text_field="text", split="train", max_len=128)
   c.batch_size = 32                 # global, over all devices and hosts
   c.grad_accum = 1
@@ -68,10 +70,10 @@ def default_config():
   c.max_nonfinite_steps = 0         # NaN/Inf steps skipped before the run stops with an error
   c.optim = dict(lr=6e-4, warmup_steps=100, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
   c.parallel = dict(mode="jit", fsdp=1)
-  c.export = dict(sentence_transformers=True)
+  c.export = dict(sentence_transformers=True)  # also make DIR/student a sentence-transformers folder
   # Teaching assistant (MiniLM v1, Sec. 3.3): first distil the teacher into an assistant with the
   # teacher's depth and the student's width, in DIR/assistant; then the assistant teaches the student.
-  c.assistant = dict(enabled=False, steps=0)  # steps 0: as many as the student stage  # also make DIR/student a sentence-transformers folder
+  c.assistant = dict(enabled=False, steps=0)  # steps 0: as many as the student stage
   c.precision = "float32"           # "bfloat16": bf16 teacher and compute; the loss stays fp32
   return c
 
