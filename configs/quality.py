@@ -5,9 +5,10 @@ docstrings, ~45 MB), keeping a checkpoint every 250 steps for the evaluation cur
   minilm-distill --config configs/quality.py --workdir workdirs/quality
   minilm-eval --workdir workdirs/quality --curve
 
-Cost: about 50 minutes on 2 CPU cores for 2,000 steps of 32×128 tokens (8.2M tokens, each seen once),
-plus ~2 minutes reading and tokenising the corpus; then ~25 minutes of evaluation (the NSP probe and the
-held-out relation loss at every kept checkpoint, and the teacher and the three undistilled baselines).
+Cost, measured on 2 CPU cores: 65 minutes for 2,000 steps of 32×128 tokens (8.2M tokens, each seen once)
+with other work sharing the cores, about 50 alone, of which ~3 minutes read and tokenise the corpus;
+then 26 minutes of evaluation (the NSP probe and the held-out relation loss at all 8 kept checkpoints,
+and the teacher and the three undistilled baselines). Results: README, "Quality against compute".
 
 The student starts from the teacher's first 3 layers: on this budget the probe's best undistilled baseline
 is those layers, so distillation has to add to them rather than catch up from random weights.
