@@ -48,29 +48,29 @@ def flops(a, b):
   return 2 * int(np.prod(a[:-1])) * a[-1] * b[-1]
 
 
+def best_seconds(fn, reps):
+  """Fastest of `reps` timed calls of `fn` (already warmed up)."""
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
 def time_jax(a, b, reps):
   x = jax.random.normal(jax.random.key(0), a, jnp.float32)
   y = jax.random.normal(jax.random.key(1), b, jnp.float32)
   f = jax.jit(jnp.matmul)
   f(x, y).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(x, y).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return best
+  return best_seconds(lambda: f(x, y).block_until_ready(), reps)
 
 
 def time_torch(a, b, reps):
   import torch
   x, y = torch.randn(*a), torch.randn(*b)
   torch.matmul(x, y)
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    torch.matmul(x, y)
-    best = min(best, time.perf_counter() - t0)
-  return best
+  return best_seconds(lambda: torch.matmul(x, y), reps)
 
 
 def main():
@@ -84,7 +84,7 @@ def main():
   if not args.no_torch:
     impls["torch"] = time_torch
   peak = measured_cpu_peak()
-  rows, total = [], {k: 0.0 for k in impls}
+  total = {k: 0.0 for k in impls}
   step_flops = 0
   print(f"{'matmul':24} {'a':>16} {'b':>16} {'count':>5} " + " ".join(f"{k + ' GFLOP/s':>14}" for k in impls))
   for name, a, b, count in step_matmuls(args.batch, args.seq):
@@ -95,7 +95,6 @@ def main():
       sec = timer(a, b, args.reps)
       total[k] += sec * count
       rates[k] = f / sec
-    rows.append(dict(name=name, a=a, b=b, count=count, gflops_per_s={k: r / 1e9 for k, r in rates.items()}))
     print(f"{name:24} {str(a):>16} {str(b):>16} {count:5d} "
           + " ".join(f"{rates[k] / 1e9:14.0f}" for k in impls))
   needed = minilm_flops_per_step(batch=args.batch, seq=args.seq, teacher_layers=6, teacher_hidden=384,

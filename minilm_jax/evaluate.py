@@ -2,9 +2,10 @@
 sentence(-pair) classification, with undistilled baselines of the same architecture under the same budget.
 
   minilm-eval --workdir DIR [--task nsp] [--task glue:sst2] [--task FILE.csv:text_a,text_b,label]
-              [--lr 5e-5 --lr 1e-4] [--epochs 2] [--no-baselines]
+              [--lr 5e-5 --lr 1e-4] [--epochs 2] [--no-baselines] [--curve]
 
-Writes DIR/eval/results.json, results.md (a Markdown table) and results.png (a bar chart).
+Writes DIR/eval/results.json, results.md (a Markdown table) and results.png (a bar chart); with --curve
+also curve.json and curve.png (the student of every kept checkpoint against steps).
 """
 
 from __future__ import annotations
@@ -299,9 +300,9 @@ def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[fl
     results[name] = row
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"workdir": workdir, "tasks": list(tasks), "lrs": list(lrs), "epochs": list(epochs),
-               "results": results}, f, indent=2)
+  hf._write_json(os.path.join(out, "results.json"), {"workdir": workdir, "tasks": list(tasks),
+                                                      "lrs": list(lrs), "epochs": list(epochs),
+                                                      "results": results})
   cols = ["params_M", "encode_tokens_per_s", "heldout_relation_loss", *tasks]
   lines = ["| model | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 1) + "|"]
   for name, row in results.items():
@@ -330,7 +331,7 @@ def evaluate_curve(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[
     raise ValueError(f"{table} was made with tasks {flat['tasks']}, lrs {flat['lrs']} and epochs "
                      f"{flat['epochs']}: evaluate the curve on the same grid, or evaluate the run again")
   cfg, models, _ = models_of_run(workdir, baselines=False)
-  encoder, _ = hf.load_student(workdir)
+  student_config = models["student (distilled)"][0]
   tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
   loaded = {t: load_task(t, cfg.seed) for t in tasks}
   rows = heldout_rows(cfg, tok)
@@ -339,11 +340,11 @@ def evaluate_curve(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[
   for step in mngr.all_steps():
     params = checkpoint.restore_params(mngr, step)
     row = {"tokens": step * cfg.batch_size * cfg.data.max_len}
-    row.update(_quality(cfg, models["teacher"], (encoder.config, params), tok, loaded, rows, lrs, epochs))
+    row.update(_quality(cfg, models["teacher"], (student_config, params), tok, loaded, rows, lrs, epochs))
     log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     curve[step] = row
-  with open(os.path.join(workdir, "eval", "curve.json"), "w") as f:
-    json.dump({"workdir": workdir, "tasks": list(tasks), "curve": curve}, f, indent=2)
+  hf._write_json(os.path.join(workdir, "eval", "curve.json"),
+                 {"workdir": workdir, "tasks": list(tasks), "curve": curve})
   _curve_plot(curve, flat["results"], tasks, os.path.join(workdir, "eval", "curve.png"))
   return curve
 
