@@ -1,6 +1,6 @@
 """Quality against compute: the demo's teacher and 3×384 student, for as long as fits in about an hour on
 2 CPU cores, on the bigger "pydocs" corpus (the standard library's text plus every installed package's
-docstrings, ~45 MB), keeping a checkpoint every 250 steps for the evaluation curve.
+docstrings, ~43 MB), keeping a checkpoint every 250 steps for the evaluation curve.
 
   minilm-distill --config configs/quality.py --workdir workdirs/quality
   minilm-eval --workdir workdirs/quality --curve
