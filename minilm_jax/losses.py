@@ -306,3 +306,85 @@ def minilm_v2_loss(
   _check_qkv(student_qkv, "student")
   pairs = tuple((t, t, s, s) for t, s in zip(teacher_qkv, student_qkv))
   return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads)
+
+
+# ------------------------------------------------------------------------------ output alignment
+#
+# Terms that reach the student's output, which the relation losses above leave untrained (the student's
+# last block above its Q/K/V). Shapes as above; widths may differ between teacher and student only after
+# the caller has projected the student's side to the teacher's width (a learned map, TinyBERT's fit_dense).
+
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+def sentence_embedding(h_BTD, mask_BT, pooling="mean", normalize=False):
+  """Pool token states into one vector per row, as sentence-transformers' Pooling (and Normalize) do.
+
+  h_BTD: [B, T, D]; mask_BT: [B, T] (1 = token). pooling: "mean" (over real tokens), "cls" (the first
+  real token, so left padding gives the same vector), "max" (over real tokens), "mean_sqrt_len" (sum over
+  real tokens / sqrt(n)). normalize: divide by the L2 norm. Returns e_BD in fp32 (fp64 for fp64 input).
+  """
+  if pooling not in POOLING_MODES:
+    raise ValueError(f"pooling {pooling!r}: use one of {', '.join(POOLING_MODES)}")
+  if h_BTD.ndim != 3 or np.shape(mask_BT) != tuple(h_BTD.shape[:2]):
+    raise ValueError(f"sentence_embedding needs h [B, T, D] and mask [B, T], got {h_BTD.shape} and "
+                     f"{np.shape(mask_BT)}")
+  dtype = jnp.result_type(jnp.float32, h_BTD.dtype)
+  h_BTD = h_BTD.astype(dtype)
+  real_BT = jnp.asarray(mask_BT) != 0
+  n_B1 = jnp.maximum(real_BT.sum(-1, keepdims=True), 1).astype(dtype)
+  if pooling == "cls":
+    first_B = jnp.argmax(real_BT, axis=-1)  # the first real token, wherever the padding is
+    e_BD = jnp.take_along_axis(h_BTD, first_B[:, None, None], axis=1)[:, 0]
+  elif pooling == "max":
+    e_BD = jnp.where(real_BT[..., None], h_BTD, jnp.finfo(dtype).min).max(1)
+  else:
+    s_BD = jnp.where(real_BT[..., None], h_BTD, 0.0).sum(1)
+    e_BD = s_BD / (n_B1 if pooling == "mean" else jnp.sqrt(n_B1))
+  e_BD = jnp.where(real_BT.any(-1, keepdims=True), e_BD, 0.0)  # a row of padding only: zeros
+  if normalize:
+    # sentence-transformers' Normalize: x / max(||x||, 1e-12).
+    e_BD = e_BD / jnp.maximum(jnp.linalg.norm(e_BD, axis=-1, keepdims=True), 1e-12)
+  return e_BD
+
+
+def hidden_loss(teacher_h_BTD, student_h_BTD, mask, reduction="example", *, segment_ids=None):
+  """Cosine distance 1 − cos(h_T[t], h_S[t]) between teacher and student token states, reduced like the
+  relation losses (one "head"): "example" averages over each example's (or document's) real tokens, then
+  over examples; "token" over all real tokens. Padded tokens never count.
+
+  Cosine rather than MSE: a BERT LayerNorm output has a few dimensions of outsized magnitude that would
+  dominate a squared error, and the cosine's scale ([0, 2], whatever the teacher) stays comparable to the
+  relation KL's, so one set of term weights serves every teacher.
+  teacher_h_BTD, student_h_BTD: [B, T, D] (the student already projected to the teacher's width).
+  """
+  if teacher_h_BTD.shape != student_h_BTD.shape or teacher_h_BTD.ndim != 3:
+    raise ValueError(f"hidden_loss needs equal [B, T, D] shapes (project the student first), got "
+                     f"{teacher_h_BTD.shape} and {student_h_BTD.shape}")
+  bt = tuple(teacher_h_BTD.shape[:2])
+  if np.shape(mask) != bt or (segment_ids is not None and np.shape(segment_ids) != bt):
+    raise ValueError(f"mask/segment_ids must be [B, T] = {bt}")
+  valid_B1TS, w_BT = _prepare(mask, segment_ids, 1, reduction, (teacher_h_BTD.dtype, student_h_BTD.dtype))
+  t, s = teacher_h_BTD.astype(w_BT.dtype), student_h_BTD.astype(w_BT.dtype)
+  eps = 1e-12
+  cos_BT = (t * s).sum(-1) / (jnp.maximum(jnp.linalg.norm(t, axis=-1), eps)
+                              * jnp.maximum(jnp.linalg.norm(s, axis=-1), eps))
+  return jnp.einsum("bt,bt->", 1.0 - cos_BT, w_BT)
+
+
+def embedding_loss(teacher_e_BD, student_e_BD, mask):
+  """Squared L2 distance between teacher and student sentence embeddings, averaged over the rows that
+  have at least one real token: the sentence-transformers distillation MSE summed over dimensions
+  rather than averaged, so its scale does not shrink with the width (for normalised embeddings it is
+  2 − 2·cos, in [0, 4]) and sits beside the relation KL without a width-dependent weight.
+
+  teacher_e_BD, student_e_BD: [B, D] (see sentence_embedding; the student already projected to the
+  teacher's width before pooling); mask: [B, T].
+  """
+  if teacher_e_BD.shape != student_e_BD.shape or teacher_e_BD.ndim != 2:
+    raise ValueError(f"embedding_loss needs equal [B, D] shapes, got {teacher_e_BD.shape} and "
+                     f"{student_e_BD.shape}")
+  dtype = jnp.result_type(jnp.float32, teacher_e_BD.dtype, student_e_BD.dtype)
+  rows_B = (jnp.asarray(mask) != 0).any(-1).astype(dtype)
+  d_B = ((teacher_e_BD.astype(dtype) - student_e_BD.astype(dtype)) ** 2).sum(-1)
+  return (d_B * rows_B).sum() / jnp.maximum(rows_B.sum(), 1.0)

@@ -444,3 +444,130 @@ def test_error_bad_reduction_chunk_heads_weights():
     minilm_v2_loss(t, s, mask, 4, weights=(1.0, 1.0))
   with pytest.raises(ValueError, match="expected 2 loss weights, got 3"):
     minilm_v1_loss(t, s, mask, 4, weights=(1.0, 1.0, 1.0))
+
+
+# ------------------------------------------------------------------------------ output alignment
+
+
+def oracle_embedding(h, mask, pooling, normalize):
+  """sentence-transformers' pooling of each row's real tokens, float64, one row at a time."""
+  out = []
+  for b in range(h.shape[0]):
+    x = h[b, np.asarray(mask[b]) != 0].astype(np.float64)
+    if len(x) == 0:
+      e = np.zeros(h.shape[-1])
+    elif pooling == "mean":
+      e = x.mean(0)
+    elif pooling == "cls":
+      e = x[0]
+    elif pooling == "max":
+      e = x.max(0)
+    else:
+      e = x.sum(0) / np.sqrt(len(x))
+    if normalize:
+      e = e / max(np.linalg.norm(e), 1e-12)
+    out.append(e)
+  return np.stack(out)
+
+
+def oracle_hidden(th, sh, mask, reduction="example", segment_ids=None):
+  """Mean of 1 − cos over each example's (document's) real tokens, then over examples; or over tokens."""
+  per_doc, tokens = [], []
+  for b, idx in _documents(np.asarray(mask), segment_ids):
+    t, s = th[b, idx].astype(np.float64), sh[b, idx].astype(np.float64)
+    d = 1 - (t * s).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(s, axis=-1))
+    per_doc.append(d.mean())
+    tokens.extend(d)
+  if not per_doc:
+    return 0.0
+  return float(np.mean(per_doc) if reduction == "example" else np.mean(tokens))
+
+
+def oracle_embedding_loss(te, se, mask):
+  rows = [b for b in range(te.shape[0]) if np.asarray(mask[b]).any()]
+  if not rows:
+    return 0.0
+  return float(np.mean([((te[b].astype(np.float64) - se[b]) ** 2).sum() for b in rows]))
+
+
+@pytest.mark.parametrize("pooling", losses.POOLING_MODES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sentence_embedding_matches_oracle(pooling, normalize):
+  h = rand(np.random.default_rng(0), 5, 7, D_T)
+  got = losses.sentence_embedding(jnp.asarray(h), MASK, pooling, normalize)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, oracle_embedding(h, MASK, pooling, normalize), rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["example", "token"])
+def test_hidden_loss_matches_oracle(reduction):
+  rng = np.random.default_rng(1)
+  th, sh = rand(rng, 5, 7, D_T), rand(rng, 5, 7, D_T)
+  got = losses.hidden_loss(th, sh, MASK, reduction)
+  np.testing.assert_allclose(got, oracle_hidden(th, sh, MASK, reduction), rtol=RTOL)
+  np.testing.assert_allclose(losses.hidden_loss(th, th, MASK, reduction), 0.0, atol=1e-6)
+
+
+def test_hidden_loss_packed_equals_documents_alone():
+  rng = np.random.default_rng(2)
+  th, sh = rand(rng, 2, 8, D_T), rand(rng, 2, 8, D_T)
+  mask = np.array([[1] * 8, [1] * 6 + [0] * 2], np.int32)
+  seg = np.array([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 1, 0, 0]], np.int32)
+  for reduction in ("example", "token"):
+    got = losses.hidden_loss(th, sh, mask, reduction, segment_ids=seg)
+    np.testing.assert_allclose(got, oracle_hidden(th, sh, mask, reduction, seg), rtol=RTOL)
+
+
+def test_embedding_loss_matches_oracle_and_skips_empty_rows():
+  rng = np.random.default_rng(3)
+  te, se = rand(rng, 5, D_T), rand(rng, 5, D_T)
+  np.testing.assert_allclose(losses.embedding_loss(te, se, MASK), oracle_embedding_loss(te, se, MASK),
+                             rtol=RTOL)
+  assert float(losses.embedding_loss(te, se, np.zeros_like(MASK))) == 0.0
+
+
+@pytest.mark.parametrize("pooling", losses.POOLING_MODES)
+def test_output_terms_equal_for_left_and_right_padding_and_alone(pooling):
+  # The same sequences padded on either side (and computed alone, unpadded) give the same values.
+  rng = np.random.default_rng(4)
+  lengths = [7, 3, 1, 5]
+  th, sh = rand(rng, 4, 7, D_T), rand(rng, 4, 7, D_T)
+  right, left = np.zeros((4, 7), np.int32), np.zeros((4, 7), np.int32)
+  th_l, sh_l = np.zeros_like(th), np.zeros_like(sh)
+  for b, n in enumerate(lengths):
+    right[b, :n] = 1
+    left[b, 7 - n:] = 1
+    th_l[b, 7 - n:], sh_l[b, 7 - n:] = th[b, :n], sh[b, :n]
+
+  def both(t, s, m):
+    emb = lambda h: losses.sentence_embedding(jnp.asarray(h), m, pooling, True)
+    return (float(losses.hidden_loss(t, s, m)), float(losses.embedding_loss(emb(t), emb(s), m)))
+
+  r, l = both(th, sh, right), both(th_l, sh_l, left)
+  np.testing.assert_allclose(r, l, rtol=RTOL)
+  alone = [both(th[b:b + 1, :n], sh[b:b + 1, :n], np.ones((1, n), np.int32)) for b, n in enumerate(lengths)]
+  np.testing.assert_allclose(r, np.mean(alone, axis=0), rtol=RTOL)
+
+
+def test_output_terms_gradients_match_finite_differences_in_float64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    th = jnp.asarray(rng.standard_normal((3, 5, 8)))
+    sh = jnp.asarray(rng.standard_normal((3, 5, 8)))
+    assert sh.dtype == jnp.float64
+    mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    emb = lambda h: losses.sentence_embedding(h, mask, "mean", True)
+    check_grads(lambda s: losses.hidden_loss(th, s, mask), (sh,), order=1, modes=["rev"])
+    check_grads(lambda s: losses.embedding_loss(emb(th), emb(s), mask), (sh,), order=1, modes=["rev"])
+
+
+def test_output_terms_errors():
+  h = np.zeros((2, 3, 4), np.float32)
+  with pytest.raises(ValueError, match="pooling 'first'"):
+    losses.sentence_embedding(h, np.ones((2, 3)), "first")
+  with pytest.raises(ValueError, match="project the student first"):
+    losses.hidden_loss(h, np.zeros((2, 3, 5), np.float32), np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r"\[B, T\]"):
+    losses.hidden_loss(h, h, np.ones((2, 4)))
+  with pytest.raises(ValueError, match=r"\[B, D\]"):
+    losses.embedding_loss(np.zeros((2, 4)), np.zeros((2, 5)), np.ones((2, 3)))
