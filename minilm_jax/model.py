@@ -100,9 +100,11 @@ class BertConfig:
 @flax.struct.dataclass
 class EncoderOutput:
   """last_hidden_state: [B, T, H] (None when the encoder stopped at the captured Q/K/V).
-  qkv: (q_BTD, k_BTD, v_BTD) of the captured layer, heads not yet split, biases included."""
+  qkv: (q_BTD, k_BTD, v_BTD) of the captured layer, heads not yet split, biases included.
+  layer_output: [B, T, H], the captured layer's output (None when the encoder stopped at its Q/K/V)."""
   last_hidden_state: Optional[jax.Array]
   qkv: Tuple[jax.Array, jax.Array, jax.Array]
+  layer_output: Optional[jax.Array] = None
 
 
 _init = nn.initializers.normal(stddev=0.02)  # HF's initializer_range.
@@ -257,17 +259,17 @@ class _LayerCollection(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
-    qkv = None
+    qkv = captured_BTH = None
     for i in range(self.config.num_hidden_layers):
       stop = stop_at_capture and i == capture_layer
       y_BTH, layer_qkv = Layer(self.config, self.dtype, self.param_dtype, name=str(i))(
           x_BTH, mask_BT, deterministic, qkv_only=stop)
       if i == capture_layer:
-        qkv = layer_qkv
+        qkv, captured_BTH = layer_qkv, y_BTH
       if stop:
-        return None, qkv
+        return None, qkv, None
       x_BTH = y_BTH
-    return x_BTH, qkv
+    return x_BTH, qkv, captured_BTH
 
 
 class _Encoder(nn.Module):
@@ -287,7 +289,8 @@ class BertEncoder(nn.Module):
         token_type_ids [B,T] (None = zeros), capture_layer=-1 (Python index, negative allowed),
         deterministic=True (False enables dropout; pass rngs={"dropout": key}),
         stop_at_capture=False (True: return right after the captured layer's Q/K/V projections))
-  -> EncoderOutput(last_hidden_state [B,T,H] or None, qkv=(q, k, v) each [B,T,H]).
+  -> EncoderOutput(last_hidden_state [B,T,H] or None, qkv=(q, k, v) each [B,T,H],
+                   layer_output [B,T,H] or None: the captured layer's output).
   """
   config: BertConfig
   dtype: Any = jnp.float32
@@ -306,9 +309,9 @@ class BertEncoder(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     x_BTH = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(
         input_ids, token_type_ids, deterministic)
-    h_BTH, qkv = _Encoder(c, self.dtype, self.param_dtype, name="encoder")(
+    h_BTH, qkv, captured_BTH = _Encoder(c, self.dtype, self.param_dtype, name="encoder")(
         x_BTH, attention_mask, deterministic, capture_layer % n, stop_at_capture)
-    return EncoderOutput(last_hidden_state=h_BTH, qkv=qkv)
+    return EncoderOutput(last_hidden_state=h_BTH, qkv=qkv, layer_output=captured_BTH)
 
   def init_params(self, rng, seq_len: int = 8):
     """Random params (HF's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm)."""

@@ -26,9 +26,11 @@ def torch_outputs(model, ids, mask, token_types=None):
           lambda mod, inp, out, n=n, trio=trio: trio.__setitem__(n, out.detach().numpy())))
   kw = {} if token_types is None else {"token_type_ids": torch.tensor(token_types)}
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw)
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
+                **kw)
   for h in hooks:
     h.remove()
+  torch_outputs.hidden_states = [h.numpy() for h in out.hidden_states]  # [embeddings, layer 0, ...]
   return out.last_hidden_state.numpy(), [(c["query"], c["key"], c["value"]) for c in captured]
 
 
@@ -42,6 +44,9 @@ def assert_parity(folder, torch_model, ids, mask, token_types=None):
     out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), tt, capture_layer=layer)
     for got, want in zip(out.qkv, want_qkv[layer]):
       np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=ATOL, rtol=0)
+    # The captured layer's output (what the "hidden" loss term reads from the teacher).
+    np.testing.assert_allclose(np.where(valid, out.layer_output, 0),
+                               np.where(valid, torch_outputs.hidden_states[layer + 1], 0), atol=ATOL, rtol=0)
   np.testing.assert_allclose(np.where(valid, out.last_hidden_state, 0), np.where(valid, want_h, 0),
                              atol=ATOL, rtol=0)
 
