@@ -328,17 +328,55 @@ def load_student(path: str):
   return BertEncoder(config), params
 
 
+def _read_json(folder: str, name: str) -> Optional[Any]:
+  p = os.path.join(folder, name)
+  if not os.path.isfile(p):
+    return None
+  with open(p) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
+# sentence-transformers Pooling config keys -> losses.sentence_embedding pooling modes.
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len"}
+
+
+def sentence_pooling(folder: str) -> Optional[Tuple[str, bool]]:
+  """(pooling, normalize) of a sentence-transformers folder, as `losses.sentence_embedding` takes them;
+  None when the folder is not a sentence-transformers model (no modules.json). A module the student
+  cannot reproduce (a Dense head, two pooling modes at once) is a ValueError."""
+  modules = _read_json(folder, "modules.json")
+  if modules is None:
+    return None
+  pooling, normalize = None, False
+  for m in modules:
+    kind = m.get("type", "").rsplit(".", 1)[-1]
+    if kind == "Pooling":
+      cfg = _read_json(folder, os.path.join(m.get("path", ""), "config.json")) or \
+          {"pooling_mode_mean_tokens": True}
+      modes = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
+      if len(modes) != 1:
+        raise ValueError(f"{folder}: pooling {modes or 'none'} is not supported; use one of "
+                         f"{', '.join(_POOLING_KEYS.values())}")
+      pooling = modes[0]
+    elif kind == "Normalize":
+      normalize = True
+    elif kind != "Transformer":
+      raise ValueError(f"{folder}: the sentence-transformers module {kind} is not supported "
+                       "(Transformer, Pooling and Normalize are)")
+  if pooling is None:
+    raise ValueError(f"{folder}: modules.json has no Pooling module")
+  return pooling, normalize
+
+
 def export_sentence_transformers(path: str, config: BertConfig, teacher_dir: str, max_seq_length: int) -> str:
   """Make the HF folder at `path` a sentence-transformers folder too: modules.json, the pooling config
   and sentence_bert_config.json, copied from the teacher where it has them (mean pooling otherwise).
   `sentence_transformers.SentenceTransformer(path)` then loads the student."""
-  def read(name):
-    p = os.path.join(teacher_dir, name)
-    if os.path.isfile(p):
-      with open(p) as f:
-        return json.load(f)
-    return None
-
+  read = lambda name: _read_json(teacher_dir, name)
   write = lambda name, obj: _write_json(os.path.join(path, name), obj)
 
   modules = read("modules.json") or [
