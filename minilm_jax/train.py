@@ -1,10 +1,11 @@
 """The distillation trainer: state, the jitted step, and the loop (closures over the config).
 
-The step runs the frozen teacher only up to the Q/K/V projections of `loss.teacher_layer`, the student only
-up to the Q/K/V of its own last layer (with dropout), takes the MiniLM v1 or v2 relation loss, and applies
-AdamW. The student's last-layer parameters above its Q/K/V (attention output, its LayerNorm, the FFN) get
-no gradient from this loss; they are frozen (neither updated nor decayed), as PyTorch's AdamW would leave
-them. Weight decay skips biases and LayerNorm parameters.
+The step runs the frozen teacher and the student (with dropout) as far as the objective's terms need
+(objective.py), takes the weighted terms, and applies AdamW. With the MiniLM relations alone, the teacher
+stops at the Q/K/V projections of `loss.teacher_layer` and the student at its own last Q/K/V; the student's
+last-layer parameters above them (attention output, its LayerNorm, the FFN) then get no gradient and are
+frozen (neither updated nor decayed), as PyTorch's AdamW would leave them. A term that reaches the
+student's output ("hidden", "embedding") trains everything. Weight decay skips biases and LayerNorm.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from minilm_jax import checkpoint, data, hf, losses, sharding
+from minilm_jax import checkpoint, data, hf, objective, sharding
 from minilm_jax.model import BertConfig, BertEncoder
 
 STUDENT_INITS = ("random", "teacher", "teacher_first")
@@ -53,8 +54,12 @@ def default_config():
                 relation_heads=12,  # v1: the native head count; v2: A_r (48 base, 64 large in the paper)
                 teacher_layer=-1,   # 1-based as in the papers (21 of 24 for BERT-large); -1 = last
                 reduction="example",  # "example": 1/(A|x|) per example then batch mean | "token"
-                weights=(),         # per-term weights; () = all 1
-                chunk_heads=0)      # 0 = automatic; n = relation KL n heads at a time (long sequences)
+                weights=(),         # per-relation weights (v1: 2, v2: 3); () = all 1
+                chunk_heads=0,      # 0 = automatic; n = relation KL n heads at a time (long sequences)
+                # What the student matches (objective.py): "relations" (the papers), "hidden" (the
+                # teacher's states at the output of teacher_layer), "embedding" (its sentence embedding)
+                terms="relations",
+                term_weights=())    # one weight per term, in the order of `terms`; () = all 1
   # "stdlib" (demo corpus) | "pydocs" (stdlib + installed packages' docstrings) | a .txt/.jsonl/.parquet
   # file or folder | a `datasets` hub name
   c.data = dict(source="stdlib",
@@ -132,13 +137,15 @@ def _path_names(path) -> Tuple[str, ...]:
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
 
-def frozen_labels(params: Any, num_layers: int) -> Any:
-  """"freeze" for the student's last-layer parameters the loss cannot reach, "train" elsewhere."""
+def frozen_labels(params: Any, num_layers: int, reaches_output: bool = False) -> Any:
+  """"freeze" for the student's last-layer parameters the loss cannot reach, "train" elsewhere.
+  With `reaches_output` (a term on the student's output, see objective.reaches_output) every parameter
+  gets a gradient, so none is frozen."""
   last = str(num_layers - 1)
   def label(path, _):
     n = _path_names(path)
     unreachable = n[:3] == ("encoder", "layer", last) and n[3:5] != ("attention", "self")
-    return "freeze" if unreachable else "train"
+    return "freeze" if unreachable and not reaches_output else "train"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -165,46 +172,23 @@ def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransform
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
       optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                   mask=decay_mask))
-  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
-                               frozen_labels(params, num_layers))
+  return optax.multi_transform(
+      {"train": adamw, "freeze": optax.set_to_zero()},
+      frozen_labels(params, num_layers, objective.reaches_output(objective.terms_of(cfg))))
 
 
 # --- The step -------------------------------------------------------------------------------------------
 
-def relation_loss_fn(cfg, student_heads: int) -> Callable:
-  """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss."""
-  l = cfg.loss
-  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None)
-  if l.weights:
-    kw["weights"] = tuple(l.weights)
-  if l.version == "v1":
-    return lambda t, s, m: losses.minilm_v1_loss(t, s, m, l.relation_heads,
-                                                 student_num_heads=student_heads, **kw)
-  if l.version == "v2":
-    return lambda t, s, m: losses.minilm_v2_loss(t, s, m, l.relation_heads, **kw)
-  raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
-
-
-def distill_loss_fn(cfg, teacher: BertEncoder, student: BertEncoder, teacher_layer: int) -> Callable:
-  """loss(params, teacher_params, batch, rng) -> scalar: the teacher up to the Q/K/V of
-  `teacher_layer` (frozen), the student up to its last Q/K/V (dropout from `rng`; None: no dropout),
-  and the configured relation loss between them."""
-  relation = relation_loss_fn(cfg, student.config.num_attention_heads)
-
-  def loss(params, teacher_params, batch, rng=None):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    t = teacher.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
-                      stop_at_capture=True)
-    s = student.apply({"params": params}, ids, mask, capture_layer=-1, stop_at_capture=True,
-                      deterministic=rng is None, rngs={} if rng is None else {"dropout": rng})
-    return relation(jax.lax.stop_gradient(t.qkv), s.qkv, mask)
-
-  return loss
+# What the student is trained to match lives in objective.py; these names stay for existing callers.
+relation_loss_fn = objective.relation_loss_fn
+distill_loss_fn = objective.distill_loss_fn
 
 
 def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int,
-                    pmap_axis: Optional[str] = None):
+                    pmap_axis: Optional[str] = None, pooling: Optional[Tuple[str, bool]] = None):
   """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated.
+  metrics: loss, grad_norm, learning_rate and, with several loss terms, each as "loss_<term>".
+  pooling: the teacher's sentence pooling (mode, normalize), for the "embedding" term.
 
   With `pmap_axis`, it is the per-device step of `jax.pmap`: each device takes its own dropout key and
   its shard's gradients are averaged with `lax.pmean` (equal to the global mean when every shard holds
@@ -212,7 +196,9 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
   """
   schedule = lr_schedule(cfg)
   base_key = jax.random.key(cfg.seed)
-  grad_fn = jax.value_and_grad(distill_loss_fn(cfg, teacher, student, teacher_layer))
+  grad_fn = jax.value_and_grad(objective.objective_fn(cfg, teacher, student, teacher_layer, pooling),
+                               has_aux=True)
+  log_parts = len(objective.terms_of(cfg)) > 1
 
   def step(state: TrainState, teacher_params, batch):
     rng = jax.random.fold_in(base_key, state.step)  # no RNG in the state: resumes replay exactly
@@ -220,18 +206,19 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
       rng = jax.random.fold_in(rng, jax.lax.axis_index(pmap_axis))
     accum = cfg.grad_accum
     if accum == 1:
-      loss, grads = grad_fn(state.params, teacher_params, batch, rng)
+      (loss, parts), grads = grad_fn(state.params, teacher_params, batch, rng)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
       def body(carry, xs):
         i, mb = xs
-        l, g = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, g)), None
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        (l, p), g = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, p, g)), None
+      zero_parts = {t: jnp.zeros((), jnp.float32) for t in objective.terms_of(cfg)}
+      zeros = (jnp.zeros((), jnp.float32), zero_parts, jax.tree.map(jnp.zeros_like, state.params))
+      (loss, parts, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, parts, grads = jax.tree.map(lambda x: x / accum, (loss, parts, grads))
     if pmap_axis is not None:
-      loss, grads = jax.lax.pmean((loss, grads), pmap_axis)
+      loss, parts, grads = jax.lax.pmean((loss, parts, grads), pmap_axis)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -243,6 +230,8 @@ def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher
         first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step,
                                   state.first_nonfinite))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+    if log_parts:
+      metrics.update({f"loss_{t}": v for t, v in parts.items()})
     return new_state, metrics
 
   return step
@@ -263,6 +252,7 @@ class Setup:
   state_shardings: Any
   init_state: Callable[[], TrainState]   # jitted, creates the state directly on its shards
   step: Callable                          # jitted (state, teacher_params, batch) -> (state, metrics)
+  pooling: Optional[Tuple[str, bool]] = None  # the teacher's sentence pooling, for the "embedding" term
 
 
 def _dtype(precision: str):
@@ -278,7 +268,12 @@ def check_config(cfg, tcfg: BertConfig) -> None:
     raise ValueError(f"student.init {s.init!r}: use one of {', '.join(STUDENT_INITS)}")
   if s.hidden_size % s.num_heads:
     raise ValueError(f"student.num_heads {s.num_heads} does not divide student.hidden_size {s.hidden_size}")
-  if l.version == "v1":
+  objective.check_terms(cfg)
+  if "relations" not in objective.terms_of(cfg):
+    pass  # no relation term: its version and heads do not matter
+  elif l.version not in ("v1", "v2"):
+    raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
+  elif l.version == "v1":
     if tcfg.num_attention_heads != s.num_heads:
       raise ValueError(f"loss.version 'v1' needs equal head counts: teacher has "
                        f"{tcfg.num_attention_heads}, student.num_heads is {s.num_heads} (use v2)")
@@ -286,8 +281,10 @@ def check_config(cfg, tcfg: BertConfig) -> None:
       raise ValueError(f"loss.version 'v1' uses the native heads: loss.relation_heads must be "
                        f"{s.num_heads}, not {l.relation_heads}")
   for who, width in (("teacher hidden size", tcfg.hidden_size), ("student.hidden_size", s.hidden_size)):
-    if l.relation_heads < 1 or width % l.relation_heads:
+    if "relations" in objective.terms_of(cfg) and (l.relation_heads < 1 or width % l.relation_heads):
       raise ValueError(f"loss.relation_heads {l.relation_heads} does not divide the {who} {width}")
+  if not 0 < cfg.optim.lr < float("inf"):
+    raise ValueError(f"optim.lr {cfg.optim.lr} must be positive and finite")
   if cfg.data.max_len > tcfg.max_len:
     raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the teacher's {tcfg.max_len} positions")
   if cfg.steps < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
@@ -308,6 +305,14 @@ def setup(cfg, teacher=None) -> Setup:
   check_config(cfg, tcfg)
   tl = teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
   scfg = student_config(cfg, tcfg)
+  terms = objective.terms_of(cfg)
+  pooling = None
+  if "embedding" in terms:
+    pooling = hf.sentence_pooling(teacher_dir)
+    if pooling is None:
+      raise ValueError(f"loss term 'embedding' needs a sentence-transformers teacher (with modules.json), "
+                       f"and {teacher_dir} is not one: use 'hidden' instead")
+  projection = objective.needs_projection(terms, scfg.hidden_size, tcfg.hidden_size)
   dtype = _dtype(cfg.precision)
   mesh = sharding.make_mesh(cfg.parallel.fsdp)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
@@ -319,11 +324,16 @@ def setup(cfg, teacher=None) -> Setup:
   teacher_sh = sharding.tree_shardings(mesh, tparams)
   teacher_params = jax.device_put(tparams, teacher_sh)
 
-  abstract_params = jax.eval_shape(lambda: BertEncoder(scfg).init_params(jax.random.key(0)))
-  tx = make_optimizer(cfg, abstract_params, scfg.num_hidden_layers)
+  def init_params(teacher_params):
+    params = init_student(cfg, scfg, teacher_params, tcfg.num_hidden_layers, jax.random.key(cfg.seed))
+    if projection:  # trained with the student, never exported (objective.student_params)
+      params[objective.PROJECTION] = objective.init_projection(scfg.hidden_size, tcfg.hidden_size)
+    return params
+
+  tx = make_optimizer(cfg, jax.eval_shape(init_params, tparams), scfg.num_hidden_layers)
 
   def init_fn(teacher_params):
-    params = init_student(cfg, scfg, teacher_params, tcfg.num_hidden_layers, jax.random.key(cfg.seed))
+    params = init_params(teacher_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       nonfinite=jnp.zeros((), jnp.int32), first_nonfinite=jnp.full((), -1, jnp.int32))
 
@@ -331,18 +341,20 @@ def setup(cfg, teacher=None) -> Setup:
   state_sh = sharding.tree_shardings(mesh, abstract_state)
   init_state = jax.jit(lambda: init_fn(teacher_params), out_shardings=state_sh)
   if cfg.parallel.mode == "jit":
-    step = jax.jit(make_train_step(cfg, teacher_model, student_model, tx, tl), donate_argnums=(0,),
+    step = jax.jit(make_train_step(cfg, teacher_model, student_model, tx, tl, pooling=pooling),
+                   donate_argnums=(0,),
                    in_shardings=(state_sh, teacher_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)))
   elif cfg.parallel.mode == "pmap":
     if cfg.parallel.fsdp != 1 or jax.process_count() > 1:
       raise ValueError("parallel.mode 'pmap' runs data-parallel on one host: use parallel.fsdp=1, "
                        "or mode 'jit' for fsdp and multi-host")
-    step = _pmap_step(make_train_step(cfg, teacher_model, student_model, tx, tl, pmap_axis="batch"),
-                      mesh)
+    step = _pmap_step(make_train_step(cfg, teacher_model, student_model, tx, tl, pmap_axis="batch",
+                                      pooling=pooling), mesh)
   else:
     raise ValueError(f"parallel.mode {cfg.parallel.mode!r}: use 'jit' (default) or 'pmap'")
-  return Setup(cfg, teacher_dir, tcfg, scfg, tl, mesh, teacher_params, state_sh, init_state, step)
+  return Setup(cfg, teacher_dir, tcfg, scfg, tl, mesh, teacher_params, state_sh, init_state, step,
+               pooling)
 
 
 def _pmap_step(per_device_step, mesh):
@@ -407,10 +419,15 @@ def check_resume(saved: dict, now: dict) -> None:
             if saved["student_config"].get(k) != v}
     raise ValueError(f"this workdir holds an incompatible student (saved vs config: {diff}); "
                      "use a new workdir")
+  # A checkpoint written before a config key existed ran with that key's default.
+  defaults = json.loads(json.dumps(default_config().to_dict()))
   for key in _RESUME_KEYS:
-    if saved["config"].get(key) != now["config"].get(key):
+    was = saved["config"].get(key)
+    if isinstance(was, dict) and isinstance(defaults.get(key), dict):
+      was = {**defaults[key], **was}
+    if was != now["config"].get(key):
       raise ValueError(f"config key {key!r} differs from the run in this workdir "
-                       f"({saved['config'].get(key)} vs {now['config'].get(key)}); use a new workdir")
+                       f"({was} vs {now['config'].get(key)}); use a new workdir")
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
@@ -569,7 +586,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
     mngr.close()
   state = status.pop("state")
   student_dir = os.path.join(local, "student")
-  params = state.params
+  params = objective.student_params(state.params)  # the projection head stays in the checkpoints
   if jax.process_count() > 1:  # every host takes part in gathering the (possibly sharded) params
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
@@ -621,7 +638,8 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progr
           rec = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                  "learning_rate": float(m["learning_rate"]),
                  "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_t, 1e-9),
-                 "nonfinite_steps": int(state.nonfinite)}
+                 "nonfinite_steps": int(state.nonfinite),
+                 **{k: float(v) for k, v in m.items() if k.startswith("loss_")}}
           last_t, last_step, last = now, step, rec
           if jax.process_index() == 0:
             mfile.write(json.dumps(rec) + "\n")
