@@ -143,10 +143,18 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_teacher, tiny_corpus):
     ({"student.init": "magic"}, "student.init 'magic'"),
     ({"precision": "fp8"}, "precision 'fp8'"),
     ({"batch_size": 6, "grad_accum": 4}, "batch_size 6 is not divisible by grad_accum 4"),
+    ({"optim.lr": -1.0}, "optim.lr -1.0 must be positive and finite"),
+    ({"loss.terms": "relations,outputs"}, "loss.terms: unknown term 'outputs'"),
 ])
 def test_bad_config_is_a_clear_error(tiny_teacher, tiny_corpus, override, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     train.setup(tiny_config(tiny_teacher, tiny_corpus, **override))
+
+
+def test_relation_settings_do_not_matter_without_the_relation_term(tiny_teacher, tiny_corpus):
+  train.check_config(tiny_config(tiny_teacher, tiny_corpus, **{"loss.terms": "hidden",
+                                                                 "loss.relation_heads": 5}),
+                     hf.load_config(tiny_teacher))
 
 
 def test_bfloat16_precision_runs(tiny_teacher, tiny_corpus):
