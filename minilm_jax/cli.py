@@ -115,31 +115,55 @@ def main(argv=None):
 
 
 def eval_main(argv=None):
-  """`minilm-eval --workdir DIR [--task nsp|glue:NAME|FILE:cols] [--lr X ...] [--epochs N ...] [--curve]`."""
+  """`minilm-eval --workdir DIR [--workdir DIR2 ...] [--out OUT] [--text SOURCE] [--seeds N]
+  [--no-finetune] [--task glue:NAME|FILE:cols] [--lr X ...] [--epochs N] [--curve]`."""
   import argparse
-  p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate a minilm-distill run: its "
-                              "teacher, student and undistilled baselines on the same budget.")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--task", action="append", help="nsp (default, offline), glue:sst2|mnli|qnli|qqp|rte|"
-                 "mrpc|cola (needs the hub), or FILE.csv|.jsonl:text_a[,text_b],label")
-  p.add_argument("--lr", action="append", type=float, help="fine-tuning learning rates (grid)")
-  p.add_argument("--epochs", action="append", type=int, help="fine-tuning epochs (grid)")
+  p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate minilm-distill runs of one "
+                              "teacher and student shape: the teacher, each run's student and undistilled "
+                              "baselines, on zero-shot probes, a package-of-origin task and fine-tuning, "
+                              "every number with its standard error or spread.")
+  p.add_argument("--workdir", action="append", required=True, help="a run; give several to compare "
+                 "runs that share the teacher and the student shape")
+  p.add_argument("--out", help="output folder (default WORKDIR/eval; required with several runs)")
+  p.add_argument("--text", help="held-out text for the probes, anything the trainer's data.source takes "
+                 "(a .txt/.jsonl/.parquet file or folder); default: the stdlib corpus's held-out split")
+  p.add_argument("--task", action="append", default=[], help="extra fine-tuning tasks beside nsp and "
+                 "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
+                 "FILE.csv|.jsonl:text_a[,text_b],label")
+  import dataclasses
+  from minilm_jax import evaluate
+  d = evaluate.DEFAULT_PROTOCOL
+  p.add_argument("--lr", action="append", type=float, help=f"fine-tuning learning rates, chosen on dev "
+                 f"(default {' '.join(map(str, d.lrs))})")
+  p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs; dev is scored after "
+                 f"each, so this is the largest tried (default {d.epochs})")
+  p.add_argument("--seeds", type=int, default=d.seeds, help=f"fine-tuning seeds (default {d.seeds})")
+  p.add_argument("--no-finetune", action="store_true", help="zero-shot probes, linear probe and "
+                 "held-out relation loss only (fast)")
+  p.add_argument("--site-packages", action="append", default=[], help="where the package task's "
+                 "packages are (default: this Python's site-packages)")
   p.add_argument("--no-baselines", action="store_true")
-  p.add_argument("--curve", action="store_true", help="then the student of every kept checkpoint, "
-                 "plotted against steps with the others as flat lines (eval/curve.png)")
+  p.add_argument("--curve", action="store_true", help="then the student of every kept checkpoint (one "
+                 "run) on the cheap probes, against steps, the others as flat lines (curve.png)")
+  p.add_argument("--curve-finetune", action="store_true", help="fine-tune at every checkpoint too")
   p.add_argument("--verbose", action="store_true")
   a = p.parse_args(argv)
-  from minilm_jax import evaluate
   try:
-    grid = (a.task or ["nsp"], a.lr or [2e-4], a.epochs or [3])
-    evaluate.evaluate_run(a.workdir, *grid, baselines=not a.no_baselines)
+    if a.seeds < 1 or a.epochs < 1:
+      raise ValueError("--seeds and --epochs must be at least 1")
+    if a.curve and len(a.workdir) > 1:
+      raise ValueError("--curve evaluates the checkpoints of one run: give one --workdir")
+    protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
+    kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages)
+    evaluate.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
+                          **kw)
     if a.curve:
-      evaluate.evaluate_curve(a.workdir, *grid)
+      evaluate.evaluate_curve(a.workdir[0], a.out, finetune_too=a.curve_finetune, **kw)
   except (ValueError, OSError, KeyError, ImportError) as e:
     if a.verbose:
       raise
     _fail("minilm-eval", e)
-  print(f"results in {os.path.join(a.workdir, 'eval')}")
+  print(f"results in {a.out or os.path.join(a.workdir[0], 'eval')}")
 
 
 if __name__ == "__main__":

@@ -260,3 +260,30 @@ def prefetch(make_batch, start_step: int, end_step: int, depth: int = 2) -> Iter
       yield step, item
   finally:
     stop.set()
+
+
+def package_docstrings(roots: Sequence[str] = (), split: str = "heldout") -> Dict[str, List[str]]:
+  """{top-level package: its docstrings} of the packages installed in `roots` (default: this Python's
+  site-packages, purelib and platlib), read with `ast` as `pydocs_corpus` reads them, and only those of
+  `split` by the same content-hash rule: a run trained on the pydocs train split never saw the held-out
+  ones. A docstring found in two packages (vendored copies) is dropped: its label would be ambiguous, and
+  the same text could land in two splits of a task."""
+  if not roots:
+    paths = sysconfig.get_paths()
+    roots = tuple(dict.fromkeys((paths["purelib"], paths["platlib"])))
+  found: Dict[str, List[str]] = {}
+  for root in roots:
+    for name in sorted(os.listdir(root)):
+      folder = os.path.join(root, name)
+      if name.isidentifier() and name != "__pycache__" and os.path.isdir(folder):
+        found.setdefault(name, []).extend(_docstrings(folder, {"test", "tests", "__pycache__"}))
+  owners: Dict[str, set] = {}
+  for pkg, docs in found.items():
+    for d in docs:
+      owners.setdefault(d, set()).add(pkg)
+  out = {}
+  for pkg, docs in found.items():
+    kept = _split([d for d in dict.fromkeys(docs) if len(owners[d]) == 1], split, f"packages in {roots}")
+    if kept:
+      out[pkg] = list(kept)
+  return out

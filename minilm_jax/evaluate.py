@@ -1,17 +1,46 @@
-"""Evaluation of students: an offline next-sentence probe, held-out relation loss, and fine-tuning on
-sentence(-pair) classification, with undistilled baselines of the same architecture under the same budget.
+"""Evaluation users can trust: zero-shot probes, a labelled task made from the corpus, and fine-tuning
+with a dev split and several seeds, for the students of one or several runs next to one set of
+undistilled baselines. Every number comes with its standard error or its spread over seeds.
 
-  minilm-eval --workdir DIR [--task nsp] [--task glue:sst2] [--task FILE.csv:text_a,text_b,label]
-              [--lr 5e-5 --lr 1e-4] [--epochs 2] [--no-baselines] [--curve]
+  minilm-eval --workdir A [--workdir B ...] [--out DIR] [--text SOURCE] [--seeds 3] [--no-finetune]
+              [--task glue:sst2] [--task FILE.csv:text_a,text_b,label] [--lr 1e-4 --lr 3e-4] [--epochs 3]
+              [--site-packages DIR] [--no-baselines] [--curve [--curve-finetune]]
 
-Writes DIR/eval/results.json, results.md (a Markdown table) and results.png (a bar chart); with --curve
-also curve.json and curve.png (the student of every kept checkpoint against steps).
+Models: the teacher, the assistant (a chain), each run's student, and the student's architecture without
+distillation (random init, the first n teacher layers, every k-th teacher layer). Every model embeds
+sentences the same way: its encoder, then the teacher's sentence-transformers pooling (mean when the
+teacher is a plain BERT folder). Probes, on held-out text (the stdlib corpus's held-out split, or all of
+--text) that no run trained on when it trained on the demo corpora's train split:
+- retrieval: each query sentence (up to `queries`, 1,000, that have a successor in their document) ranks all the
+  queries' successors by cosine; the mean reciprocal rank of its own successor (ties count half), SE over
+  queries;
+- agreement: Spearman correlation between the model's and the teacher's cosines over `pairs` (2,000) sentence pairs
+  (half adjacent, half random), SE by bootstrap over pairs;
+- held-out relation loss: the MiniLM relation loss (relations only, whatever the run trained with)
+  against the teacher, SE over batches;
+- package: which of 16 top-level installed packages a held-out docstring (by the content-hash rule that
+  holds it out of `pydocs` training) comes from, balanced classes, split 60/20/20. Scored by a linear probe
+  on frozen embeddings (L2 chosen on dev; binomial SE) and by fine-tuning;
+- nsp: next-sentence prediction on the held-out text, by fine-tuning.
+Fine-tuning (encoder + the same pooling + linear head): for each lr, max(epochs) epochs with the schedule
+over that length, dev scored after each epoch; the (lr, epoch) with the best dev score is kept and its
+test score reported, so test is read once per seed and never chosen on. Repeated for `seeds` seeds: mean,
+spread (sd over seeds) and SE (sd/sqrt(seeds)).
+
+Cost measured on this machine's 2 shared CPU cores (another run training beside it): see
+DEFAULT_PROTOCOL's comment.
+
+Writes OUT/results.json (every raw number: per-seed scores, chosen lr/epoch, dev grids), results.md and
+results.png; with --curve also curve.json and curve.png (the student of every kept checkpoint).
+Checkpoints are opened read-only: evaluation writes nothing but OUT.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import time
@@ -23,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data, hf, train
+from minilm_jax import data, hf, losses, objective, train
 from minilm_jax.model import BertConfig, BertEncoder
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
@@ -33,19 +62,196 @@ GLUE = {"sst2": (("sentence",), "accuracy"), "mnli": (("premise", "hypothesis"),
         "cola": (("sentence",), "matthews")}
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """Every setting that changes a number; recorded in results.json (a curve must use the same)."""
+  queries: int = 1000            # retrieval queries (candidates: their successors)
+  pairs: int = 2000              # agreement pairs
+  bootstrap: int = 200           # agreement bootstrap resamples
+  sentence_len: int = 128        # max tokens when embedding a sentence or docstring
+  package_classes: int = 16
+  package_per_class: int = 50    # docstrings per class (balanced: the smallest chosen class may cap it)
+  seeds: int = 3
+  lrs: Tuple[float, ...] = (2e-4,)
+  epochs: int = 2                # dev scored after each of 1..epochs
+  nsp_train: int = 500           # pairs, of which 20% become dev
+  nsp_test: int = 600
+  finetune_len: int = 64
+  batch: int = 32
+  seed: int = 0                  # probe sampling
+
+
+# The defaults are sized for ~9 models (a 6x384 teacher, 3x384 students and baselines) in about 25
+# minutes on 2 CPU cores: a 3x384 model fine-tunes at about 17 ms per example of 64 tokens there (the
+# previous evaluation: 2,000 pairs x 3 epochs + 1,788 test pairs in ~110 s per student), so nsp + package
+# (3 seeds x 2 epochs x 400 + 480 examples, plus dev and test passes) cost ~110 s per student and twice
+# that for the teacher; the zero-shot probes (~1,400 sentences, 800 docstrings) ~25 s per student. Parsing
+# site-packages for the package task takes 1-2.5 minutes once. Measured pieces with the cores shared by two
+# other jobs (load 4-7 on the 2 cores): embedding 1,000 sentences 16 s (3x384) and 30 s (6x384), compiles
+# included; fine-tuning a 3x384 model ~100 ms per example once compiled, and its first compile ~2.5 min
+# (shared by every model of the same shape). On a loaded machine expect 2-4x the 25 minutes.
+DEFAULT_PROTOCOL = Protocol()
+
+
 @dataclasses.dataclass
 class Task:
   name: str
   train: Tuple[List[str], Optional[List[str]], np.ndarray]   # text_a, text_b (or None), labels
   test: Tuple[List[str], Optional[List[str]], np.ndarray]
   metric: str = "accuracy"
+  dev: Optional[Tuple[List[str], Optional[List[str]], np.ndarray]] = None  # None: carved per seed
+  labels: Optional[List[str]] = None    # class names, where known
 
 
-# --- Tasks ----------------------------------------------------------------------------------------------
+def _take(part, idx):
+  a, b, y = part
+  return [a[i] for i in idx], None if b is None else [b[i] for i in idx], y[idx]
+
+
+def split_dev(task: Task, seed: int, frac: float = 0.2) -> Task:
+  """`task` with a dev split: its own, or `frac` of its training part carved off with `seed`."""
+  if task.dev is not None:
+    return task
+  order = np.random.default_rng([seed, 7]).permutation(len(task.train[2]))
+  cut = max(1, int(frac * len(order)))
+  return dataclasses.replace(task, train=_take(task.train, order[cut:]), dev=_take(task.train, order[:cut]))
+
+
+# --- Held-out text ----------------------------------------------------------------------------------------
 
 def _sentences(doc: str) -> List[str]:
   return [s.strip() for s in re.split(r"(?<=[.!?])\s+", doc.replace("\n", " ")) if len(s.split()) >= 4]
 
+
+def heldout_docs(text=None) -> List[str]:
+  """The probes' text: the stdlib corpus's held-out split, or all of `text` (anything load_texts takes)."""
+  return data.load_texts("stdlib", split="heldout") if text is None else data.load_texts(text)
+
+
+@dataclasses.dataclass
+class ProbeText:
+  """Sentences to embed once per model, and the probes as indices into them."""
+  sentences: List[str]
+  query_N: np.ndarray      # sentence index of each retrieval query
+  cand_M: np.ndarray       # sentence index of each candidate (the queries' successors, unique)
+  target_N: np.ndarray     # the candidate that follows query n
+  pairs_P2: np.ndarray     # agreement pairs (sentence indices)
+
+
+def probe_text(docs: Sequence[str], queries: int, pairs: int, seed: int) -> ProbeText:
+  rng = np.random.default_rng(seed)
+  succ = [(a, b) for d in docs for a, b in zip(_sentences(d), _sentences(d)[1:])]
+  if len(succ) < 20:
+    raise ValueError(f"the held-out text has {len(succ)} pairs of consecutive sentences; the probes "
+                     "need at least 20")
+  chosen = [succ[i] for i in rng.choice(len(succ), min(queries, len(succ)), replace=False)]
+  index = {s: i for i, s in enumerate(dict.fromkeys(s for p in chosen for s in p))}
+  query_N = np.array([index[a] for a, _ in chosen])
+  cand_M = np.array(sorted({index[b] for _, b in chosen}))
+  target_N = np.searchsorted(cand_M, [index[b] for _, b in chosen])
+  adjacent = [(index[a], index[b]) for a, b in chosen[:pairs // 2]]
+  n = len(index)
+  rand = rng.integers(0, n, (pairs - len(adjacent), 2))
+  rand = rand[rand[:, 0] != rand[:, 1]]
+  return ProbeText(list(index), query_N, cand_M, target_N, np.array(adjacent + rand.tolist()))
+
+
+# --- Statistics -------------------------------------------------------------------------------------------
+
+def rankdata(x_N: np.ndarray) -> np.ndarray:
+  """1-based ranks, ties given their average rank (as scipy.stats.rankdata)."""
+  _, inv, counts = np.unique(x_N, return_inverse=True, return_counts=True)
+  avg = np.cumsum(counts) - (counts - 1) / 2
+  return avg[inv.reshape(-1)]
+
+
+def spearman(x_N: np.ndarray, y_N: np.ndarray) -> float:
+  """Pearson correlation of the ranks; nan when either side is constant."""
+  rx, ry = rankdata(x_N) - (len(x_N) + 1) / 2, rankdata(y_N) - (len(y_N) + 1) / 2
+  den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+  return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def bootstrap_se(stat, x_N: np.ndarray, y_N: np.ndarray, reps: int, seed: int) -> float:
+  """Standard error of stat(x, y) by resampling the N pairs with replacement `reps` times."""
+  idx_RN = np.random.default_rng(seed).integers(0, len(x_N), (reps, len(x_N)))
+  return float(np.std([stat(x_N[i], y_N[i]) for i in idx_RN], ddof=1))
+
+
+def cosines(a_ND: np.ndarray, b_MD: np.ndarray) -> np.ndarray:
+  unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+  return unit(a_ND) @ unit(b_MD).T
+
+
+def reciprocal_ranks(q_ND: np.ndarray, c_MD: np.ndarray, target_N: np.ndarray,
+                     exclude_NM: Optional[np.ndarray] = None) -> np.ndarray:
+  """1/rank of each query's target among the candidates by cosine; ties with the target count half (a
+  model that gives every sentence the same vector gets the rank of a random guess, not 1).
+  exclude_NM: candidates a query must not be ranked against (itself)."""
+  s_NM = np.nan_to_num(cosines(q_ND, c_MD), nan=-np.inf)  # a NaN embedding never ranks first
+  n = np.arange(len(target_N))
+  t_N1 = s_NM[n, target_N][:, None]
+  keep_NM = np.ones_like(s_NM, bool) if exclude_NM is None else ~exclude_NM
+  keep_NM[n, target_N] = False  # the target itself
+  rank_N = 1 + ((s_NM > t_N1) & keep_NM).sum(1) + 0.5 * ((s_NM == t_N1) & keep_NM).sum(1)
+  return 1.0 / rank_N
+
+
+def _mean_se(x_N) -> dict:
+  x_N = np.asarray(x_N, np.float64)
+  return {"value": float(x_N.mean()), "se": float(x_N.std(ddof=1) / np.sqrt(len(x_N))), "n": len(x_N)}
+
+
+# --- Sentence embeddings ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _embed_fn(config: BertConfig, pooling: Tuple[str, bool]):
+  def f(params, ids_BT, mask_BT):
+    h_BTD = BertEncoder(config).apply({"params": params}, ids_BT, mask_BT).last_hidden_state
+    return losses.sentence_embedding(h_BTD, mask_BT, *pooling)
+  return jax.jit(f)
+
+
+def embed(config: BertConfig, params, tok, texts: Sequence[str], pooling: Tuple[str, bool],
+          max_len: int = 128, batch: int = 64) -> np.ndarray:
+  """e_ND [len(texts), hidden]: the model's sentence embeddings. Texts are sorted by length and padded to
+  a power of two (≥ 16), so short sentences do not pay for 128 tokens and few shapes get compiled."""
+  max_len = min(max_len, config.max_position_embeddings)  # beyond its positions a model reads garbage
+  enc = tok(list(texts), truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
+  order = np.argsort([len(t) for t in enc], kind="stable")
+  f = _embed_fn(config, tuple(pooling))
+  out_ND = np.zeros((len(texts), config.hidden_size), np.float32)
+  for i in range(0, len(order), batch):
+    idx = order[i:i + batch]
+    width = max(16, 1 << (max(len(enc[j]) for j in idx) - 1).bit_length())
+    ids_BT = np.full((batch, width), tok.pad_token_id, np.int32)
+    mask_BT = np.zeros((batch, width), np.int32)
+    for r, j in enumerate(idx):
+      ids_BT[r, :len(enc[j])], mask_BT[r, :len(enc[j])] = enc[j], 1
+    out_ND[idx] = np.asarray(f(params, ids_BT, mask_BT))[:len(idx)]
+  return out_ND
+
+
+# --- Zero-shot probes ------------------------------------------------------------------------------------
+
+def retrieval(e_ND: np.ndarray, p: ProbeText) -> dict:
+  """MRR of each query's successor among all candidates, SE over queries."""
+  exclude_NM = p.cand_M[None, :] == p.query_N[:, None]  # a query that is also another's successor
+  return _mean_se(reciprocal_ranks(e_ND[p.query_N], e_ND[p.cand_M], p.target_N, exclude_NM))
+
+
+def pair_cosines(e_ND: np.ndarray, pairs_P2: np.ndarray) -> np.ndarray:
+  u_ND = e_ND / np.maximum(np.linalg.norm(e_ND, axis=-1, keepdims=True), 1e-12)
+  return (u_ND[pairs_P2[:, 0]] * u_ND[pairs_P2[:, 1]]).sum(-1)
+
+
+def agreement(e_ND: np.ndarray, t_ND: np.ndarray, p: ProbeText, reps: int, seed: int) -> dict:
+  """Spearman correlation of the model's and the teacher's cosines over the pairs; bootstrap SE."""
+  m_P, t_P = pair_cosines(e_ND, p.pairs_P2), pair_cosines(t_ND, p.pairs_P2)
+  return {"value": spearman(m_P, t_P), "se": bootstrap_se(spearman, m_P, t_P, reps, seed), "n": len(m_P)}
+
+
+# --- Tasks ------------------------------------------------------------------------------------------------
 
 def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.ndarray]:
   """Next-sentence prediction from raw text: for each sentence with a successor, (s_i, s_i+1) is 1 and
@@ -67,14 +273,42 @@ def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.
   return [a[i] for i in order], [b[i] for i in order], np.array(y, np.int32)[order]
 
 
-def nsp_task(seed: int = 0, limit: int = 2000) -> Task:
-  """The offline probe: pairs from the held-out half of the demo corpus's held-out split for training,
-  from the other half for testing, so the probe is scored on text it was not tuned on."""
-  docs = data.load_texts("stdlib", split="heldout")
+def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_size: int = 1000) -> Task:
+  """Pairs from the first half of the held-out documents for training (and dev), from the other half for
+  testing, so the probe is scored on text it was not tuned on."""
   half = len(docs) // 2
   tr, te = nsp_pairs(docs[:half], seed), nsp_pairs(docs[half:], seed + 1)
-  cut = lambda t: (t[0][:limit], t[1][:limit], t[2][:limit])
-  return Task("nsp", cut(tr), cut(te))
+  cut = lambda t, n: (t[0][:n], t[1][:n], t[2][:n])
+  return Task("nsp", cut(tr, train_size), cut(te, test_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _package_docs(roots: Tuple[str, ...]) -> Dict[str, List[str]]:
+  return data.package_docstrings(roots)  # parsing all of site-packages takes minutes: once per process
+
+
+def package_task(roots: Sequence[str] = (), classes: int = 16, per_class: int = 100, seed: int = 0,
+                 min_classes: int = 12) -> Task:
+  """Which top-level package a held-out docstring comes from (see data.package_docstrings): the
+  `classes` packages with the most such docstrings, each cut to the same number (≤ per_class, seeded),
+  split 60/20/20 per class into train/dev/test."""
+  docs = _package_docs(tuple(roots))
+  enough = sorted((p for p, d in docs.items() if len(d) >= 5), key=lambda p: (-len(docs[p]), p))
+  if len(enough) < min_classes:
+    raise ValueError(f"the package task needs {min_classes} installed packages with 5 or more held-out "
+                     f"docstrings; found {len(enough)} ({', '.join(enough) or 'none'})")
+  names = sorted(enough[:classes])
+  n = min(per_class, min(len(docs[p]) for p in names))
+  rng = np.random.default_rng(seed)
+  parts = {"train": ([], []), "dev": ([], []), "test": ([], [])}
+  for label, p in enumerate(names):
+    pick = [docs[p][i] for i in rng.permutation(len(docs[p]))[:n]]
+    a, b = int(round(0.6 * n)), int(round(0.8 * n))
+    for part, chunk in (("train", pick[:a]), ("dev", pick[a:b]), ("test", pick[b:])):
+      parts[part][0].extend(chunk)
+      parts[part][1].extend([label] * len(chunk))
+  as_part = lambda k: (parts[k][0], None, np.array(parts[k][1], np.int32))
+  return Task("package", as_part("train"), as_part("test"), dev=as_part("dev"), labels=names)
 
 
 def _columns(rows: List[dict], cols: Sequence[str], where: str):
@@ -85,7 +319,7 @@ def _columns(rows: List[dict], cols: Sequence[str], where: str):
 
 
 def file_task(spec: str, seed: int = 0) -> Task:
-  """FILE.csv|.jsonl:text_a[,text_b],label. Without a separate test file, 20% is held out."""
+  """FILE.csv|.jsonl:text_a[,text_b],label. Without a separate test file, 20% is held out as test."""
   import csv
   path, _, cols = spec.rpartition(":")
   names = cols.split(",")
@@ -103,9 +337,8 @@ def file_task(spec: str, seed: int = 0) -> Task:
   y = np.array([vocab[l] for l in labels_raw], np.int32)
   order = np.random.default_rng(seed).permutation(len(y))
   split = int(0.8 * len(y))
-  pick = lambda idx: (list(np.array(texts[0])[idx]),
-                      list(np.array(texts[1])[idx]) if len(texts) == 2 else None, y[idx])
-  return Task(os.path.basename(path), pick(order[:split]), pick(order[split:]))
+  whole = (texts[0], texts[1] if len(texts) == 2 else None, y)
+  return Task(os.path.basename(path), _take(whole, order[:split]), _take(whole, order[split:]))
 
 
 def glue_task(name: str, limit: int = 20000) -> Task:
@@ -120,36 +353,17 @@ def glue_task(name: str, limit: int = 20000) -> Task:
   return Task(f"glue:{name}", part("train"), part(val), metric)
 
 
-def load_task(spec: str, seed: int = 0) -> Task:
+def load_task(spec: str, seed: int = 0, docs: Optional[Sequence[str]] = None,
+              protocol: Protocol = DEFAULT_PROTOCOL, package_roots: Sequence[str] = ()) -> Task:
   if spec == "nsp":
-    return nsp_task(seed)
+    return nsp_task(heldout_docs() if docs is None else docs, seed, protocol.nsp_train, protocol.nsp_test)
+  if spec == "package":
+    return package_task(package_roots, protocol.package_classes, protocol.package_per_class, seed)
   if spec.startswith("glue:"):
     if spec[5:] not in GLUE:
       raise ValueError(f"task {spec}: GLUE tasks are {', '.join(sorted(GLUE))}")
     return glue_task(spec[5:])
   return file_task(spec, seed)
-
-
-# --- Fine-tuning ----------------------------------------------------------------------------------------
-
-class Classifier(nn.Module):
-  """Encoder, mean pooling over real tokens, dropout, linear head."""
-  config: BertConfig
-  num_labels: int
-
-  @nn.compact
-  def __call__(self, ids, mask, types, deterministic):
-    h = BertEncoder(self.config, name="encoder")(ids, mask, types, deterministic=deterministic).last_hidden_state
-    m = mask[..., None].astype(h.dtype)
-    pooled = (h * m).sum(1) / jnp.maximum(m.sum(1), 1)
-    pooled = nn.Dropout(0.1)(pooled, deterministic=deterministic)
-    return nn.Dense(self.num_labels, name="head")(pooled)
-
-
-def _encode(tok, a, b, max_len):
-  enc = tok(a, b, truncation=True, max_length=max_len, padding="max_length", return_tensors="np")
-  types = enc.get("token_type_ids", np.zeros_like(enc["input_ids"]))
-  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32), types.astype(np.int32)
 
 
 def score(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
@@ -164,98 +378,227 @@ def score(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
   return float((tp * tn - fp * fn) / den) if den else 0.0
 
 
-def finetune(config: BertConfig, params, tok, task: Task, lr: float, epochs: int, batch: int = 32,
-             max_len: int = 64, seed: int = 0) -> float:
-  """Fine-tune encoder + head on task.train, return the task metric on task.test."""
-  n_labels = int(max(task.train[2].max(), task.test[2].max())) + 1
-  model = Classifier(config, n_labels)
-  xtr, xte = _encode(tok, *task.train[:2], max_len), _encode(tok, *task.test[:2], max_len)
-  ytr, yte = task.train[2], task.test[2]
-  v = model.init(jax.random.key(seed), *[x[:1] for x in xtr], True)["params"]
-  v = {**v, "encoder": jax.tree.map(jnp.asarray, params)}
-  steps = max(1, epochs * len(ytr) // batch)
-  tx = optax.adamw(train.warmup_linear_decay(lr, steps // 10, steps), weight_decay=0.01,
+# --- Linear probe ----------------------------------------------------------------------------------------
+
+def linear_probe(train_e: Tuple[np.ndarray, np.ndarray], dev_e: Tuple[np.ndarray, np.ndarray],
+                 test_e: Tuple[np.ndarray, np.ndarray], l2s: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+                 steps: int = 300, lr: float = 0.05) -> dict:
+  """Multinomial logistic regression on frozen embeddings ((e_ND, y_N) per split), fitted on train by
+  full-batch Adam for each L2 strength at once; the strength with the best dev accuracy is scored on
+  test (SE sqrt(p(1-p)/n)). Features are standardised with train statistics: models differ in scale."""
+  (x_tr, y_tr), (x_dev, y_dev), (x_te, y_te) = train_e, dev_e, test_e
+  mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+  z = lambda x: jnp.asarray((x - mu) / sd, jnp.float32)
+  c = int(max(y_tr.max(), y_dev.max(), y_te.max())) + 1
+  tx = optax.adam(lr)
+
+  def fit(l2):
+    def loss(w):
+      logits = z(x_tr) @ w["W"] + w["b"]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y_tr)).mean()
+      return ce + l2 * (w["W"] ** 2).sum()
+    def body(_, carry):
+      w, opt = carry
+      u, opt = tx.update(jax.grad(loss)(w), opt)
+      return optax.apply_updates(w, u), opt
+    w = {"W": jnp.zeros((x_tr.shape[1], c)), "b": jnp.zeros((c,))}
+    return jax.lax.fori_loop(0, steps, body, (w, tx.init(w)))[0]
+
+  w = jax.jit(jax.vmap(fit))(jnp.asarray(l2s, jnp.float32))
+  acc = lambda x, y: np.asarray(((z(x) @ w["W"] + w["b"][:, None]).argmax(-1) == y).mean(-1))
+  dev_acc = acc(x_dev, y_dev)
+  best = int(np.argmax(dev_acc))  # the first of equals: the weakest penalty
+  p = float(acc(x_te, y_te)[best])
+  return {"value": p, "se": math.sqrt(p * (1 - p) / len(y_te)), "n": len(y_te), "l2": float(l2s[best]),
+          "dev": [float(a) for a in dev_acc]}
+
+
+# --- Fine-tuning ----------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+  """Encoder, the evaluation's sentence pooling (without normalisation), dropout, linear head."""
+  config: BertConfig
+  num_labels: int
+  pooling: str = "mean"
+
+  @nn.compact
+  def __call__(self, ids, mask, types, deterministic):
+    h = BertEncoder(self.config, name="encoder")(ids, mask, types, deterministic=deterministic).last_hidden_state
+    pooled = losses.sentence_embedding(h, mask, self.pooling)
+    pooled = nn.Dropout(0.1)(pooled, deterministic=deterministic)
+    return nn.Dense(self.num_labels, name="head")(pooled)
+
+
+def _encode(tok, a, b, max_len):
+  enc = tok(a, b, truncation=True, max_length=max_len, padding="max_length", return_tensors="np")
+  types = enc.get("token_type_ids", np.zeros_like(enc["input_ids"]))
+  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32), types.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model: Classifier):
+  return jax.jit(lambda v, x: model.apply({"params": v}, *x, True).argmax(-1))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model: Classifier, total: int):
+  """(tx, step), cached so models of one shape share the compile: AdamW on a unit-peak warmup/linear-decay schedule over `total` steps, the update scaled
+  by the lr argument (AdamW's decoupled decay scales with lr too, so this is AdamW at that lr)."""
+  tx = optax.adamw(train.warmup_linear_decay(1.0, total // 10, total), weight_decay=0.01,
                    mask=train.decay_mask)
-  opt = tx.init(v)
 
   @jax.jit
-  def step(v, opt, x, y, k):
+  def step(v, opt, x, y, k, lr):
     def loss(v):
       logits = model.apply({"params": v}, *x, False, rngs={"dropout": k})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    g = jax.grad(loss)(v)
-    u, opt = tx.update(g, opt, v)
-    return optax.apply_updates(v, u), opt
+    u, opt = tx.update(jax.grad(loss)(v), opt, v)
+    return optax.apply_updates(v, jax.tree.map(lambda a: lr * a, u)), opt
+  return tx, step
 
-  predict = jax.jit(lambda v, x: model.apply({"params": v}, *x, True).argmax(-1))
-  rng = np.random.default_rng(seed)
-  for s in range(steps):
-    idx = rng.choice(len(ytr), batch, replace=len(ytr) < batch)
-    v, opt = step(v, opt, tuple(x[idx] for x in xtr), ytr[idx], jax.random.key(s))
-  preds = np.concatenate([np.asarray(predict(v, tuple(x[i:i + 256] for x in xte)))
-                          for i in range(0, len(yte), 256)])
-  return score(task.metric, yte, preds)
+
+def finetune(config: BertConfig, params, tok, task: Task, lrs: Sequence[float] = (1e-4, 3e-4),
+             epochs: int = 3, seeds: int = 3, batch: int = 32, max_len: int = 64, pooling: str = "mean",
+             log=lambda m: None) -> dict:
+  """The fine-tuning protocol on `task` (see the module docstring). Per seed: a dev split (the task's,
+  or 20% of its train part), for each lr `epochs` epochs on one schedule with dev scored after each, the
+  params of the best dev (lr, epoch) kept, and test scored once with those. Returns the mean test score
+  over seeds, its spread (sd over seeds) and SE, and every seed's dev grid, choice and test score."""
+  n_labels = int(max(task.train[2].max(), task.test[2].max())) + 1
+  max_len = min(max_len, config.max_position_embeddings)
+  model = Classifier(config, n_labels, pooling)
+  xte = _encode(tok, *task.test[:2], max_len)
+  predict = _predict_fn(model)
+  def run(v, x, n, chunk=128):  # fixed-size chunks (the last padded): one compile
+    pad = lambda a: np.concatenate([a, np.zeros((-len(a) % chunk, *a.shape[1:]), a.dtype)])
+    x = tuple(pad(a) for a in x)
+    return np.concatenate([np.asarray(predict(v, tuple(a[i:i + chunk] for a in x)))
+                           for i in range(0, len(x[0]), chunk)])[:n]
+  fns = {}
+  per_seed = []
+  for seed in range(seeds):
+    t = split_dev(task, seed)
+    xtr, xdev = _encode(tok, *t.train[:2], max_len), _encode(tok, *t.dev[:2], max_len)
+    ytr, ydev = t.train[2], t.dev[2]
+    per_epoch = max(1, -(-len(ytr) // batch))
+    total = epochs * per_epoch
+    if total not in fns:  # one compile per schedule length; lr is an argument
+      fns[total] = _train_step(model, total)
+    tx, step = fns[total]
+    head = model.init(jax.random.key(seed), *[x[:1] for x in xtr], True)["params"]
+    grid, best = [], None
+    for lr in lrs:
+      v = {**head, "encoder": jax.tree.map(jnp.asarray, params)}
+      opt = tx.init(v)
+      rng = np.random.default_rng([seed, len(grid)])
+      for ep in range(1, epochs + 1):
+        perm = rng.permutation(len(ytr))
+        perm = np.concatenate([perm, rng.choice(len(ytr), per_epoch * batch - len(ytr))])  # full batches
+        for s in range(per_epoch):
+          idx = perm[s * batch:(s + 1) * batch]
+          k = jax.random.fold_in(jax.random.key(seed), (ep - 1) * per_epoch + s)
+          v, opt = step(v, opt, tuple(x[idx] for x in xtr), ytr[idx], k, lr)
+        dev = score(task.metric, ydev, run(v, xdev, len(ydev)))
+        grid.append({"lr": lr, "epoch": ep, "dev": dev})
+        if best is None or dev > best[0]:  # strictly better: the first of equals is kept
+          best = (dev, lr, ep, jax.device_get(v))
+    dev, lr, ep, v = best
+    test = score(task.metric, task.test[2], run(v, xte, len(task.test[2])))  # the one test read
+    per_seed.append({"seed": seed, "lr": lr, "epoch": ep, "dev": dev, "test": test, "dev_grid": grid})
+    log(f"  {task.name} seed {seed}: lr {lr:g}, epoch {ep}: dev {dev:.3f}, test {test:.3f}")
+  tests = np.array([s["test"] for s in per_seed])
+  spread = float(tests.std(ddof=1)) if seeds > 1 else 0.0
+  return {"value": float(tests.mean()), "spread": spread, "se": spread / math.sqrt(seeds),
+          "n": len(task.test[2]), "seeds": per_seed}
 
 
 # --- Held-out relation loss -------------------------------------------------------------------------------
 
-def heldout_rows(cfg, tok) -> Dict[str, np.ndarray]:
-  """The held-out split of the demo corpus, packed at the run's max_len (text the run never saw when it
-  trained on the demo corpus's train split)."""
-  return data.tokenize_and_pack(data.load_texts("stdlib", split="heldout"), tok, cfg.data.max_len)
-
-
 def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[BertConfig, dict],
-                          rows: Dict[str, np.ndarray], batches: int = 8, batch: int = 16) -> float:
-  """The run's distillation loss of `student` against `teacher` on `rows` (see heldout_rows)."""
+                          rows: Dict[str, np.ndarray], batches: int = 8, batch: int = 16) -> dict:
+  """The MiniLM relation loss (relations only, whatever terms the run trained with) of `student` against
+  `teacher` on `rows`: mean and SE over `batches` batches."""
   tcfg, tparams = teacher
   scfg, sparams = student
   tl = train.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
-  loss = jax.jit(train.distill_loss_fn(cfg, BertEncoder(tcfg), BertEncoder(scfg), tl))
+  loss = jax.jit(objective.distill_loss_fn(cfg, BertEncoder(tcfg), BertEncoder(scfg), tl,
+                                           terms=("relations",)))
   n = min(batches, max(1, len(rows["input_ids"]) // batch))
   vals = [float(loss(sparams, tparams, {k: v[i * batch:(i + 1) * batch] for k, v in rows.items()}))
           for i in range(n)]
-  return float(np.mean(vals))
+  return {"value": float(np.mean(vals)), "se": float(np.std(vals, ddof=1) / np.sqrt(n)) if n > 1 else
+          float("nan"), "n": n}
 
 
-# --- A whole run ----------------------------------------------------------------------------------------
+# --- Runs, read-only -------------------------------------------------------------------------------------
 
-def encode_speed(config: BertConfig, params, batch: int = 32, seq: int = 128, reps: int = 3) -> float:
-  """Encoding tokens/s of a jitted forward pass on this machine."""
-  f = jax.jit(lambda p, ids: BertEncoder(config).apply({"params": p}, ids).last_hidden_state)
-  ids = jnp.ones((batch, seq), jnp.int32)
-  f(params, ids).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(reps):
-    f(params, ids).block_until_ready()
-  return batch * seq * reps / (time.perf_counter() - t)
+def open_checkpoints(workdir: str):
+  """A read-only Orbax manager of WORKDIR/checkpoints (None if there is none). Unlike the trainer's, it
+  neither creates folders nor cleans up another process's in-flight temporary saves; finished steps only."""
+  import orbax.checkpoint as ocp
+  from absl import logging
+  ckpts = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(ckpts):
+    return None
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about each option read_only turns off
+  try:
+    return ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False))
+  finally:
+    logging.set_verbosity(verbosity)
 
 
-def models_of_run(workdir: str, baselines: bool = True):
-  """{name: (config, params)} for the teacher, the assistant (if a chain), the student and the
-  undistilled baselines of the student's architecture, and the run's config."""
+def read_run(workdir: str):
+  """(config, meta, manager, latest step) of a minilm-distill workdir, read-only."""
   import ml_collections
   from minilm_jax import checkpoint
-  ckpts = os.path.join(workdir, "checkpoints")
-  mngr = checkpoint.make_manager(ckpts, 1) if os.path.isdir(ckpts) else None
+  mngr = open_checkpoints(workdir)
   step = mngr.latest_step() if mngr else None
   if step is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint; is this a minilm-distill workdir?")
   meta = checkpoint.read_meta(mngr, step)
-  cfg = ml_collections.ConfigDict(meta["config"])
+  return ml_collections.ConfigDict(meta["config"]), meta, mngr, step
+
+
+def student_name(workdir: str) -> str:
+  return f"student: {os.path.basename(os.path.normpath(workdir))}"
+
+
+def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
+  """(cfg, {name: (config, params)}, teacher_dir) for the teacher, the assistant (if a chain), each run's
+  student and the undistilled baselines of the students' architecture (once). The runs must share the
+  teacher and the student config. cfg is the first run's."""
+  import ml_collections
+  from minilm_jax import checkpoint
+  runs = [read_run(w) for w in workdirs]
+  cfg, meta = runs[0][0], runs[0][1]
+  for w, (_, m, _, _) in zip(workdirs[1:], runs[1:]):
+    if m["teacher"]["sha256"] != meta["teacher"]["sha256"]:
+      raise ValueError(f"{w} was distilled from another teacher than {workdirs[0]} "
+                       f"({m['teacher']['path']} vs {meta['teacher']['path']}); compare runs of one teacher")
+    if m["student_config"] != meta["student_config"]:
+      diff = sorted(k for k in set(m["student_config"]) | set(meta["student_config"])
+                    if m["student_config"].get(k) != meta["student_config"].get(k))
+      raise ValueError(f"{w} has another student shape than {workdirs[0]} ({', '.join(diff)} differ); "
+                       "compare runs of one student shape")
   teacher_dir = meta["teacher"]["path"]
   models = {}
-  a_dir = os.path.join(workdir, "assistant")
-  if os.path.isdir(os.path.join(a_dir, "checkpoints")):  # a chain: the teacher is the assistant's
-    a_mngr = checkpoint.make_manager(os.path.join(a_dir, "checkpoints"), 1)
+  a_mngr = open_checkpoints(os.path.join(workdirs[0], "assistant"))
+  if a_mngr is not None and a_mngr.latest_step() is not None:  # a chain: the teacher is the assistant's
     a_meta = checkpoint.read_meta(a_mngr, a_mngr.latest_step())
     models["teacher"] = hf.load_pretrained(a_meta["teacher"]["path"])
     models["assistant"] = hf.load_pretrained(teacher_dir)
     cfg.loss.teacher_layer = a_meta["config"]["loss"]["teacher_layer"]
+    teacher_dir = a_meta["teacher"]["path"]
   else:
     models["teacher"] = hf.load_pretrained(teacher_dir)
-  encoder, sparams = hf.load_student(workdir)
-  models["student (distilled)"] = (encoder.config, sparams)
+  names = [student_name(w) for w in workdirs]
+  if len(set(names)) < len(names):
+    names = [f"student: {w}" for w in workdirs]
+  for name, w in zip(names, workdirs):
+    encoder, sparams = hf.load_student(w)
+    models[name] = (encoder.config, objective.student_params(sparams))
   if baselines:
     tcfg, tparams = models["teacher"]
     for init in ("random", "teacher_first", "teacher"):
@@ -269,100 +612,211 @@ def models_of_run(workdir: str, baselines: bool = True):
   return cfg, models, teacher_dir
 
 
-def _quality(cfg, teacher, model, tok, tasks: Dict[str, Task], rows, lrs, epochs) -> dict:
-  """Held-out relation loss against `teacher` (None: skip) and each task's best score over the grid."""
+# --- Putting it together -----------------------------------------------------------------------------------
+
+def encode_speed(config: BertConfig, params, batch: int = 32, seq: int = 128, reps: int = 3) -> float:
+  """Encoding tokens/s of a jitted forward pass on this machine (noisy on shared CPUs; in the JSON)."""
+  f = jax.jit(lambda p, ids: BertEncoder(config).apply({"params": p}, ids).last_hidden_state)
+  ids = jnp.ones((batch, seq), jnp.int32)
+  f(params, ids).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    f(params, ids).block_until_ready()
+  return batch * seq * reps / (time.perf_counter() - t)
+
+
+@dataclasses.dataclass
+class Bench:
+  """What every model is scored on, prepared once."""
+  cfg: object
+  tok: object
+  pooling: Tuple[str, bool]
+  teacher: Tuple[BertConfig, dict]
+  probe: ProbeText
+  rows: Dict[str, np.ndarray]
+  package: Task
+  tasks: Dict[str, Task]      # fine-tuning tasks (empty: no fine-tuning)
+  protocol: Protocol
+  teacher_e: Optional[np.ndarray] = None
+
+
+def make_bench(cfg, tok, teacher, teacher_dir, protocol: Protocol, text=None, tasks=("nsp", "package"),
+               package_roots: Sequence[str] = ()) -> Bench:
+  docs = heldout_docs(text)
+  p = protocol
+  pkg = package_task(package_roots, p.package_classes, p.package_per_class, p.seed)
+  loaded = {t: pkg if t == "package" else load_task(t, p.seed, docs, p, package_roots) for t in tasks}
+  b = Bench(cfg, tok, hf.sentence_pooling(teacher_dir) or ("mean", False), teacher,
+            probe_text(docs, p.queries, p.pairs, p.seed),
+            data.tokenize_and_pack(docs[:2000], tok, cfg.data.max_len), pkg, loaded, p)
+  b.teacher_e = embed(*teacher, tok, b.probe.sentences, b.pooling, p.sentence_len)
+  return b
+
+
+def quality(b: Bench, model: Tuple[BertConfig, dict], is_teacher: bool = False, finetune_too=True,
+            log=lambda m: None) -> dict:
+  """Every metric of one model: {metric: {"value", "se" | "spread", ...}}."""
   mcfg, params = model
+  p = b.protocol
   row = {}
-  if teacher is not None and mcfg.hidden_size % cfg.loss.relation_heads == 0:
-    row["heldout_relation_loss"] = heldout_relation_loss(cfg, teacher, model, rows)
-  for t, task in tasks.items():
-    row[t] = max(finetune(mcfg, params, tok, task, lr, ep, seed=cfg.seed) for lr in lrs for ep in epochs)
+  if not is_teacher and mcfg.hidden_size % b.cfg.loss.relation_heads == 0:
+    row["heldout_relation_loss"] = heldout_relation_loss(b.cfg, b.teacher, model, b.rows)
+  e_ND = b.teacher_e if is_teacher else embed(mcfg, params, b.tok, b.probe.sentences, b.pooling,
+                                              p.sentence_len)
+  row["retrieval_mrr"] = retrieval(e_ND, b.probe)
+  row["agreement"] = {"value": 1.0, "se": 0.0, "n": len(b.probe.pairs_P2)} if is_teacher else \
+      agreement(e_ND, b.teacher_e, b.probe, p.bootstrap, p.seed)
+  pk = b.package
+  parts = [embed(mcfg, params, b.tok, t[0], b.pooling, p.sentence_len) for t in (pk.train, pk.dev, pk.test)]
+  row["package_linear"] = linear_probe(*[(e, t[2]) for e, t in zip(parts, (pk.train, pk.dev, pk.test))])
+  if finetune_too:
+    for name, task in b.tasks.items():
+      row[name] = finetune(mcfg, params, b.tok, task, p.lrs, p.epochs, p.seeds, p.batch, p.finetune_len,
+                           b.pooling[0], log)
   return row
 
 
-def evaluate_run(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (2e-4,),
-                 epochs: Sequence[int] = (3,), baselines: bool = True, log=print) -> dict:
-  """Every model of the run on every task (best over the lr × epochs grid, same budget for all), plus
-  held-out relation loss, size and encoding speed. Writes DIR/eval/results.{json,md,png}."""
+LABELS = {"heldout_relation_loss": "held-out relation loss", "retrieval_mrr": "retrieval MRR",
+          "agreement": "agreement with teacher (Spearman)", "package_linear": "package: linear probe acc",
+          "package": "package: fine-tune acc", "nsp": "nsp: fine-tune acc"}
+
+
+def _fmt(m: dict) -> str:
+  """value ± error, the error to 2 significant digits and the value to the same decimals (≥ 3)."""
+  err = m.get("spread", m.get("se"))
+  if err is None or not np.isfinite(err) or err <= 0:
+    d = 3
+  else:
+    d = int(min(6, max(3, 1 - math.floor(math.log10(err)))))
+  return f"{m['value']:.{d}f} ± {err if err is not None and np.isfinite(err) else float('nan'):.{d}f}"
+
+
+def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str) -> None:
+  head = [LABELS.get(m, f"{m}: fine-tune") + (f" (± sd, {seeds} seeds)" if _is_finetune(m) else " (± SE)")
+          for m in metrics]
+  lines = ["| model | size | " + " | ".join(head) + " |", "| --- " * (len(metrics) + 2) + "|"]
+  for name, row in results.items():
+    cells = [_fmt(row[m]) if m in row else "" for m in metrics]
+    size = f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params"
+    lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
+  with open(md, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _is_finetune(metric: str) -> bool:
+  return metric not in ("heldout_relation_loss", "retrieval_mrr", "agreement", "package_linear")
+
+
+def _metrics(results: dict) -> List[str]:
+  return list(dict.fromkeys(m for row in results.values() for m, v in row.items() if isinstance(v, dict)))
+
+
+def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
+                 protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = True, baselines: bool = True,
+                 package_roots: Sequence[str] = (), log=print) -> dict:
+  """Every model of the runs (one teacher, the runs' students, one set of baselines) on every probe.
+  Fine-tuning tasks: nsp, package and `tasks`. Writes OUT/results.{json,md,png}; OUT defaults to
+  WORKDIR/eval for one run and must be given for several."""
   from transformers import AutoTokenizer
-  cfg, models, teacher_dir = models_of_run(workdir, baselines)
-  tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
-  loaded = {t: load_task(t, cfg.seed) for t in tasks}
-  rows = heldout_rows(cfg, tok)
+  workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  if not workdirs:
+    raise ValueError("give at least one --workdir")
+  if out is None:
+    if len(workdirs) > 1:
+      raise ValueError("several runs: give --out DIR for the shared table")
+    out = os.path.join(workdirs[0], "eval")
+  cfg, models, teacher_dir = models_of_runs(workdirs, baselines)
+  tok = AutoTokenizer.from_pretrained(os.path.join(workdirs[0], "student"))
+  ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
+  t0 = time.time()
+  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
   results = {}
   for name, (mcfg, params) in models.items():
+    t = time.time()
     row = {"layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
            "params_M": sum(np.size(x) for x in jax.tree.leaves(params)) / 1e6,
            "encode_tokens_per_s": encode_speed(mcfg, params)}
-    teacher = None if name == "teacher" else models["teacher"]
-    row.update(_quality(cfg, teacher, (mcfg, params), tok, loaded, rows, lrs, epochs))
-    log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    row.update(quality(b, (mcfg, params), name == "teacher", finetune_too, log))
+    row["eval_seconds"] = time.time() - t
+    log(f"{name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if isinstance(v, dict)) +
+        f" ({row['eval_seconds']:.0f}s)")
     results[name] = row
-  out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
-  hf._write_json(os.path.join(out, "results.json"), {"workdir": workdir, "tasks": list(tasks),
-                                                      "lrs": list(lrs), "epochs": list(epochs),
-                                                      "results": results})
-  cols = ["params_M", "encode_tokens_per_s", "heldout_relation_loss", *tasks]
-  lines = ["| model | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 1) + "|"]
-  for name, row in results.items():
-    cell = lambda c: "" if c not in row else (f"{row[c]:.0f}" if c == "encode_tokens_per_s"
-                                               else f"{row[c]:.4g}")
-    lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  _bar_chart(results, tasks, os.path.join(out, "results.png"))
+  settings = _settings(protocol, text, ft, package_roots)
+  hf._write_json(os.path.join(out, "results.json"), {
+      "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(b.pooling), "settings": settings,
+      "package_labels": b.package.labels, "seconds": time.time() - t0, "results": results})
+  write_table(results, _metrics(results), protocol.seeds, os.path.join(out, "results.md"))
+  _bar_chart(results, _metrics(results), os.path.join(out, "results.png"))
   return results
 
 
-def evaluate_curve(workdir: str, tasks: Sequence[str] = ("nsp",), lrs: Sequence[float] = (2e-4,),
-                   epochs: Sequence[int] = (3,), log=print) -> dict:
-  """Quality against compute: the student of every kept checkpoint on the tasks and the held-out relation
-  loss, beside the flat lines of DIR/eval/results.json (run `evaluate_run` first, same grid). Writes
-  DIR/eval/curve.{json,png}: {step: row} with the tokens seen at each step."""
+def _settings(protocol: Protocol, text, tasks, package_roots) -> dict:
+  return json.loads(json.dumps({"protocol": dataclasses.asdict(protocol), "tasks": list(tasks),
+                                "text": text if text is None or isinstance(text, str) else "in-memory",
+                                "package_roots": list(package_roots)}))
+
+
+def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
+                   protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = False,
+                   package_roots: Sequence[str] = (), log=print) -> dict:
+  """Quality against compute: the student of every kept checkpoint on the cheap probes (held-out
+  relation loss, retrieval, agreement, package linear probe; fine-tuning with `finetune_too`), beside the
+  flat lines of OUT/results.json (run `evaluate_run` first, with the same settings). Writes
+  OUT/curve.{json,png}: {step: row} with the tokens seen at each step."""
   from transformers import AutoTokenizer
   from minilm_jax import checkpoint
-  table = os.path.join(workdir, "eval", "results.json")
+  out = out or os.path.join(workdir, "eval")
+  table = os.path.join(out, "results.json")
   if not os.path.isfile(table):
     raise FileNotFoundError(f"{table}: no results table; evaluate the run without --curve first")
   with open(table) as f:
     flat = json.load(f)
-  if (flat["tasks"], flat["lrs"], flat["epochs"]) != (list(tasks), list(lrs), list(epochs)):
-    raise ValueError(f"{table} was made with tasks {flat['tasks']}, lrs {flat['lrs']} and epochs "
-                     f"{flat['epochs']}: evaluate the curve on the same grid, or evaluate the run again")
-  cfg, models, _ = models_of_run(workdir, baselines=False)
-  student_config = models["student (distilled)"][0]
+  ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
+  want = _settings(protocol, text, ft, package_roots)
+  mine = {k: v for k, v in want.items() if k != "tasks"}
+  if {k: v for k, v in flat["settings"].items() if k != "tasks"} != mine or \
+     not set(ft) <= set(flat["settings"]["tasks"]):
+    raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
+                     "the same settings, or evaluate the run again")
+  cfg, models, teacher_dir = models_of_runs([workdir], baselines=False)
+  name = student_name(workdir)
+  student_config = models[name][0]
   tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
-  loaded = {t: load_task(t, cfg.seed) for t in tasks}
-  rows = heldout_rows(cfg, tok)
-  mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), 1)
+  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
+  mngr = read_run(workdir)[2]
   curve = {}
   for step in mngr.all_steps():
-    params = checkpoint.restore_params(mngr, step)
+    params = objective.student_params(checkpoint.restore_params(mngr, step))
     row = {"tokens": step * cfg.batch_size * cfg.data.max_len}
-    row.update(_quality(cfg, models["teacher"], (student_config, params), tok, loaded, rows, lrs, epochs))
-    log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    row.update(quality(b, (student_config, params), False, finetune_too, log))
+    log(f"step {step}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if isinstance(v, dict)))
     curve[step] = row
-  hf._write_json(os.path.join(workdir, "eval", "curve.json"),
-                 {"workdir": workdir, "tasks": list(tasks), "curve": curve})
-  _curve_plot(curve, flat["results"], tasks, os.path.join(workdir, "eval", "curve.png"))
+  hf._write_json(os.path.join(out, "curve.json"), {"workdir": workdir, "settings": want, "curve": curve})
+  _curve_plot(curve, flat["results"], name, os.path.join(out, "curve.png"))
   return curve
 
 
-def _curve_plot(curve: dict, flat: dict, tasks: Sequence[str], png: str) -> None:
+def _err(m: dict) -> float:
+  e = m.get("spread", m.get("se", 0.0))
+  return e if e is not None and np.isfinite(e) else 0.0
+
+
+def _curve_plot(curve: dict, flat: dict, student: str, png: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  metrics = [*tasks, "heldout_relation_loss"]
+  metrics = _metrics(curve)
   steps = sorted(curve)
-  fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), dpi=110, squeeze=False)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), dpi=110, squeeze=False)
   for ax, m in zip(axes[0], metrics):
-    ax.plot(steps, [curve[s][m] for s in steps], "o-", color="black", label="student (distilled)")
-    for i, (name, row) in enumerate((n, r) for n, r in flat.items() if n != "student (distilled)"):
+    ax.errorbar(steps, [curve[s][m]["value"] for s in steps], [_err(curve[s][m]) for s in steps],
+                fmt="o-", color="black", capsize=3, label=student)
+    for i, (name, row) in enumerate((n, r) for n, r in flat.items() if n != student):
       if m in row:
-        ax.axhline(row[m], color=f"C{i}", ls="--", label=name)
+        ax.axhline(row[m]["value"], color=f"C{i}", ls="--", label=name)
     ax.set_xlabel("training step")
-    ax.set_ylabel(m)
+    ax.set_ylabel(LABELS.get(m, m))
     if m == "heldout_relation_loss":
       ax.set_yscale("log")
   axes[0][0].legend(fontsize=7)
@@ -371,16 +825,20 @@ def _curve_plot(curve: dict, flat: dict, tasks: Sequence[str], png: str) -> None
   plt.close(fig)
 
 
-def _bar_chart(results: dict, tasks: Sequence[str], png: str) -> None:
+def _bar_chart(results: dict, metrics: Sequence[str], png: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   names = list(results)
-  fig, axes = plt.subplots(1, len(tasks), figsize=(4 + 2 * len(names), 4), dpi=110, squeeze=False)
-  for ax, t in zip(axes[0], tasks):
-    ax.barh(names, [results[n][t] for n in names], color="tab:blue")
-    ax.set_xlabel(t)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 3, 1 + 0.45 * len(names)),
+                           dpi=110, squeeze=False)
+  for i, (ax, m) in enumerate(zip(axes[0], metrics)):
+    rows = [results[n].get(m, {"value": np.nan}) for n in names]  # a gap where a model has no score
+    ax.barh(names, [r["value"] for r in rows], xerr=[_err(r) for r in rows], color="tab:blue", capsize=3)
+    ax.set_xlabel(LABELS.get(m, m) + (" (± sd)" if _is_finetune(m) else " (± SE)"), fontsize=8)
     ax.invert_yaxis()
+    if i:
+      ax.set_yticklabels([])
   fig.tight_layout()
   fig.savefig(png)
   plt.close(fig)

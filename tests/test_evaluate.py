@@ -1,8 +1,12 @@
-"""Evaluation: the next-sentence probe, metrics, fine-tuning, and a whole run's table with baselines."""
+"""Evaluation: probes against independent oracles, the package task, the fine-tuning protocol, and whole
+runs (one or several) with baselines, read-only."""
 
 import csv
+import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,108 @@ import pytest
 from minilm_jax import evaluate, hf, train
 from conftest import tiny_config
 
+# Small enough for tiny models in seconds; the protocol is the same as the default's.
+TINY = evaluate.Protocol(queries=150, pairs=300, bootstrap=50, package_classes=12, package_per_class=10,
+                         seeds=2, lrs=(1e-3,), epochs=1, nsp_train=40, nsp_test=32, finetune_len=32)
+held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
+
+
+def fake_site_packages(root, packages=13, docs_per_package=40):
+  """`packages` packages of docstrings in their own words, a vendored docstring in two of them, a tests
+  folder and a dist-info folder (both ignored)."""
+  rng = np.random.default_rng(0)
+  shared = "Vendored helper shared by two packages. " + "same words " * 30
+  for k in range(packages):
+    pkg = root / f"pkg{k}"
+    (pkg / "tests").mkdir(parents=True)
+    words = [f"{w}{k}" for w in ("alpha", "beta", "gamma", "delta", "omega")]
+    body = "".join(f'def f{i}():\n  """Doc {i} of pkg{k}: {" ".join(rng.choice(words, 40))}."""\n\n'
+                   for i in range(docs_per_package))
+    (pkg / "mod.py").write_text(body + (f'def v():\n  """{shared}"""\n' if k < 2 else ""))
+    (pkg / "tests" / "test_x.py").write_text('"""' + "test prose " * 30 + '"""\n')
+  (root / "pkg0-1.0.dist-info").mkdir()
+  return [str(root)]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+  return fake_site_packages(tmp_path_factory.mktemp("site"))
+
+
+def train_run(teacher, corpus, workdir, **overrides):
+  c = tiny_config(teacher, corpus, **{"steps": 4, "checkpoint_every": 1, "keep_checkpoints": 1,
+                                      "keep_every": 2, **overrides})
+  train.train_and_evaluate(c, workdir, progress=False, log=lambda m: None)
+  return workdir
+
+
+# --- Statistics and zero-shot probes ---------------------------------------------------------------------
+
+def test_spearman_and_ranks_match_scipy():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 8, 200).astype(float)  # many ties
+  y = x + rng.normal(0, 3, 200)
+  np.testing.assert_allclose(evaluate.rankdata(x), stats.rankdata(x))
+  assert evaluate.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+  assert np.isnan(evaluate.spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_reciprocal_ranks_against_a_hand_made_set():
+  c = np.eye(4)                                   # candidates: 4 orthogonal directions
+  q = np.array([[1, 0, 0, 0], [1, .5, 0, 0], [0, 0, .2, 1], [1, 1, 1, 1.]])
+  # query 0 -> its target 0 ranks 1st; query 1 -> target 1 ranks 2nd (after 0); query 2 -> target 2 is 2nd
+  # (after 3); query 3 is equally close to all 4: the target ties with 3 others, rank 1 + 3/2.
+  rr = evaluate.reciprocal_ranks(q, c, np.array([0, 1, 2, 3]))
+  np.testing.assert_allclose(rr, [1, 1 / 2, 1 / 2, 1 / 2.5])
+  exclude = np.zeros((4, 4), bool)
+  exclude[1, 0] = True                            # query 1 may not be ranked against candidate 0
+  assert evaluate.reciprocal_ranks(q, c, np.array([0, 1, 2, 3]), exclude)[1] == 1
+
+
+def test_probe_text_pairs_are_consecutive_and_retrieval_is_sane():
+  docs = [" ".join(f"Document {d} has sentence number {i}." for i in range(6)) for d in range(40)]
+  p = evaluate.probe_text(docs, queries=100, pairs=120, seed=0)
+  assert len(p.query_N) == 100 and len(p.pairs_P2) <= 120 and len(set(p.sentences)) == len(p.sentences)
+  for q, t in zip(p.query_N, p.target_N):
+    a, b = p.sentences[q].split(), p.sentences[p.cand_M[t]].split()
+    assert a[1] == b[1] and int(b[-1][:-1]) == int(a[-1][:-1]) + 1
+  rng = np.random.default_rng(0)
+  assert evaluate.retrieval(rng.normal(size=(len(p.sentences), 64)), p)["value"] < 0.2  # noise: ~ln(M)/M
+  with pytest.raises(ValueError, match="at least 20"):
+    evaluate.probe_text(["One two three four. Five six seven eight."], 10, 10, 0)
+
+
+def test_retrieval_excludes_the_query_itself_from_its_candidates():
+  # Documents A. B. C.: queries A and B, candidates B and C. Embeddings v, v + u, v + 2u: each query's
+  # successor is its nearest other sentence, so MRR is 1 only if query B is not ranked against itself.
+  docs = [f"Doc {d} sentence alpha here. Doc {d} sentence beta here. Doc {d} sentence gamma here."
+          for d in range(15)]
+  p = evaluate.probe_text(docs, queries=100, pairs=10, seed=0)
+  assert len(p.query_N) == 30
+  rng = np.random.default_rng(0)
+  v, u = rng.normal(size=(15, 64)), 0.1 * rng.normal(size=(15, 64))
+  step = {"alpha": 0, "beta": 1, "gamma": 2}
+  e = np.stack([v[int(s.split()[1])] + step[s.split()[3]] * u[int(s.split()[1])] for s in p.sentences])
+  r = evaluate.retrieval(e, p)
+  assert r["value"] == 1.0 and r["n"] == 30
+
+
+def test_agreement_is_one_with_itself_and_its_se_shrinks_with_n():
+  rng = np.random.default_rng(0)
+  t = rng.normal(size=(400, 16))
+  e = t + rng.normal(0, 1.0, t.shape)
+  se = {}
+  for n in (100, 1600):
+    p = evaluate.ProbeText([""] * 400, None, None, None, rng.integers(0, 400, (n, 2)))
+    assert evaluate.agreement(t, t, p, 50, 0)["value"] == pytest.approx(1.0)
+    a = evaluate.agreement(e, t, p, 100, 0)
+    assert 0 < a["value"] < 1
+    se[n] = a["se"]
+  assert 0 < se[1600] < se[100] / 2
+
+
+# --- Tasks ----------------------------------------------------------------------------------------------
 
 def test_nsp_pairs_are_balanced_and_honest():
   docs = [f"Doc {d} sentence one is here. Doc {d} sentence two is here. Doc {d} sentence three is here."
@@ -31,22 +137,65 @@ def test_metrics_against_hand_computed_values():
   assert evaluate.score("matthews", y, p) == pytest.approx((2 * 2 - 1 * 1) / 9)  # (tp tn - fp fn)/sqrt(3^4)
 
 
-def test_finetune_learns_a_separable_task(tiny_teacher, tmp_path):
+def test_package_task_on_a_fake_site_packages(site, tmp_path):
+  task = evaluate.package_task(site, classes=12, per_class=6, seed=0)
+  assert len(task.labels) == 12 and set(task.labels) <= {f"pkg{k}" for k in range(13)}
+  parts = {"train": task.train, "dev": task.dev, "test": task.test}
+  for a, b, y in parts.values():
+    assert b is None and np.bincount(y, minlength=12).min() == np.bincount(y).max()  # balanced
+  assert [len(p[2]) for p in parts.values()] == [12 * 4, 12 * 1, 12 * 1]  # 6 per class: 60/20/20
+  texts = [set(p[0]) for p in parts.values()]
+  assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+  for a, _, y in parts.values():
+    for doc, label in zip(a, y):
+      assert held(doc) and f"of {task.labels[label]}:" in doc  # held-out docs, labelled by package
+  assert all("Vendored" not in d for p in parts.values() for d in p[0])
+  again = evaluate.package_task(site, classes=12, per_class=6, seed=0).test  # seeded
+  assert again[0] == task.test[0] and (again[2] == task.test[2]).all()
+  with pytest.raises(ValueError, match="needs 14 installed packages"):
+    evaluate.package_task(site, classes=16, min_classes=14)
+
+
+def test_linear_probe_learns_a_separable_toy_set():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(0, 3, (5, 8))
+  def part(n):
+    y = rng.integers(0, 5, n)
+    return centres[y] + rng.normal(size=(n, 8)), y
+  r = evaluate.linear_probe(part(200), part(50), part(100))
+  assert r["value"] > 0.95 and r["se"] == pytest.approx(np.sqrt(r["value"] * (1 - r["value"]) / 100))
+  assert r["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def test_finetune_chooses_on_dev_and_reads_test_once_per_seed(tiny_teacher, tmp_path, monkeypatch):
   from transformers import AutoTokenizer
   path = tmp_path / "task.csv"
   rng = np.random.default_rng(0)
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["text", "label"])
-    for i in range(300):
+    for i in range(200):
       pos = i % 2 == 0
       w.writerow([" ".join(rng.choice(list("abc" if pos else "xyz"), 12)), "yes" if pos else "no"])
   task = evaluate.load_task(f"{path}:text,label")
-  assert len(task.train[0]) == 240 and len(task.test[0]) == 60 and task.train[1] is None
+  assert len(task.train[0]) == 160 and len(task.test[0]) == 40 and task.train[1] is None
+  reads = []
+  score = evaluate.score
+  monkeypatch.setattr(evaluate, "score", lambda m, y, p: reads.append(y is task.test[2]) or score(m, y, p))
   config, params = hf.load_pretrained(tiny_teacher)
-  acc = evaluate.finetune(config, params, AutoTokenizer.from_pretrained(tiny_teacher), task, lr=1e-3,
-                          epochs=3, max_len=32)
-  assert acc > 0.9
+  r = evaluate.finetune(config, params, AutoTokenizer.from_pretrained(tiny_teacher), task,
+                        lrs=(1e-4, 1e-3), epochs=3, seeds=2, max_len=32)
+  assert reads.count(True) == 2                          # test read once per seed, after choosing
+  assert len(reads) == 2 * (2 * 3 + 1)                   # dev after each of 3 epochs for 2 lrs, + test
+  for s in r["seeds"]:
+    grid = s["dev_grid"]
+    assert len(grid) == 6
+    best = max(grid, key=lambda g: g["dev"])             # the first of equals, as the protocol keeps
+    assert (s["lr"], s["epoch"], s["dev"]) == (best["lr"], best["epoch"], best["dev"])
+  tests = [s["test"] for s in r["seeds"]]
+  assert r["value"] == pytest.approx(np.mean(tests)) and r["spread"] == pytest.approx(np.std(tests, ddof=1))
+  assert r["se"] == pytest.approx(r["spread"] / np.sqrt(2))
+  assert r["value"] > 0.9
 
 
 def test_bad_task_file_columns(tmp_path):
@@ -56,42 +205,90 @@ def test_bad_task_file_columns(tmp_path):
     evaluate.load_task(f"{path}:text,label")
 
 
-def test_evaluate_run_has_every_model_and_baseline_and_a_curve(tiny_teacher, tiny_corpus, tmp_path):
-  w = str(tmp_path / "run")
-  c = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=1, keep_checkpoints=1, keep_every=2)
-  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
-  results = evaluate.evaluate_run(w, ["nsp"], lrs=[1e-3], epochs=[1], log=lambda m: None)
-  assert set(results) == {"teacher", "student (distilled)", "baseline: random init",
-                          "baseline: first teacher layers", "baseline: every k-th teacher layer"}
+# --- Whole runs ----------------------------------------------------------------------------------------
+
+def snapshot(folder):
+  """Every path under folder (but eval/) with its size and mtime."""
+  out = {}
+  for d, dirs, files in os.walk(folder):
+    dirs[:] = [x for x in dirs if os.path.join(d, x) != os.path.join(folder, "eval")]
+    for x in dirs + files:
+      st = os.stat(os.path.join(d, x))
+      out[os.path.relpath(os.path.join(d, x), folder)] = (st.st_size if x in files else 0, st.st_mtime_ns)
+  return out
+
+
+def test_evaluate_run_table_read_only_and_curve(tiny_teacher, tiny_corpus, tmp_path, site):
+  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "run"))
+  tmp = os.path.join(w, "checkpoints", "7.orbax-checkpoint-tmp-123")  # another process's save in flight
+  os.makedirs(tmp)
+  before = snapshot(w)
+  results = evaluate.evaluate_run(w, protocol=TINY, baselines=False, package_roots=site, log=lambda m: None)
+  assert os.path.isdir(tmp) and snapshot(w) == before  # nothing but eval/ written or removed
+  assert set(results) == {"teacher", "student: run"}
   for name, row in results.items():
-    assert 0.0 <= row["nsp"] <= 1.0 and row["encode_tokens_per_s"] > 0
-    if name != "teacher":
-      assert np.isfinite(row["heldout_relation_loss"]) and row["heldout_relation_loss"] >= 0
-  assert results["teacher"]["layers"] == 2 and results["student (distilled)"]["layers"] == 1
+    for m in ("retrieval_mrr", "agreement", "package_linear", "nsp", "package"):
+      assert 0 <= row[m]["value"] <= 1 and ("spread" in row[m] or row[m]["se"] >= 0), (name, m)
+    for m in ("nsp", "package"):
+      assert len(row[m]["seeds"]) == 2 and {"lr", "epoch", "dev", "test"} <= set(row[m]["seeds"][0])
+  assert results["teacher"]["agreement"]["value"] == 1.0 and results["teacher"]["agreement"]["se"] == 0.0
+  loss = results["student: run"]["heldout_relation_loss"]
+  assert np.isfinite(loss["value"]) and loss["value"] > 0 and loss["se"] > 0
   for name in ("results.json", "results.md", "results.png"):
     assert os.path.isfile(os.path.join(w, "eval", name))
-  table = open(os.path.join(w, "eval", "results.md")).read()
-  assert "baseline: random init" in table and "heldout_relation_loss" in table
+  table = open(os.path.join(w, "eval", "results.md")).read().splitlines()
+  assert "(± sd, 2 seeds)" in table[0] and "(± SE)" in table[0]
+  for line in table[2:]:  # every number has its ± next to it
+    cells = [c.strip() for c in line.strip("|").split("|")[2:]]
+    assert all(c == "" or " ± " in c for c in cells), line
+  saved = json.load(open(os.path.join(w, "eval", "results.json")))
+  assert saved["settings"]["protocol"]["seeds"] == 2 and len(saved["package_labels"]) == 12
 
-  with pytest.raises(ValueError, match="same grid"):
-    evaluate.evaluate_curve(w, ["nsp"], lrs=[2e-3], epochs=[1], log=lambda m: None)
-  curve = evaluate.evaluate_curve(w, ["nsp"], lrs=[1e-3], epochs=[1], log=lambda m: None)
-  assert sorted(curve) == [2, 4]  # the kept checkpoints: every 2nd step, and the latest
-  assert curve[2]["tokens"] == 2 * 8 * 32
+  with pytest.raises(ValueError, match="same settings"):
+    evaluate.evaluate_curve(w, protocol=evaluate.Protocol(), package_roots=site, log=lambda m: None)
+  curve = evaluate.evaluate_curve(w, protocol=TINY, package_roots=site, log=lambda m: None)
+  assert sorted(curve) == [2, 4] and curve[2]["tokens"] == 2 * 8 * 32  # the kept checkpoints
+  assert os.path.isdir(tmp)
   # The last checkpoint holds the exported student's params: the same scores as in the table.
-  final = results["student (distilled)"]
-  assert curve[4]["heldout_relation_loss"] == pytest.approx(final["heldout_relation_loss"], rel=1e-6)
-  assert curve[4]["nsp"] == pytest.approx(final["nsp"], abs=1e-6)
-  assert curve[2]["heldout_relation_loss"] != pytest.approx(final["heldout_relation_loss"], rel=1e-6)
+  final = results["student: run"]
+  for m in ("heldout_relation_loss", "retrieval_mrr", "agreement", "package_linear"):
+    assert curve[4][m]["value"] == pytest.approx(final[m]["value"], rel=1e-5), m
+  assert curve[2]["heldout_relation_loss"]["value"] != pytest.approx(loss["value"], rel=1e-6)
+  assert "nsp" not in curve[4]  # the curve fine-tunes only when asked
   for name in ("curve.json", "curve.png"):
     assert os.path.isfile(os.path.join(w, "eval", name))
 
 
-def test_minilm_eval_on_a_folder_that_is_not_a_run(tmp_path):
-  import subprocess
-  import sys
-  r = subprocess.run([sys.executable, "-c", "from minilm_jax.cli import eval_main; eval_main()",
-                      "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
+  a = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "a"))
+  b = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "b"), seed=1, **{"optim.lr": 1e-3})
+  with pytest.raises(ValueError, match="--out"):
+    evaluate.evaluate_run([a, b], protocol=TINY, finetune_too=False, package_roots=site)
+  out = str(tmp_path / "both")
+  results = evaluate.evaluate_run([a, b], out, protocol=TINY, finetune_too=False, package_roots=site,
+                                  log=lambda m: None)
+  assert list(results) == ["teacher", "student: a", "student: b", "baseline: random init",
+                           "baseline: first teacher layers", "baseline: every k-th teacher layer"]
+  assert results["student: a"]["heldout_relation_loss"] != results["student: b"]["heldout_relation_loss"]
+  assert all("nsp" not in row for row in results.values())
+  table = open(os.path.join(out, "results.md")).read()
+  assert table.count("baseline: random init") == 1 and "student: a" in table and "student: b" in table
+  assert not os.path.exists(os.path.join(a, "eval"))
+  c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
+  with pytest.raises(ValueError, match="another student shape.*hidden_size"):
+    evaluate.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)
+
+
+def eval_cli(*args):
+  return subprocess.run([sys.executable, "-c", "from minilm_jax.cli import eval_main; eval_main()", *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_minilm_eval_one_line_errors(tmp_path):
+  r = eval_cli("--workdir", str(tmp_path))
   assert r.returncode == 2
   assert r.stderr.strip() == f"minilm-eval: error: {tmp_path}: no checkpoint; is this a minilm-distill workdir?"
   assert os.listdir(tmp_path) == []  # nothing created
+  r = eval_cli("--workdir", str(tmp_path), "--workdir", str(tmp_path / "b"))
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "minilm-eval: error: several runs: give --out DIR for the shared table"]
