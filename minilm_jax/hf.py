@@ -94,6 +94,23 @@ def resolve(path_or_id: str) -> str:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+# A tokenizer's own files (fast, WordPiece, BPE, SentencePiece). Without one of them transformers 5 builds
+# a 5-token BERT tokenizer that maps every word to [UNK], and a run would train on nothing.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def tokenizer_files(folder: str) -> list:
+  """The tokenizer files in `folder` (TOKENIZER_FILES plus tokenizer_config.json and special tokens),
+  sorted; FileNotFoundError when it has none of TOKENIZER_FILES."""
+  names = sorted(os.listdir(folder))
+  if not any(n in TOKENIZER_FILES for n in names):
+    raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                            "copy the teacher's tokenizer into the folder")
+  extra = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+  return [n for n in names if n in TOKENIZER_FILES or n in extra]
+
+
 def load_config(folder: str) -> BertConfig:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):

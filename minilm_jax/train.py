@@ -386,18 +386,30 @@ def abstract_state(s: Setup) -> Any:
                       s.state_shardings)
 
 
+def _hash_files(h, folder: str, names) -> str:
+  for name in names:
+    with open(os.path.join(folder, name), "rb") as f:
+      for block in iter(lambda: f.read(1 << 24), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
 def teacher_identity(teacher_dir: str, tcfg: BertConfig) -> dict:
-  """Path and SHA-256 of the teacher's config and weights: a resume must use the same teacher."""
-  h = hashlib.sha256(json.dumps(tcfg.to_dict(), sort_keys=True).encode())
-  for name in sorted(os.listdir(teacher_dir)):
-    if name.endswith(".safetensors") or name == "pytorch_model.bin":
-      with open(os.path.join(teacher_dir, name), "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-          h.update(block)
-  return {"path": os.path.abspath(teacher_dir), "sha256": h.hexdigest()}
+  """Path and SHA-256 of the teacher's config and weights, and of its tokenizer: a resume must use the
+  same teacher and the same token ids."""
+  weights = [n for n in sorted(os.listdir(teacher_dir))
+             if n.endswith(".safetensors") or n == "pytorch_model.bin"]
+  return {"path": os.path.abspath(teacher_dir),
+          "sha256": _hash_files(hashlib.sha256(json.dumps(tcfg.to_dict(), sort_keys=True).encode()),
+                                teacher_dir, weights),
+          "tokenizer_sha256": _hash_files(hashlib.sha256(), teacher_dir, hf.tokenizer_files(teacher_dir))}
 
 
 # --- The loop -------------------------------------------------------------------------------------------
+
+class WorkdirWriteError(OSError):
+  """Writing to the workdir failed (a full disk, say); the checkpoints already there are intact."""
+
 
 class NonFiniteLossError(RuntimeError):
   pass
@@ -414,6 +426,12 @@ def check_resume(saved: dict, now: dict) -> None:
                      f"(sha256 {saved['teacher']['sha256'][:12]}), but the config names "
                      f"{now['teacher']['path']} (sha256 {now['teacher']['sha256'][:12]}); "
                      "use a new workdir")
+  # Runs saved before the tokenizer was part of the identity have no tokenizer_sha256: nothing to compare.
+  if saved["teacher"].get("tokenizer_sha256", now["teacher"]["tokenizer_sha256"]) != \
+      now["teacher"]["tokenizer_sha256"]:
+    raise ValueError(f"this workdir was trained with the tokenizer of {saved['teacher']['path']}, and "
+                     f"the tokenizer files in {now['teacher']['path']} differ (its token ids would not "
+                     "match the run's); use a new workdir")
   if saved["student_config"] != now["student_config"]:
     diff = {k: (saved["student_config"].get(k), v) for k, v in now["student_config"].items()
             if saved["student_config"].get(k) != v}
@@ -555,6 +573,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   local = local_dir(workdir)
   os.makedirs(local, exist_ok=True)
   s = setup(cfg)
+  hf.tokenizer_files(s.teacher_dir)  # none: a one-line error, not a run on [UNK]s
   tok = AutoTokenizer.from_pretrained(s.teacher_dir)
   if len(tok) > s.teacher_config.vocab_size:
     raise ValueError(f"the tokenizer in {s.teacher_dir} has {len(tok)} tokens, but the teacher's "
@@ -591,11 +610,16 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
-    hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
-    if cfg.export.sentence_transformers:
-      hf.export_sentence_transformers(student_dir, s.student_config, s.teacher_dir, cfg.data.max_len)
-    plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
-    _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
+    try:
+      hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
+      if cfg.export.sentence_transformers:
+        hf.export_sentence_transformers(student_dir, s.student_config, s.teacher_dir, cfg.data.max_len)
+      plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
+      _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
+    except OSError as e:  # the full disk can also come after the last save: rerunning exports again
+      raise WorkdirWriteError(f"writing the student to {student_dir} failed ({e}); the checkpoints are "
+                              f"intact (latest complete: step {status['step']}); free space and rerun "
+                              "the same command to export it") from e
     if is_remote(workdir):
       student_dir = f"{workdir.rstrip('/')}/student"
     log(f"student written to {student_dir}")
@@ -657,19 +681,20 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progr
               writer.flush()
             sync_up()
           except Exception as e:  # a failed async save surfaces here (or at the final wait)
-            raise OSError(f"saving the checkpoint at step {step} failed ({e}); earlier checkpoints "
-                          f"are intact (latest complete: step {mngr.latest_step()})") from e
+            raise WorkdirWriteError(f"saving the checkpoint at step {step} failed ({e}); earlier "
+                                    f"checkpoints are intact (latest complete: step {mngr.latest_step()})"
+                                    ) from e
         if preempted and step < cfg.steps:
           mngr.wait_until_finished()
           log(f"stopped by {stop.signal or 'preemption'} at step {step}; checkpoint saved; "
               "rerun the same command to resume")
           return {"preempted": True, "step": step, "last": last}
+  except WorkdirWriteError:
+    raise
   except OSError as e:
-    if "earlier checkpoints are intact" in str(e):
-      raise
     # e.g. a full disk while writing metrics or events: say where, and what is safe.
-    raise OSError(f"writing to {workdir} failed near step {bar.n} ({e}); earlier checkpoints are "
-                  f"intact (latest complete: step {mngr.latest_step()})") from e
+    raise WorkdirWriteError(f"writing to {workdir} failed near step {bar.n} ({e}); earlier checkpoints "
+                            f"are intact (latest complete: step {mngr.latest_step()})") from e
   finally:
     bar.close()
     if writer is not None:

@@ -257,6 +257,18 @@ def test_tokenizer_vocab_larger_than_embeddings(tiny_teacher, tiny_corpus, tmp_p
   assert_one_line_error(r, "has 30522 tokens, but the teacher's embeddings have")
 
 
+def test_teacher_without_tokenizer_files(tiny_teacher, tiny_corpus, tmp_path):
+  """transformers 5 would build a 5-token tokenizer here and the run would train on [UNK]s."""
+  t = tmp_path / "no_tok"
+  shutil.copytree(tiny_teacher, t)
+  for name in os.listdir(t):
+    if name not in ("config.json", "model.safetensors"):
+      os.remove(t / name)
+  r = run(*tiny_args(str(t), tiny_corpus), "--workdir", str(tmp_path / "w"))
+  assert_one_line_error(r, "no tokenizer files")
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_empty_dataset_and_missing_text_field(tiny_teacher, tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n\n  \n")
@@ -287,4 +299,12 @@ def test_resume_with_other_teacher_or_student_is_refused(tiny_teacher, tiny_corp
   r = run(*tiny_args(tiny_teacher, tiny_corpus, "--config.steps=4", "--config.student.num_layers=2"),
           "--workdir", w)
   assert_one_line_error(r, "incompatible student")
+  # The same weights with another tokenizer: the token ids of the run would change meaning.
+  retok = tmp_path / "retok"
+  shutil.copytree(tiny_teacher, retok)
+  vocab = (retok / "vocab.txt").read_text().splitlines()
+  (retok / "vocab.txt").write_text("\n".join(vocab[:5] + vocab[5:][::-1]) + "\n")
+  os.remove(retok / "tokenizer.json")
+  r = run(*tiny_args(str(retok), tiny_corpus, "--config.steps=4"), "--workdir", w)
+  assert_one_line_error(r, "tokenizer files in", "differ", "use a new workdir")
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == before

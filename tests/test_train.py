@@ -218,3 +218,26 @@ def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path):
   logs.clear()
   train.train_and_evaluate(cfg, w, progress=False, log=logs.append)
   assert sum("already trained" in l for l in logs) == 2, logs
+
+
+def test_a_failed_export_is_a_workdir_write_error_and_a_rerun_exports(tiny_teacher, tiny_corpus, tmp_path,
+                                                                      monkeypatch):
+  """A full disk after the last save (CI saw one): the error says the checkpoints are intact, and the
+  same command run again exports the student from them without training."""
+  import errno
+  import os
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=2, checkpoint_every=2)
+  workdir = str(tmp_path / "w")
+  export = hf.export_student
+
+  def full(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(hf, "export_student", full)
+  with pytest.raises(train.WorkdirWriteError, match="No space left on device.*intact.*step 2"):
+    train.train_and_evaluate(cfg, workdir, progress=False, log=lambda m: None)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  monkeypatch.setattr(hf, "export_student", export)
+  logs = []
+  train.train_and_evaluate(cfg, workdir, progress=False, log=logs.append)
+  assert any("already trained to step 2" in m for m in logs), logs
+  assert os.path.isfile(os.path.join(workdir, "student", "config.json"))
