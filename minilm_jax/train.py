@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from minilm_jax import checkpoint, data, hf, objective, sharding
+from minilm_jax import card, checkpoint, data, hf, objective, sharding
 from minilm_jax.model import BertConfig, BertEncoder
 
 STUDENT_INITS = ("random", "teacher", "teacher_first")
@@ -614,6 +614,9 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       hf.export_student(student_dir, s.student_config, jax.device_get(params), tokenizer=s.teacher_dir)
       if cfg.export.sentence_transformers:
         hf.export_sentence_transformers(student_dir, s.student_config, s.teacher_dir, cfg.data.max_len)
+      card.write_card(student_dir, card.model_card(
+          meta["config"], meta["student_config"], status["step"], cfg.export.sentence_transformers,
+          card.eval_table(local)))
       plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
       _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
     except OSError as e:  # the full disk can also come after the last save: rerunning exports again

@@ -57,7 +57,7 @@ def test_demo_runs_loss_falls_and_student_loads(real_teacher, tmp_path):
     assert m["tokens_per_s"] > 0
   assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
   for name in ("loss.png", "student/config.json", "student/model.safetensors", "student/tokenizer.json",
-               "student/flax_params.msgpack"):
+               "student/flax_params.msgpack", "student/README.md"):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "tb"))
   # The export loads in transformers with every encoder weight, and agrees with the Flax student.
