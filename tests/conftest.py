@@ -128,4 +128,6 @@ def tiny_config(teacher, corpus, **overrides):
 TINY_CLI_ARGS = ["--config.student.num_layers=1", "--config.student.hidden_size=16",
                  "--config.student.num_heads=4", "--config.student.intermediate_size=32",
                  "--config.loss.relation_heads=4", "--config.data.max_len=32", "--config.batch_size=8",
-                 "--config.log_every=1", "--config.optim.warmup_steps=2"]
+                 "--config.log_every=1", "--config.optim.warmup_steps=2",
+                 # The demo's output terms need a sentence-transformers teacher; the tiny one is plain BERT.
+                 "--config.student.init=random", "--config.loss.terms=relations"]
