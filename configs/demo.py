@@ -8,7 +8,7 @@ tokenising and compiling). The loss falls from about 2.3 to about 0.75. The corp
 (~425k tokens of Python documentation), not a pretraining corpus.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():
