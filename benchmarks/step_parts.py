@@ -13,7 +13,7 @@ import time
 import jax
 import optax
 
-from minilm_jax import bench, hf, losses, sharding, train
+from minilm_jax import bench, config, hf, losses, objective, optimizer, sharding, train
 from minilm_jax.model import BertEncoder
 
 
@@ -27,7 +27,7 @@ def timeit(f, *args, n=5):
 
 
 def main():
-  cfg = train.default_config()
+  cfg = config.default_config()
   cfg.teacher = hf.packaged_teacher_path()
   s = train.setup(cfg)
   b = sharding.put_batch(s.mesh, bench.make_batch(32, 128, s.teacher_config.vocab_size, 0.25))
@@ -38,11 +38,11 @@ def main():
   t_fwd = jax.jit(lambda p: teacher.apply({"params": p}, ids, mask, stop_at_capture=True).qkv)
   s_fwd = jax.jit(lambda p: student.apply({"params": p}, ids, mask, stop_at_capture=True).qkv)
   tq, sq = t_fwd(s.teacher_params), s_fwd(state.params)
-  distill = train.distill_loss_fn(cfg, teacher, student, s.teacher_layer)
+  distill = objective.distill_loss_fn(cfg, teacher, student, s.teacher_layer)
   s_grad = jax.jit(jax.grad(lambda p, k: distill(p, s.teacher_params, b, k)))
   s_grad_nodrop = jax.jit(jax.grad(lambda p: distill(p, s.teacher_params, b)))
   grads = s_grad(state.params, jax.random.key(0))
-  tx = train.make_optimizer(cfg, state.params, s.student_config.num_hidden_layers)
+  tx = optimizer.make_optimizer(cfg, state.params, s.student_config.num_hidden_layers)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
   parts = {
       "teacher forward (to its last Q/K/V)": timeit(t_fwd, s.teacher_params),

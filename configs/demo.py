@@ -12,7 +12,7 @@ layers copied as they are, and its held-out relation loss is a fraction of their
 The corpus is a small demo corpus (~425k tokens of Python documentation), not a pretraining corpus.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ Cost: about 8 minutes on 2 CPU cores (150 assistant steps and 150 student steps 
 Writes workdirs/demo_ta/assistant/student (the assistant), workdirs/demo_ta/student and loss_chain.png.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ The student starts from the teacher's first 3 layers: on this budget the probe's
 is those layers, so distillation has to add to them rather than catch up from random weights.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Cost (estimate): 1.3e19 FLOPs for the student stage at batch 256 × 400k × 512,
 12-layer assistant stage: about 1 day on a TPU v4-8 at 40% MFU for both.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ SQuAD2/MNLI/SST-2 average): 81.9, and 82.1 through a 12×384 teaching assistant 
 Cost (estimate): 1.3e19 FLOPs, about 0.3 days on a TPU v4-8 at 40% MFU.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Cost (estimate, bench.minilm_flops_per_step × 400k steps): 9.0e19 FLOPs, about 
 Reported dev average over 8 tasks: 80.4 (BERT-base 81.5).
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

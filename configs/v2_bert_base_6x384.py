@@ -7,7 +7,7 @@ AdamW eps 1e-6, weight decay 0.01, lr 6e-4, 4k warmup, A_r = 48, seq 512.
 Cost (estimate): 5.2e19 FLOPs at batch 1024, about 1.4 days on a TPU v4-8 at 40% MFU.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

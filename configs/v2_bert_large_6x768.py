@@ -7,7 +7,7 @@ The teacher runs only up to layer 21's Q/K/V. Cost (estimate): 1.7e20 FLOPs at b
 512, about 1.1 days on a TPU v4-32 at 40% MFU. Use parallel.fsdp to shard the teacher if memory is short.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

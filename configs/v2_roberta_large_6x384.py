@@ -6,7 +6,7 @@ RoBERTa positions are offset by the padding index (handled by the encoder); max_
 Cost (estimate): 1.2e20 FLOPs at batch 1024 × 400k × 512, about 0.8 days on a TPU v4-32 at 40% MFU.
 """
 
-from minilm_jax.train import default_config
+from minilm_jax.config import default_config
 
 
 def get_config():

@@ -113,7 +113,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-  from minilm_jax import hf, sharding, train
+  from minilm_jax import config, hf, sharding, train
   from minilm_jax.model import BertEncoder
   teacher_dir = hf.resolve(args.teacher)
   tcfg = hf.load_config(teacher_dir)
@@ -123,7 +123,7 @@ def run(args) -> dict:
     tparams = jax.device_get(BertEncoder(tcfg).init_params(jax.random.key(1)))
   else:
     tcfg, tparams = hf.load_pretrained(teacher_dir)
-  cfg = train.default_config()
+  cfg = config.default_config()
   cfg.teacher = teacher_dir
   cfg.student.update(num_layers=args.student_layers, hidden_size=args.student_hidden,
                      num_heads=args.student_heads,

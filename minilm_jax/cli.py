@@ -95,7 +95,7 @@ def _parse(argv):
     key = str(e).strip("\"'")
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
     raise ValueError(f"unknown config key {bad[0] if bad else key!r} (see the config's keys in "
-                     "minilm_jax.train.default_config)") from None
+                     "minilm_jax.config.default_config)") from None
   except flags.Error as e:
     raise ValueError(str(e).splitlines()[0]) from None
 
@@ -151,6 +151,8 @@ def eval_main(argv=None):
   try:
     if a.seeds < 1 or a.epochs < 1:
       raise ValueError("--seeds and --epochs must be at least 1")
+    if any(not 0 < lr < float("inf") for lr in a.lr or ()):
+      raise ValueError(f"--lr {', '.join(map(str, a.lr))}: learning rates must be positive and finite")
     if a.curve and len(a.workdir) > 1:
       raise ValueError("--curve evaluates the checkpoints of one run: give one --workdir")
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
@@ -163,7 +165,8 @@ def eval_main(argv=None):
     if a.verbose:
       raise
     _fail("minilm-eval", e)
-  print(f"results in {a.out or os.path.join(a.workdir[0], 'eval')}")
+  from minilm_jax import workdir as wd
+  print(f"results in {a.out or wd.eval_dir(a.workdir[0])}")
 
 
 if __name__ == "__main__":

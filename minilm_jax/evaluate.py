@@ -52,7 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data, hf, losses, objective, train
+from minilm_jax import data, hf, losses, objective
+from minilm_jax import workdir as wd
+from minilm_jax.optimizer import decay_mask, warmup_linear_decay
+from minilm_jax.student import init_student, teacher_layer_index
 from minilm_jax.model import BertConfig, BertEncoder
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
@@ -444,8 +447,8 @@ def _predict_fn(model: Classifier):
 def _train_step(model: Classifier, total: int):
   """(tx, step), cached so models of one shape share the compile: AdamW on a unit-peak warmup/linear-decay schedule over `total` steps, the update scaled
   by the lr argument (AdamW's decoupled decay scales with lr too, so this is AdamW at that lr)."""
-  tx = optax.adamw(train.warmup_linear_decay(1.0, total // 10, total), weight_decay=0.01,
-                   mask=train.decay_mask)
+  tx = optax.adamw(warmup_linear_decay(1.0, total // 10, total), weight_decay=0.01,
+                   mask=decay_mask)
 
   @jax.jit
   def step(v, opt, x, y, k, lr):
@@ -520,7 +523,7 @@ def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[
   `teacher` on `rows`: mean and SE over `batches` batches."""
   tcfg, tparams = teacher
   scfg, sparams = student
-  tl = train.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
+  tl = teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
   loss = jax.jit(objective.distill_loss_fn(cfg, BertEncoder(tcfg), BertEncoder(scfg), tl,
                                            terms=("relations",)))
   n = min(batches, max(1, len(rows["input_ids"]) // batch))
@@ -537,9 +540,10 @@ def open_checkpoints(workdir: str):
   neither creates folders nor cleans up another process's in-flight temporary saves; finished steps only."""
   import orbax.checkpoint as ocp
   from absl import logging
-  ckpts = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(ckpts):
+  ckpts = wd.join(workdir, wd.CHECKPOINTS)
+  if not wd.exists(ckpts):
     return None
+  ckpts = ckpts if wd.is_remote(ckpts) else os.path.abspath(ckpts)
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # Orbax warns about each option read_only turns off
   try:
@@ -584,7 +588,7 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
                        "compare runs of one student shape")
   teacher_dir = meta["teacher"]["path"]
   models = {}
-  a_mngr = open_checkpoints(os.path.join(workdirs[0], "assistant"))
+  a_mngr = open_checkpoints(wd.join(workdirs[0], wd.ASSISTANT))
   if a_mngr is not None and a_mngr.latest_step() is not None:  # a chain: the teacher is the assistant's
     a_meta = checkpoint.read_meta(a_mngr, a_mngr.latest_step())
     models["teacher"] = hf.load_pretrained(a_meta["teacher"]["path"])
@@ -597,7 +601,7 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
   if len(set(names)) < len(names):
     names = [f"student: {w}" for w in workdirs]
   for name, w in zip(names, workdirs):
-    encoder, sparams = hf.load_student(w)
+    encoder, sparams = hf.load_student(wd.local_student(w))
     models[name] = (encoder.config, objective.student_params(sparams))
   if baselines:
     tcfg, tparams = models["teacher"]
@@ -606,7 +610,7 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
       c.student.init = init
       name = {"random": "baseline: random init", "teacher_first": "baseline: first teacher layers",
               "teacher": "baseline: every k-th teacher layer"}[init]
-      p = train.init_student(c, encoder.config, jax.tree.map(jnp.asarray, tparams),
+      p = init_student(c, encoder.config, jax.tree.map(jnp.asarray, tparams),
                              tcfg.num_hidden_layers, jax.random.key(cfg.seed))
       models[name] = (encoder.config, jax.device_get(p))
   return cfg, models, teacher_dir
@@ -724,9 +728,9 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   if out is None:
     if len(workdirs) > 1:
       raise ValueError("several runs: give --out DIR for the shared table")
-    out = os.path.join(workdirs[0], "eval")
+    out = wd.eval_dir(workdirs[0])
   cfg, models, teacher_dir = models_of_runs(workdirs, baselines)
-  tok = AutoTokenizer.from_pretrained(os.path.join(workdirs[0], "student"))
+  tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
   t0 = time.time()
   b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
@@ -766,7 +770,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   OUT/curve.{json,png}: {step: row} with the tokens seen at each step."""
   from transformers import AutoTokenizer
   from minilm_jax import checkpoint
-  out = out or os.path.join(workdir, "eval")
+  out = out or wd.eval_dir(workdir)
   table = os.path.join(out, "results.json")
   if not os.path.isfile(table):
     raise FileNotFoundError(f"{table}: no results table; evaluate the run without --curve first")
@@ -782,7 +786,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   cfg, models, teacher_dir = models_of_runs([workdir], baselines=False)
   name = student_name(workdir)
   student_config = models[name][0]
-  tok = AutoTokenizer.from_pretrained(os.path.join(workdir, "student"))
+  tok = AutoTokenizer.from_pretrained(wd.local_student(workdir))
   b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
   mngr = read_run(workdir)[2]
   curve = {}

@@ -329,7 +329,8 @@ def load_student(path: str):
   """(BertEncoder, params) from a trainer workdir, its `student/` folder, or any HF folder: one line
   for Flax users. Prefers the exact Flax params, else converts model.safetensors."""
   from flax import serialization
-  folder = os.path.join(path, "student") if os.path.isdir(os.path.join(path, "student")) else path
+  from minilm_jax import workdir as wd  # here, not at the top: workdir.py imports hf
+  folder = wd.join(path, wd.STUDENT) if os.path.isdir(wd.join(path, wd.STUDENT)) else path
   flax_file = os.path.join(folder, FLAX_PARAMS)
   if os.path.isfile(flax_file):
     config = load_config(folder)

@@ -1,4 +1,8 @@
-"""The distillation trainer: state, the jitted step, and the loop (closures over the config).
+"""The distillation trainer: state, the jitted step, the setup, the loop and the teaching-assistant chain.
+
+What it builds on, one module each: config.py (keys, checks, the run's identity), student.py (shape, init,
+frozen parameters), objective.py (what the student is trained to match), optimizer.py (AdamW and the
+schedule), workdir.py (the workdir's layout and its gs:// mirror), checkpoint.py, data.py, sharding.py.
 
 The step runs the frozen teacher and the student (with dropout) as far as the objective's terms need
 (objective.py), takes the weighted terms, and applies AdamW. With the MiniLM relations alone, the teacher
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -28,9 +31,12 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from minilm_jax import card, checkpoint, data, hf, objective, sharding
+from minilm_jax import workdir as wd
+from minilm_jax.config import check_config, check_resume, compute_dtype, teacher_identity
+from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
 from minilm_jax.model import BertConfig, BertEncoder
-
-STUDENT_INITS = ("random", "teacher", "teacher_first")
+from minilm_jax.optimizer import lr_schedule, make_optimizer
+from minilm_jax.student import init_student, student_config, teacher_layer_index
 
 
 @flax.struct.dataclass
@@ -42,146 +48,7 @@ class TrainState:
   first_nonfinite: jax.Array   # int32: the first such step, -1 if none
 
 
-def default_config():
-  """Every config key with its default; configs/*.py start from this and change what they need."""
-  import ml_collections
-  c = ml_collections.ConfigDict()
-  c.teacher = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder or hub id (this one ships offline)
-  c.student = dict(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
-                   init="random",   # "random" (the papers) | "teacher" (every k-th layer) | "teacher_first"
-                   dropout=0.1)
-  c.loss = dict(version="v2",       # "v1": attention + value relation | "v2": Q-Q + K-K + V-V
-                relation_heads=12,  # v1: the native head count; v2: A_r (48 base, 64 large in the paper)
-                teacher_layer=-1,   # 1-based as in the papers (21 of 24 for BERT-large); -1 = last
-                reduction="example",  # "example": 1/(A|x|) per example then batch mean | "token"
-                weights=(),         # per-relation weights (v1: 2, v2: 3); () = all 1
-                chunk_heads=0,      # 0 = automatic; n = relation KL n heads at a time (long sequences)
-                # What the student matches (objective.py): "relations" (the papers), "hidden" (the
-                # teacher's states at the output of teacher_layer), "embedding" (its sentence embedding)
-                terms="relations",
-                term_weights=())    # one weight per term, in the order of `terms`; () = all 1
-  # "stdlib" (demo corpus) | "pydocs" (stdlib + installed packages' docstrings) | a .txt/.jsonl/.parquet
-  # file or folder | a `datasets` hub name
-  c.data = dict(source="stdlib",
-                hub_config="", text_field="text", split="train", max_len=128)
-  c.batch_size = 32                 # global, over all devices and hosts
-  c.grad_accum = 1
-  c.steps = 1000
-  c.seed = 0
-  c.log_every = 10
-  c.checkpoint_every = 100
-  c.keep_checkpoints = 3
-  c.keep_every = 0                  # > 0: also keep every n-th step's checkpoint for good
-  c.max_nonfinite_steps = 0         # NaN/Inf steps skipped before the run stops with an error
-  c.optim = dict(lr=6e-4, warmup_steps=100, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
-  c.parallel = dict(mode="jit", fsdp=1)
-  c.export = dict(sentence_transformers=True)  # also make DIR/student a sentence-transformers folder
-  # Teaching assistant (MiniLM v1, Sec. 3.3): first distil the teacher into an assistant with the
-  # teacher's depth and the student's width, in DIR/assistant; then the assistant teaches the student.
-  c.assistant = dict(enabled=False, steps=0)  # steps 0: as many as the student stage
-  c.precision = "float32"           # "bfloat16": bf16 teacher and compute; the loss stays fp32
-  return c
-
-
-# --- Configuration -> models ---------------------------------------------------------------------------
-
-def teacher_layer_index(teacher_layer: int, num_layers: int) -> int:
-  """`loss.teacher_layer` is 1-based as in the papers (21 of 24 for BERT-large) or negative from the
-  end (-1 = last). Returns the 0-based index."""
-  if 1 <= teacher_layer <= num_layers:
-    return teacher_layer - 1
-  if -num_layers <= teacher_layer <= -1:
-    return num_layers + teacher_layer
-  raise ValueError(f"loss.teacher_layer {teacher_layer} is out of range for a {num_layers}-layer "
-                   f"teacher: use 1..{num_layers}, or -1 for the last")
-
-
-def student_config(cfg, teacher: BertConfig) -> BertConfig:
-  """The teacher's vocabulary, positions and type vocabulary, with the student's depth and width."""
-  s = cfg.student
-  return dataclasses.replace(
-      teacher, num_hidden_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
-      intermediate_size=s.intermediate_size, hidden_dropout_prob=s.dropout,
-      attention_probs_dropout_prob=s.dropout)
-
-
-def teacher_init_layers(init: str, teacher_layers: int, student_layers: int) -> list:
-  """Teacher layer indices a "teacher"/"teacher_first" init copies into student layers 0..n-1."""
-  if student_layers > teacher_layers:
-    raise ValueError(f"student.init={init!r} needs a student no deeper than the teacher "
-                     f"({student_layers} > {teacher_layers} layers)")
-  if init == "teacher_first":
-    return list(range(student_layers))
-  k = teacher_layers // student_layers  # every k-th layer, starting from the first
-  return [i * k for i in range(student_layers)]
-
-
-def init_student(cfg, scfg: BertConfig, teacher_params: Any, teacher_layers: int, rng) -> Any:
-  """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns)."""
-  params = BertEncoder(scfg).init_params(rng)
-  if cfg.student.init == "random":
-    return params
-  layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers)
-  cut = lambda t, s: t[tuple(slice(0, n) for n in s.shape)].astype(s.dtype)
-  out = jax.tree.map(cut, {k: v for k, v in teacher_params.items() if k != "encoder"},
-                     {k: v for k, v in params.items() if k != "encoder"})
-  out["encoder"] = {"layer": {str(i): jax.tree.map(cut, teacher_params["encoder"]["layer"][str(t)],
-                                                   params["encoder"]["layer"][str(i)])
-                              for i, t in enumerate(layers)}}
-  return out
-
-
-# --- Optimizer ------------------------------------------------------------------------------------------
-
-def _path_names(path) -> Tuple[str, ...]:
-  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-
-
-def frozen_labels(params: Any, num_layers: int, reaches_output: bool = False) -> Any:
-  """"freeze" for the student's last-layer parameters the loss cannot reach, "train" elsewhere.
-  With `reaches_output` (a term on the student's output, see objective.reaches_output) every parameter
-  gets a gradient, so none is frozen."""
-  last = str(num_layers - 1)
-  def label(path, _):
-    n = _path_names(path)
-    unreachable = n[:3] == ("encoder", "layer", last) and n[3:5] != ("attention", "self")
-    return "freeze" if unreachable and not reaches_output else "train"
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def decay_mask(params: Any) -> Any:
-  """Weight decay on kernels and embeddings only: not on biases or LayerNorm (as BERT trains)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: not (_path_names(p)[-1] == "bias" or "LayerNorm" in _path_names(p)), params)
-
-
-def warmup_linear_decay(lr: float, warmup_steps: int, steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr` over `warmup_steps`, then linear decay to 0 at `steps`."""
-  warm = min(warmup_steps, steps)
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)),
-                               optax.linear_schedule(lr, 0.0, max(steps - warm, 1))], [warm])
-
-
-def lr_schedule(cfg) -> optax.Schedule:
-  return warmup_linear_decay(cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps)
-
-
-def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransformation:
-  o = cfg.optim
-  adamw = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
-      optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                  mask=decay_mask))
-  return optax.multi_transform(
-      {"train": adamw, "freeze": optax.set_to_zero()},
-      frozen_labels(params, num_layers, objective.reaches_output(objective.terms_of(cfg))))
-
-
 # --- The step -------------------------------------------------------------------------------------------
-
-# What the student is trained to match lives in objective.py; these names stay for existing callers.
-relation_loss_fn = objective.relation_loss_fn
-distill_loss_fn = objective.distill_loss_fn
 
 
 def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int,
@@ -255,45 +122,6 @@ class Setup:
   pooling: Optional[Tuple[str, bool]] = None  # the teacher's sentence pooling, for the "embedding" term
 
 
-def _dtype(precision: str):
-  if precision not in ("float32", "bfloat16"):
-    raise ValueError(f"precision {precision!r}: use 'float32' or 'bfloat16'")
-  return jnp.float32 if precision == "float32" else jnp.bfloat16
-
-
-def check_config(cfg, tcfg: BertConfig) -> None:
-  """Bad combinations as one-line ValueErrors, before any compile."""
-  s, l = cfg.student, cfg.loss
-  if s.init not in STUDENT_INITS:
-    raise ValueError(f"student.init {s.init!r}: use one of {', '.join(STUDENT_INITS)}")
-  if s.hidden_size % s.num_heads:
-    raise ValueError(f"student.num_heads {s.num_heads} does not divide student.hidden_size {s.hidden_size}")
-  objective.check_terms(cfg)
-  if "relations" not in objective.terms_of(cfg):
-    pass  # no relation term: its version and heads do not matter
-  elif l.version not in ("v1", "v2"):
-    raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
-  elif l.version == "v1":
-    if tcfg.num_attention_heads != s.num_heads:
-      raise ValueError(f"loss.version 'v1' needs equal head counts: teacher has "
-                       f"{tcfg.num_attention_heads}, student.num_heads is {s.num_heads} (use v2)")
-    if l.relation_heads != s.num_heads:
-      raise ValueError(f"loss.version 'v1' uses the native heads: loss.relation_heads must be "
-                       f"{s.num_heads}, not {l.relation_heads}")
-  for who, width in (("teacher hidden size", tcfg.hidden_size), ("student.hidden_size", s.hidden_size)):
-    if "relations" in objective.terms_of(cfg) and (l.relation_heads < 1 or width % l.relation_heads):
-      raise ValueError(f"loss.relation_heads {l.relation_heads} does not divide the {who} {width}")
-  if not 0 < cfg.optim.lr < float("inf"):
-    raise ValueError(f"optim.lr {cfg.optim.lr} must be positive and finite")
-  if cfg.data.max_len > tcfg.max_len:
-    raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the teacher's {tcfg.max_len} positions")
-  if cfg.steps < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
-    raise ValueError("steps, batch_size, log_every and checkpoint_every must be positive")
-  if cfg.grad_accum < 1:
-    raise ValueError(f"grad_accum {cfg.grad_accum} must be positive")
-  _dtype(cfg.precision)
-
-
 def setup(cfg, teacher=None) -> Setup:
   """Load the teacher (or take `teacher=(dir, config, params)`), build the models, the optimizer, the
   mesh and the jitted init and step."""
@@ -313,7 +141,7 @@ def setup(cfg, teacher=None) -> Setup:
       raise ValueError(f"loss term 'embedding' needs a sentence-transformers teacher (with modules.json), "
                        f"and {teacher_dir} is not one: use 'hidden' instead")
   projection = objective.needs_projection(terms, scfg.hidden_size, tcfg.hidden_size)
-  dtype = _dtype(cfg.precision)
+  dtype = compute_dtype(cfg.precision)
   mesh = sharding.make_mesh(cfg.parallel.fsdp)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
 
@@ -386,25 +214,6 @@ def abstract_state(s: Setup) -> Any:
                       s.state_shardings)
 
 
-def _hash_files(h, folder: str, names) -> str:
-  for name in names:
-    with open(os.path.join(folder, name), "rb") as f:
-      for block in iter(lambda: f.read(1 << 24), b""):
-        h.update(block)
-  return h.hexdigest()
-
-
-def teacher_identity(teacher_dir: str, tcfg: BertConfig) -> dict:
-  """Path and SHA-256 of the teacher's config and weights, and of its tokenizer: a resume must use the
-  same teacher and the same token ids."""
-  weights = [n for n in sorted(os.listdir(teacher_dir))
-             if n.endswith(".safetensors") or n == "pytorch_model.bin"]
-  return {"path": os.path.abspath(teacher_dir),
-          "sha256": _hash_files(hashlib.sha256(json.dumps(tcfg.to_dict(), sort_keys=True).encode()),
-                                teacher_dir, weights),
-          "tokenizer_sha256": _hash_files(hashlib.sha256(), teacher_dir, hf.tokenizer_files(teacher_dir))}
-
-
 # --- The loop -------------------------------------------------------------------------------------------
 
 class WorkdirWriteError(OSError):
@@ -413,91 +222,6 @@ class WorkdirWriteError(OSError):
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-# Config keys whose change would make a resumed run differ from an uninterrupted one.
-_RESUME_KEYS = ("student", "loss", "data", "batch_size", "grad_accum", "seed", "precision")
-
-
-def check_resume(saved: dict, now: dict) -> None:
-  """Refuse to resume with a different teacher or an incompatible student/data/loss setup."""
-  if saved["teacher"]["sha256"] != now["teacher"]["sha256"]:
-    raise ValueError(f"this workdir was trained with teacher {saved['teacher']['path']} "
-                     f"(sha256 {saved['teacher']['sha256'][:12]}), but the config names "
-                     f"{now['teacher']['path']} (sha256 {now['teacher']['sha256'][:12]}); "
-                     "use a new workdir")
-  # Runs saved before the tokenizer was part of the identity have no tokenizer_sha256: nothing to compare.
-  if saved["teacher"].get("tokenizer_sha256", now["teacher"]["tokenizer_sha256"]) != \
-      now["teacher"]["tokenizer_sha256"]:
-    raise ValueError(f"this workdir was trained with the tokenizer of {saved['teacher']['path']}, and "
-                     f"the tokenizer files in {now['teacher']['path']} differ (its token ids would not "
-                     "match the run's); use a new workdir")
-  if saved["student_config"] != now["student_config"]:
-    diff = {k: (saved["student_config"].get(k), v) for k, v in now["student_config"].items()
-            if saved["student_config"].get(k) != v}
-    raise ValueError(f"this workdir holds an incompatible student (saved vs config: {diff}); "
-                     "use a new workdir")
-  # A checkpoint written before a config key existed ran with that key's default.
-  defaults = json.loads(json.dumps(default_config().to_dict()))
-  for key in _RESUME_KEYS:
-    was = saved["config"].get(key)
-    if isinstance(was, dict) and isinstance(defaults.get(key), dict):
-      was = {**defaults[key], **was}
-    if was != now["config"].get(key):
-      raise ValueError(f"config key {key!r} differs from the run in this workdir "
-                       f"({was} vs {now['config'].get(key)}); use a new workdir")
-
-
-def _trim_metrics(path: str, last_step: int) -> None:
-  """Drop lines logged after the checkpoint we resume from: they will be logged again."""
-  if jax.process_index() != 0 or not os.path.isfile(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line)["step"] <= last_step:
-        kept.append(line)
-    except (ValueError, KeyError):
-      pass  # a torn last line from a crash
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
-
-
-def is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def _check_writable(workdir: str) -> None:
-  from etils import epath
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    probe = epath.Path(workdir) / f".write-probe-{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise OSError(f"workdir {workdir} is not writable ({e.strerror or e})") from None
-
-
-def local_dir(workdir: str) -> str:
-  """Where metrics, TensorBoard events, the token cache and the export are written: the workdir itself,
-  or for a remote (gs://) workdir a local mirror that is copied up at every checkpoint and at the end
-  (Orbax writes the checkpoints straight to the remote workdir)."""
-  return hf.cache_dir("runs", workdir) if is_remote(workdir) else workdir
-
-
-def _sync(workdir: str, local: str, names, down: bool = False) -> None:
-  """Copy files/folders `names` between the local mirror and a remote workdir (process 0 only)."""
-  if not is_remote(workdir) or jax.process_index() != 0:
-    return
-  from etils import epath
-  for name in names:
-    src, dst = (epath.Path(workdir) / name, epath.Path(local) / name) if down else \
-        (epath.Path(local) / name, epath.Path(workdir) / name)
-    if src.exists():
-      hf.copy_tree(src, dst)
 
 
 class _StopFlag:
@@ -534,7 +258,7 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   a_cfg.assistant.enabled = False
   a_cfg.student.num_layers = teacher_config.num_hidden_layers
   a_cfg.steps = cfg.assistant.steps or cfg.steps
-  a_dir = os.path.join(workdir, "assistant") if not is_remote(workdir) else f"{workdir}/assistant"
+  a_dir = wd.join(workdir, wd.ASSISTANT)
   log(f"stage 1/2: teacher -> assistant ({a_cfg.student.num_layers}x{a_cfg.student.hidden_size}) "
       f"in {a_dir}")
   first = _train_stage(a_cfg, a_dir, progress, log)
@@ -550,27 +274,44 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   log(f"stage 2/2: assistant -> student in {workdir}")
   second = _train_stage(s_cfg, workdir, progress, log)
   if not second["preempted"] and jax.process_index() == 0:
-    local, a_local = local_dir(workdir), local_dir(a_dir)
-    plots.loss_curves({"teacher -> assistant": os.path.join(a_local, "metrics.jsonl"),
-                       "assistant -> student": os.path.join(local, "metrics.jsonl")},
-                      os.path.join(local, "loss_chain.png"), "MiniLM teaching-assistant chain")
-    _sync(workdir, local, ["loss_chain.png"])
+    local, a_local = wd.local_dir(workdir), wd.local_dir(a_dir)
+    plots.loss_curves({"teacher -> assistant": os.path.join(a_local, wd.METRICS),
+                       "assistant -> student": os.path.join(local, wd.METRICS)},
+                      os.path.join(local, wd.CHAIN_PLOT), "MiniLM teaching-assistant chain")
+    wd.sync(workdir, local, [wd.CHAIN_PLOT])
   return {**second, "assistant_dir": first["student_dir"]}
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop works with besides the train state: one stage's setup, data and places."""
+  cfg: Any
+  s: Setup
+  rows: Any                 # the packed token rows (data.tokenize_and_pack)
+  mngr: Any                 # the Orbax CheckpointManager
+  meta: dict                # saved with every checkpoint: the run's identity (config.check_resume)
+  workdir: str              # where the checkpoints go (local or gs://)
+  local: str                # where metrics, events and the export are written (wd.local_dir)
+  progress: bool
+  log: Callable[[str], None]
+
+  def sync_up(self, names=(wd.METRICS, wd.EVENTS)) -> None:
+    wd.sync(self.workdir, self.local, list(names))
 
 
 def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
                  log: Callable[[str], None] = print) -> dict:
-  """One distillation run, teacher to student, in `workdir`.
+  """One distillation run, teacher to student, in `workdir` (layout: workdir.py).
 
-  Writes workdir/checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF
-  folder with flax_params.msgpack) and loss.png. Returns a summary dict.
+  Writes checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF folder
+  with flax_params.msgpack and a model card) and loss.png. Returns a summary dict.
   """
   from transformers import AutoTokenizer
   from minilm_jax import plots
   if progress is None:
     progress = sys.stderr.isatty()
-  _check_writable(workdir)
-  local = local_dir(workdir)
+  wd.check_writable(workdir)
+  local = wd.local_dir(workdir)
   os.makedirs(local, exist_ok=True)
   s = setup(cfg)
   hf.tokenizer_files(s.teacher_dir)  # none: a one-line error, not a run on [UNK]s
@@ -579,13 +320,16 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
     raise ValueError(f"the tokenizer in {s.teacher_dir} has {len(tok)} tokens, but the teacher's "
                      f"embeddings have {s.teacher_config.vocab_size} rows")
   docs = data.load_texts(cfg.data.source, cfg.data.text_field, cfg.data.hub_config, cfg.data.split)
-  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(local, "cache"), progress)
+  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(local, wd.TOKEN_CACHE),
+                                progress)
   meta = {"teacher": teacher_identity(s.teacher_dir, s.teacher_config),
           "student_config": s.student_config.to_dict(),
           "config": json.loads(json.dumps(cfg.to_dict()))}  # as a checkpoint reads it back
 
-  mngr = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+  mngr = checkpoint.make_manager(wd.join(workdir, wd.CHECKPOINTS), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)
+  run = _Run(cfg, s, rows, mngr, meta, workdir, local, progress, log)
+  metrics_path = os.path.join(local, wd.METRICS)
   try:
     state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s),
                                                     lambda saved: check_resume(saved, meta))
@@ -593,18 +337,16 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       state, start = s.init_state(), 0
     else:
       log(f"resuming from step {start} in {workdir}")
-      _sync(workdir, local, ["metrics.jsonl", "tb"], down=True)
-    metrics_path = os.path.join(local, "metrics.jsonl")
-    _trim_metrics(metrics_path, start)
-    status = _loop(cfg, s, state, start, rows, mngr, meta, local,
-                   lambda: _sync(workdir, local, ["metrics.jsonl", "tb"]), progress, log)
+      wd.sync(workdir, local, [wd.METRICS, wd.EVENTS], down=True)
+    wd.trim_metrics(metrics_path, start)
+    status = _loop(run, state, start)
     if status["preempted"]:
       return status
   finally:
     mngr.wait_until_finished()  # never exit with a save half done
     mngr.close()
   state = status.pop("state")
-  student_dir = os.path.join(local, "student")
+  student_dir = os.path.join(local, wd.STUDENT)
   params = objective.student_params(state.params)  # the projection head stays in the checkpoints
   if jax.process_count() > 1:  # every host takes part in gathering the (possibly sharded) params
     from jax.experimental import multihost_utils
@@ -617,32 +359,32 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       card.write_card(student_dir, card.model_card(
           meta["config"], meta["student_config"], status["step"], cfg.export.sentence_transformers,
           card.eval_table(local)))
-      plots.loss_curve(metrics_path, os.path.join(local, "loss.png"))
-      _sync(workdir, local, ["metrics.jsonl", "tb", "loss.png", "student"])
+      plots.loss_curve(metrics_path, os.path.join(local, wd.LOSS_PLOT))
+      run.sync_up([wd.METRICS, wd.EVENTS, wd.LOSS_PLOT, wd.STUDENT])
     except OSError as e:  # the full disk can also come after the last save: rerunning exports again
       raise WorkdirWriteError(f"writing the student to {student_dir} failed ({e}); the checkpoints are "
                               f"intact (latest complete: step {status['step']}); free space and rerun "
                               "the same command to export it") from e
-    if is_remote(workdir):
-      student_dir = f"{workdir.rstrip('/')}/student"
+    student_dir = wd.join(workdir, wd.STUDENT)
     log(f"student written to {student_dir}")
   return {**status, "student_dir": student_dir}
 
 
-def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progress, log) -> dict:
-  """The steps from `start` to cfg.steps; `workdir` here is where metrics and events are written."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+def _loop(run: _Run, state, start: int) -> dict:
+  """The steps from `start` to cfg.steps: log, checkpoint, stop cleanly on a signal or preemption."""
+  cfg, s, mngr = run.cfg, run.s, run.mngr
+  metrics_path = os.path.join(run.local, wd.METRICS)
   from tqdm.auto import tqdm
   from tensorboardX import SummaryWriter
   tokens_per_step = cfg.batch_size * cfg.data.max_len
-  make_batch = lambda step: data.host_batch(rows, step, cfg.batch_size, cfg.seed, jax.process_index(),
+  make_batch = lambda step: data.host_batch(run.rows, step, cfg.batch_size, cfg.seed, jax.process_index(),
                                             jax.process_count())
-  bar = tqdm(total=cfg.steps, initial=start, desc="distilling", unit="step", disable=not progress,
+  bar = tqdm(total=cfg.steps, initial=start, desc="distilling", unit="step", disable=not run.progress,
              dynamic_ncols=True)
-  writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start) if jax.process_index() == 0 \
-      else None
+  writer = SummaryWriter(os.path.join(run.local, wd.EVENTS), purge_step=start) \
+      if jax.process_index() == 0 else None
   last_t, last_step, last = time.time(), start, None
-  step_meta = lambda step: {**meta, "step": step, "data_position": step * cfg.batch_size}
+  step_meta = lambda step: {**run.meta, "step": step, "data_position": step * cfg.batch_size}
 
   def check_finite(state, step):
     bad, first = int(state.nonfinite), int(state.first_nonfinite)
@@ -682,21 +424,21 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progr
             checkpoint.save(mngr, step, state, step_meta(step), force=True)
             if writer is not None:
               writer.flush()
-            sync_up()
+            run.sync_up()
           except Exception as e:  # a failed async save surfaces here (or at the final wait)
             raise WorkdirWriteError(f"saving the checkpoint at step {step} failed ({e}); earlier "
                                     f"checkpoints are intact (latest complete: step {mngr.latest_step()})"
                                     ) from e
         if preempted and step < cfg.steps:
           mngr.wait_until_finished()
-          log(f"stopped by {stop.signal or 'preemption'} at step {step}; checkpoint saved; "
+          run.log(f"stopped by {stop.signal or 'preemption'} at step {step}; checkpoint saved; "
               "rerun the same command to resume")
           return {"preempted": True, "step": step, "last": last}
   except WorkdirWriteError:
     raise
   except OSError as e:
     # e.g. a full disk while writing metrics or events: say where, and what is safe.
-    raise WorkdirWriteError(f"writing to {workdir} failed near step {bar.n} ({e}); earlier checkpoints "
+    raise WorkdirWriteError(f"writing to {run.local} failed near step {bar.n} ({e}); earlier checkpoints "
                             f"are intact (latest complete: step {mngr.latest_step()})") from e
   finally:
     bar.close()
@@ -706,5 +448,5 @@ def _loop(cfg, s: Setup, state, start, rows, mngr, meta, workdir, sync_up, progr
       except OSError:
         pass  # a full disk: never mask the error that brought us here
   if start >= cfg.steps:
-    log(f"already trained to step {start}")
+    run.log(f"already trained to step {start}")
   return {"preempted": False, "step": max(start, cfg.steps), "last": last, "state": state}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from minilm_jax import train
+from minilm_jax import config, student
 from minilm_jax.model import BertConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,10 +37,10 @@ def test_config_is_valid_for_its_teacher(path):
   module = load(path)
   assert "minilm-distill --config configs/" in module.__doc__ and "Cost" in module.__doc__
   cfg = module.get_config()
-  assert set(cfg.keys()) == set(train.default_config().keys())
+  assert set(cfg.keys()) == set(config.default_config().keys())
   tcfg = TEACHERS[cfg.teacher]
-  train.check_config(cfg, tcfg)
-  layer = train.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
+  config.check_config(cfg, tcfg)
+  layer = student.teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
   if "large" in cfg.teacher:
     assert layer + 1 == {"bert-large-uncased": 21, "roberta-large": 19}[cfg.teacher]
   else:

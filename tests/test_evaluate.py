@@ -279,6 +279,23 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
     evaluate.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)
 
 
+def test_a_remote_run_is_read_in_place_and_its_results_go_to_the_local_mirror(tiny_teacher, tiny_corpus,
+                                                                              tmp_path, site, monkeypatch):
+  """A gs:// workdir (a local folder stands in for the bucket, as in test_train): minilm-eval reads its
+  checkpoints and student where they are and writes nothing to it."""
+  from minilm_jax import workdir as wd
+  monkeypatch.setattr(wd, "is_remote", lambda path: True)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  bucket = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "bucket"))
+  before = snapshot(bucket)
+  results = evaluate.evaluate_run(bucket, protocol=TINY, finetune_too=False, baselines=False,
+                                  package_roots=site, log=lambda m: None)
+  assert set(results) == {"teacher", "student: bucket"} and snapshot(bucket) == before
+  assert not os.path.exists(os.path.join(bucket, "eval"))
+  assert wd.eval_dir(bucket).startswith(str(tmp_path / "home"))
+  assert os.path.isfile(os.path.join(wd.eval_dir(bucket), "results.md"))
+
+
 def eval_cli(*args):
   return subprocess.run([sys.executable, "-c", "from minilm_jax.cli import eval_main; eval_main()", *args],
                         capture_output=True, text=True, timeout=120)
@@ -289,6 +306,9 @@ def test_minilm_eval_one_line_errors(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip() == f"minilm-eval: error: {tmp_path}: no checkpoint; is this a minilm-distill workdir?"
   assert os.listdir(tmp_path) == []  # nothing created
+  r = eval_cli("--workdir", str(tmp_path), "--lr", "-1")
+  assert r.returncode == 2 and r.stderr.strip() == (
+      "minilm-eval: error: --lr -1.0: learning rates must be positive and finite")
   r = eval_cli("--workdir", str(tmp_path), "--workdir", str(tmp_path / "b"))
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
       "minilm-eval: error: several runs: give --out DIR for the shared table"]

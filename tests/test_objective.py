@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import checkpoint, hf, losses, objective, train
+from minilm_jax import checkpoint, config, hf, losses, objective, optimizer, train
 from minilm_jax.model import BertConfig, BertEncoder
 from conftest import tiny_config
 
@@ -18,7 +18,7 @@ STUDENT = dataclasses.replace(TEACHER, num_hidden_layers=1, hidden_size=16, inte
 
 
 def cfg_with(terms, teacher_layer=-1, **kw):
-  c = train.default_config()
+  c = config.default_config()
   c.loss.update(relation_heads=4, terms=terms, teacher_layer=teacher_layer, **kw)
   return c
 
@@ -132,7 +132,7 @@ def test_frozen_set_follows_the_terms_and_the_projection_is_saved_not_exported(t
   s = train.setup(c)
   state0 = s.init_state()
   assert objective.PROJECTION in state0.params  # student 16 wide, teacher 32
-  labels = jax.tree.leaves(train.make_optimizer(c, state0.params, 1).init(state0.params))
+  labels = jax.tree.leaves(optimizer.make_optimizer(c, state0.params, 1).init(state0.params))
   before = dict(hf._flatten(jax.device_get(state0.params)))
   train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
   mngr = checkpoint.make_manager(os.path.join(w, "checkpoints"), 1)
@@ -180,12 +180,12 @@ def test_sentence_pooling_of_real_and_odd_folders(real_teacher, tmp_path):
 
 def test_a_checkpoint_from_before_the_terms_existed_still_resumes():
   import json
-  loss = json.loads(json.dumps(train.default_config().loss.to_dict()))  # as a checkpoint reads it back
+  loss = json.loads(json.dumps(config.default_config().loss.to_dict()))  # as a checkpoint reads it back
   now = {"teacher": {"sha256": "x", "path": "t"}, "student_config": {"a": 1},
          "config": {"loss": loss, "seed": 0}}
   old_loss = {k: v for k, v in now["config"]["loss"].items() if k not in ("terms", "term_weights")}
   saved = {**now, "config": {**now["config"], "loss": old_loss}}
-  train.check_resume(saved, now)  # the missing keys held their defaults
+  config.check_resume(saved, now)  # the missing keys held their defaults
   changed = {**now, "config": {**now["config"], "loss": {**now["config"]["loss"], "terms": "hidden"}}}
   with pytest.raises(ValueError, match="'loss' differs"):
-    train.check_resume(saved, changed)
+    config.check_resume(saved, changed)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import data, hf, sharding, train
+from minilm_jax import config, data, hf, sharding, student, train
+from minilm_jax import workdir as wd
 from conftest import tiny_config
 
 
@@ -46,22 +47,6 @@ def test_loss_falls_and_frozen_params_stay(tiny_teacher, tiny_corpus):
       assert not np.array_equal(before[path], after[path]), "/".join(path)
 
 
-def test_decay_mask_and_frozen_labels():
-  from minilm_jax.model import BertConfig, BertEncoder
-  p = BertEncoder(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=16, max_position_embeddings=8)).init_params(jax.random.key(0))
-  labels, decay = leaves(train.frozen_labels(p, 2)), leaves(train.decay_mask(p))
-  assert labels[("encoder", "layer", "1", "attention", "self", "query", "kernel")] == "train"
-  assert labels[("encoder", "layer", "1", "attention", "output", "dense", "kernel")] == "freeze"
-  assert labels[("encoder", "layer", "1", "output", "LayerNorm", "scale")] == "freeze"
-  assert labels[("encoder", "layer", "1", "intermediate", "dense", "bias")] == "freeze"
-  assert labels[("encoder", "layer", "0", "output", "dense", "kernel")] == "train"
-  assert decay[("encoder", "layer", "0", "output", "dense", "kernel")]
-  assert decay[("embeddings", "word_embeddings", "embedding")]
-  assert not decay[("encoder", "layer", "0", "output", "dense", "bias")]
-  assert not decay[("embeddings", "LayerNorm", "scale")]
-
-
 def test_weight_decay_only_on_kernels(tiny_teacher, tiny_corpus):
   # One step with decay on and off from the same state: only decayed tensors may differ (after one
   # step; later steps would see the decayed kernels through the gradient).
@@ -84,22 +69,13 @@ def test_teacher_init_takes_every_kth_layer_sliced(tiny_teacher, tiny_corpus):
   s = train.setup(cfg)
   _, tp = hf.load_pretrained(tiny_teacher)
   sp = leaves(s.init_state().params)
-  assert train.teacher_init_layers("teacher", 12, 6) == [0, 2, 4, 6, 8, 10]
-  assert train.teacher_init_layers("teacher", 6, 3) == [0, 2, 4]
-  assert train.teacher_init_layers("teacher_first", 6, 3) == [0, 1, 2]
+  assert student.teacher_init_layers("teacher", 12, 6) == [0, 2, 4, 6, 8, 10]
+  assert student.teacher_init_layers("teacher", 6, 3) == [0, 2, 4]
+  assert student.teacher_init_layers("teacher_first", 6, 3) == [0, 1, 2]
   q = sp[("encoder", "layer", "0", "attention", "self", "query", "kernel")]
   np.testing.assert_array_equal(q, tp["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"][:16, :16])
   np.testing.assert_array_equal(sp[("embeddings", "word_embeddings", "embedding")],
                                 tp["embeddings"]["word_embeddings"]["embedding"][:, :16])
-
-
-def test_teacher_layer_index():
-  assert train.teacher_layer_index(-1, 12) == 11
-  assert train.teacher_layer_index(21, 24) == 20
-  assert train.teacher_layer_index(1, 6) == 0
-  for bad in (0, 7, -7):
-    with pytest.raises(ValueError, match=f"loss.teacher_layer {bad} is out of range for a 6-layer"):
-      train.teacher_layer_index(bad, 6)
 
 
 def test_grad_accumulation_matches_full_batch(tiny_teacher, tiny_corpus):
@@ -152,7 +128,7 @@ def test_bad_config_is_a_clear_error(tiny_teacher, tiny_corpus, override, messag
 
 
 def test_relation_settings_do_not_matter_without_the_relation_term(tiny_teacher, tiny_corpus):
-  train.check_config(tiny_config(tiny_teacher, tiny_corpus, **{"loss.terms": "hidden",
+  config.check_config(tiny_config(tiny_teacher, tiny_corpus, **{"loss.terms": "hidden",
                                                                  "loss.relation_heads": 5}),
                      hf.load_config(tiny_teacher))
 
@@ -172,13 +148,13 @@ def test_remote_workdir_goes_through_a_local_mirror(tiny_teacher, tiny_corpus, t
   import json
   import os
   import shutil
-  monkeypatch.setattr(train, "is_remote", lambda path: True)
+  monkeypatch.setattr(wd, "is_remote", lambda path: True)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   bucket = str(tmp_path / "bucket")
   cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=2)
   logs = []
   out = train.train_and_evaluate(cfg, bucket, progress=False, log=logs.append)
-  mirror = train.local_dir(bucket)
+  mirror = wd.local_dir(bucket)
   assert mirror.startswith(str(tmp_path / "home")) and mirror != bucket
   for name in ("metrics.jsonl", "loss.png", "student/config.json", "student/flax_params.msgpack"):
     assert os.path.isfile(os.path.join(bucket, name)), name

@@ -1,0 +1,49 @@
+"""Every config key's range, as a one-line error naming the key (the combinations that need the teacher
+are in test_train.py's test_bad_config_is_a_clear_error)."""
+
+import pytest
+
+from minilm_jax import config
+
+NAN, INF = float("nan"), float("inf")
+
+
+def with_value(key, value):
+  c = config.default_config()
+  node = c
+  *path, leaf = key.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  return c
+
+
+BAD = [("student.num_layers", 0), ("student.hidden_size", 0), ("student.num_heads", 0),
+       ("student.intermediate_size", -1), ("student.dropout", 1.0), ("student.dropout", -0.1),
+       ("loss.chunk_heads", -1), ("data.max_len", 4), ("steps", 0), ("batch_size", 0), ("grad_accum", 0),
+       ("log_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("keep_every", -1),
+       ("max_nonfinite_steps", -1), ("optim.lr", -1.0), ("optim.lr", 0.0), ("optim.lr", NAN),
+       ("optim.lr", INF), ("optim.warmup_steps", -1), ("optim.weight_decay", -0.01),
+       ("optim.weight_decay", INF), ("optim.b1", 1.0), ("optim.b2", -0.5), ("optim.eps", 0.0),
+       ("optim.clip_norm", -1.0), ("optim.clip_norm", NAN), ("parallel.fsdp", 0), ("assistant.steps", -1)]
+
+
+@pytest.mark.parametrize("key, value", BAD)
+def test_each_key_out_of_range_is_a_one_line_error_naming_it(key, value):
+  with pytest.raises(ValueError, match=rf"^{key.replace('.', '[.]')} {value!r} must be "):
+    config.check_ranges(with_value(key, value))
+
+
+def test_every_ranged_key_is_tested_and_exists():
+  assert {k for k, _ in BAD} == set(config._RANGES)
+  config.check_ranges(config.default_config())  # the defaults are in range
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("loss.weights", (1.0, 1.0), "loss.weights (1.0, 1.0): give 2 (v1) or 3 (v2)"),
+    ("loss.weights", (1.0, -1.0, 1.0), "loss.weights (1.0, -1.0, 1.0)"),
+    ("loss.reduction", "mean", "loss.reduction 'mean': use 'example' or 'token'"),
+])
+def test_loss_weights_and_reduction(key, value, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    config.check_ranges(with_value(key, value))
