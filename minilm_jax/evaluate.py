@@ -553,6 +553,18 @@ def open_checkpoints(workdir: str):
     logging.set_verbosity(verbosity)
 
 
+def check_out(out: str, workdirs: Sequence[str]) -> None:
+  """An evaluation writes only to its output folder, never into a run it reads (its eval/ excepted)."""
+  o = os.path.realpath(out)
+  inside = lambda path, folder: path == folder or path.startswith(folder + os.sep)
+  for w in workdirs:
+    if wd.is_remote(w) or not inside(o, os.path.realpath(w)):
+      continue
+    if not inside(o, os.path.realpath(wd.eval_dir(w))):
+      raise ValueError(f"--out {out} is inside the run {w}, which minilm-eval only reads: write the "
+                       f"results elsewhere, or leave out --out for {wd.eval_dir(w)}")
+
+
 def read_run(workdir: str):
   """(config, meta, manager, latest step) of a minilm-distill workdir, read-only."""
   import ml_collections
@@ -729,6 +741,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
     if len(workdirs) > 1:
       raise ValueError("several runs: give --out DIR for the shared table")
     out = wd.eval_dir(workdirs[0])
+  check_out(out, workdirs)
   cfg, models, teacher_dir = models_of_runs(workdirs, baselines)
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
@@ -771,6 +784,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   from transformers import AutoTokenizer
   from minilm_jax import checkpoint
   out = out or wd.eval_dir(workdir)
+  check_out(out, [workdir])
   table = os.path.join(out, "results.json")
   if not os.path.isfile(table):
     raise FileNotFoundError(f"{table}: no results table; evaluate the run without --curve first")

@@ -306,6 +306,13 @@ def test_minilm_eval_one_line_errors(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip() == f"minilm-eval: error: {tmp_path}: no checkpoint; is this a minilm-distill workdir?"
   assert os.listdir(tmp_path) == []  # nothing created
+  r = eval_cli("--workdir", str(tmp_path), "--out", str(tmp_path / "checkpoints"))
+  assert r.returncode == 2 and r.stderr.strip().startswith(
+      f"minilm-eval: error: --out {tmp_path / 'checkpoints'} is inside the run {tmp_path}, which "
+      "minilm-eval only reads")
+  assert os.listdir(tmp_path) == []
+  evaluate.check_out(str(tmp_path / "eval" / "v2"), [str(tmp_path)])  # its own eval/ is fine
+  evaluate.check_out(str(tmp_path.parent / "elsewhere"), [str(tmp_path)])
   r = eval_cli("--workdir", str(tmp_path), "--lr", "-1")
   assert r.returncode == 2 and r.stderr.strip() == (
       "minilm-eval: error: --lr -1.0: learning rates must be positive and finite")
