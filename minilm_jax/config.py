@@ -93,7 +93,9 @@ _RANGES = {
 
 
 def check_ranges(cfg) -> None:
-  """Each numeric key in its range, as a one-line ValueError naming the key."""
+  """Each numeric key in its range, as a one-line ValueError naming the key (and a teacher named)."""
+  if not str(cfg.teacher).strip():
+    raise ValueError("teacher is empty: give an HF folder, a gs:// folder or a hub id")
   for key, (ok, what) in _RANGES.items():
     v = cfg
     for part in key.split("."):

@@ -32,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from minilm_jax import card, checkpoint, data, hf, objective, sharding
 from minilm_jax import workdir as wd
-from minilm_jax.config import check_config, check_resume, compute_dtype, teacher_identity
+from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
 from minilm_jax.model import BertConfig, BertEncoder
 from minilm_jax.optimizer import lr_schedule, make_optimizer
@@ -310,6 +310,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   from minilm_jax import plots
   if progress is None:
     progress = sys.stderr.isatty()
+  check_ranges(cfg)  # before the workdir is made: a bad value leaves nothing behind
   wd.check_writable(workdir)
   local = wd.local_dir(workdir)
   os.makedirs(local, exist_ok=True)

@@ -40,6 +40,7 @@ def test_every_ranged_key_is_tested_and_exists():
 
 
 @pytest.mark.parametrize("key, value, message", [
+    ("teacher", " ", "teacher is empty"),
     ("loss.weights", (1.0, 1.0), "loss.weights (1.0, 1.0): give 2 (v1) or 3 (v2)"),
     ("loss.weights", (1.0, -1.0, 1.0), "loss.weights (1.0, -1.0, 1.0)"),
     ("loss.reduction", "mean", "loss.reduction 'mean': use 'example' or 'token'"),

@@ -232,6 +232,17 @@ def test_bad_input(tiny_teacher, tiny_corpus, tmp_path, extra, fragments):
   assert not os.path.exists(w / "checkpoints") or not os.listdir(w / "checkpoints")
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    (["--config.optim.lr=-1"], "optim.lr -1.0 must be positive and finite"),
+    (["--config.student.dropout=1.0"], "student.dropout 1.0 must be in [0, 1)"),
+    (["--config.teacher="], "teacher is empty"),
+])
+def test_a_value_out_of_range_leaves_no_workdir(tiny_teacher, tiny_corpus, tmp_path, extra, fragment):
+  r = run(*tiny_args(tiny_teacher, tiny_corpus), *extra, "--workdir", str(tmp_path / "w"))
+  assert_one_line_error(r, fragment)
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_verbose_shows_the_traceback(tiny_teacher, tiny_corpus, tmp_path):
   r = run(*tiny_args(tiny_teacher, tiny_corpus, "--config.loss.relation_heads=5", "--verbose"),
           "--workdir", str(tmp_path / "w"))
