@@ -1,17 +1,15 @@
-"""Quality against compute: the demo's teacher and 3×384 student, for as long as fits in about an hour on
-2 CPU cores, on the bigger "pydocs" corpus (the standard library's text plus every installed package's
-docstrings, ~43 MB), keeping a checkpoint every 250 steps for the evaluation curve.
+"""Quality against compute: the demo's teacher, 3×384 student and recipe (every 2nd teacher layer as the
+start; relations + sentence embedding, the recipe study's winner), for 8.2M tokens on the bigger "pydocs"
+corpus (the standard library's text plus every installed package's docstrings, ~43 MB), keeping a
+checkpoint every 250 steps for the evaluation curve.
 
   minilm-distill --config configs/quality.py --workdir workdirs/quality
-  minilm-eval --workdir workdirs/quality --curve
+  minilm-eval --workdir workdirs/quality --no-finetune [--curve]
 
-Cost, measured on 2 CPU cores: 65 minutes for 2,000 steps of 32×128 tokens (8.2M tokens, each seen once)
-with other work sharing the cores, about 50 alone, of which ~3 minutes read and tokenise the corpus;
-then 26 minutes of evaluation (the NSP probe and the held-out relation loss at all 8 kept checkpoints,
-and the teacher and the three undistilled baselines). Results: README, "Quality against compute".
-
-The student starts from the teacher's first 3 layers: on this budget the probe's best undistilled baseline
-is those layers, so distillation has to add to them rather than catch up from random weights.
+Cost on this project's 2-core CPU machine: 2,000 steps of 32×128 tokens (each token seen once) at ~2.2 s
+a step is about 75 minutes, plus ~3 minutes to read and tokenise the corpus; the evaluation about 5
+minutes more without fine-tuning (each kept checkpoint adds about a minute with --curve). Results:
+README, "Results on this machine".
 """
 
 from minilm_jax.config import default_config
@@ -20,9 +18,8 @@ from minilm_jax.config import default_config
 def get_config():
   c = default_config()
   c.teacher = "sentence-transformers/all-MiniLM-L6-v2"   # resolves to the packaged copy offline
-  c.student.update(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
-                   init="teacher_first")
-  c.loss.update(version="v2", relation_heads=12, teacher_layer=-1)
+  c.student.update(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536, init="teacher")
+  c.loss.update(version="v2", relation_heads=12, teacher_layer=-1, terms="relations,embedding")
   c.data.update(source="pydocs", max_len=128)
   c.batch_size = 32
   c.steps = 2000
