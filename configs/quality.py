@@ -6,10 +6,10 @@ checkpoint every 250 steps for the evaluation curve.
   minilm-distill --config configs/quality.py --workdir workdirs/quality
   minilm-eval --workdir workdirs/quality --no-finetune [--curve]
 
-Cost on this project's 2-core CPU machine: 2,000 steps of 32×128 tokens (each token seen once) at ~2.2 s
-a step is about 75 minutes, plus ~3 minutes to read and tokenise the corpus; the evaluation about 5
-minutes more without fine-tuning (each kept checkpoint adds about a minute with --curve). Results:
-README, "Results on this machine".
+Cost, measured on this project's 2-core CPU machine: 89 minutes for 2,000 steps of 32×128 tokens (each
+token seen once; ~2.2 s a step alone, about 18 of the minutes shared with a test run), including ~3
+minutes to read and tokenise the corpus; then 5.5 minutes of evaluation without fine-tuning (each kept
+checkpoint adds about a minute with --curve). Results: README, "Results on this machine".
 """
 
 from minilm_jax.config import default_config
