@@ -8,6 +8,8 @@ writes it at export; rerunning the finished run's command exports again and so r
 import os
 from typing import Optional
 
+from minilm_jax import hf
+
 
 def _is_hub_id(name: str) -> bool:
   return name.count("/") == 1 and not name.startswith((".", "/", "~")) and "://" not in name
@@ -64,9 +66,9 @@ def model_card(cfg: dict, student_config: dict, steps: int, sentence_transformer
   return "\n".join(lines)
 
 
-def eval_table(workdir: str) -> Optional[str]:
-  """The Markdown table `minilm-eval` wrote for this run (WORKDIR/eval/results.md), if it has run."""
-  path = os.path.join(workdir, "eval", "results.md")
+def eval_table(eval_dir: str) -> Optional[str]:
+  """The Markdown table `minilm-eval` wrote in `eval_dir` (workdir.eval_dir of the run), if it has run."""
+  path = os.path.join(eval_dir, "results.md")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -74,7 +76,7 @@ def eval_table(workdir: str) -> Optional[str]:
 
 
 def write_card(student_dir: str, text: str) -> None:
-  path = os.path.join(student_dir, "README.md")
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  def write(p):
+    with open(p, "w") as f:
+      f.write(text)
+  hf._write_atomically(os.path.join(student_dir, "README.md"), write)

@@ -359,7 +359,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
         hf.export_sentence_transformers(student_dir, s.student_config, s.teacher_dir, cfg.data.max_len)
       card.write_card(student_dir, card.model_card(
           meta["config"], meta["student_config"], status["step"], cfg.export.sentence_transformers,
-          card.eval_table(local)))
+          card.eval_table(wd.eval_dir(workdir))))
       plots.loss_curve(metrics_path, os.path.join(local, wd.LOSS_PLOT))
       run.sync_up([wd.METRICS, wd.EVENTS, wd.LOSS_PLOT, wd.STUDENT])
     except OSError as e:  # the full disk can also come after the last save: rerunning exports again

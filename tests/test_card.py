@@ -31,11 +31,11 @@ def test_card_without_relations_a_local_teacher_and_an_evaluation(tmp_path):
   c["teacher"] = "/models/my-teacher"
   (tmp_path / "eval").mkdir()
   (tmp_path / "eval" / "results.md").write_text("| model | MRR |\n|---|---|\n| student | 0.2 ± 0.01 |\n")
-  text = card.model_card(c, STUDENT, 10, False, card.eval_table(str(tmp_path)))
+  text = card.model_card(c, STUDENT, 10, False, card.eval_table(str(tmp_path / "eval")))
   assert "base_model" not in text and "library_name: transformers" in text
   assert "| objective | 1·hidden |" in text and "MiniLM" not in text.split("| objective |")[1].split("\n")[0]
   assert "| student | 0.2 ± 0.01 |" in text and "Not evaluated yet" not in text
-  assert card.eval_table(str(tmp_path / "none")) is None
+  assert card.eval_table(str(tmp_path / "none" / "eval")) is None
 
 
 def test_write_card_replaces_atomically(tmp_path):
