@@ -249,7 +249,8 @@ def prefetch(make_batch, start_step: int, end_step: int, depth: int = 2) -> Iter
       return
     put((None, None))
 
-  threading.Thread(target=worker, daemon=True).start()
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
   try:
     while True:
       step, item = q.get()
@@ -260,6 +261,9 @@ def prefetch(make_batch, start_step: int, end_step: int, depth: int = 2) -> Iter
       yield step, item
   finally:
     stop.set()
+    # Wait for the worker (at most one batch and 0.1 s): a daemon thread still inside numpy when the
+    # interpreter exits is killed there, which aborts the process (seen after a SIGTERM stop).
+    thread.join()
 
 
 def package_docstrings(roots: Sequence[str] = (), split: str = "heldout") -> Dict[str, List[str]]:

@@ -14,6 +14,7 @@ student's output ("hidden", "embedding") trains everything. Weight decay skips b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -397,8 +398,9 @@ def _loop(run: _Run, state, start: int) -> dict:
 
   try:
     with _StopFlag() as stop, open(metrics_path if jax.process_index() == 0 else os.devnull,
-                                   "a") as mfile:
-      for i, batch in data.prefetch(make_batch, start, cfg.steps):
+                                   "a") as mfile, \
+        contextlib.closing(data.prefetch(make_batch, start, cfg.steps)) as batches:
+      for i, batch in batches:
         state, metrics = s.step(state, s.teacher_params, sharding.put_batch(s.mesh, batch))
         step = i + 1
         if step % cfg.log_every == 0 or step == cfg.steps:

@@ -449,3 +449,24 @@ def test_prefetch_break_early_does_not_hang():
   time.sleep(0.2)
   assert len(calls) < 10, "the worker kept building batches after the consumer left"
   assert calls == list(range(len(calls)))
+
+
+def test_prefetch_leaves_no_worker_behind_once_closed():
+  # A worker thread alive at interpreter exit can abort the process (seen after a SIGTERM stop), so
+  # closing the generator (a `return` out of the loop does) must also end its thread.
+  release = threading.Event()
+
+  def make(step):
+    if step == 3:
+      release.wait(5)  # the worker is busy building a batch when the consumer leaves
+    return step
+
+  def consume():
+    before = set(threading.enumerate())
+    gen = data.prefetch(make, 0, 10_000, depth=1)
+    assert [next(gen)[0] for _ in range(2)] == [0, 1]
+    threading.Timer(0.2, release.set).start()
+    gen.close()
+    return [t for t in set(threading.enumerate()) - before if not isinstance(t, threading.Timer)]
+
+  assert run_with_timeout(consume) == []
