@@ -38,6 +38,21 @@ def make_manager(directory: str, save_every: int, keep: int = 3, keep_every: int
   return ocp.CheckpointManager(directory, options=options)
 
 
+def open_read_only(directory: str) -> ocp.CheckpointManager:
+  """A manager for whatever only reads a run (evaluation, the curve): unlike make_manager's, it never
+  creates, deletes or renames anything, so another process's save in flight (a `*.orbax-checkpoint-tmp-*`
+  folder) survives it. It sees finished steps only."""
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about each option read_only turns off
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False))
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
   """Start saving `state` at `step` (asynchronously); returns whether a save was started."""
   return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -536,21 +536,10 @@ def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[
 # --- Runs, read-only -------------------------------------------------------------------------------------
 
 def open_checkpoints(workdir: str):
-  """A read-only Orbax manager of WORKDIR/checkpoints (None if there is none). Unlike the trainer's, it
-  neither creates folders nor cleans up another process's in-flight temporary saves; finished steps only."""
-  import orbax.checkpoint as ocp
-  from absl import logging
+  """WORKDIR/checkpoints opened read-only (checkpoint.open_read_only), or None if there are none."""
+  from minilm_jax import checkpoint
   ckpts = wd.join(workdir, wd.CHECKPOINTS)
-  if not wd.exists(ckpts):
-    return None
-  ckpts = ckpts if wd.is_remote(ckpts) else os.path.abspath(ckpts)
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # Orbax warns about each option read_only turns off
-  try:
-    return ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False))
-  finally:
-    logging.set_verbosity(verbosity)
+  return checkpoint.open_read_only(ckpts) if wd.exists(ckpts) else None
 
 
 def check_out(out: str, workdirs: Sequence[str]) -> None:

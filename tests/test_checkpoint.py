@@ -185,3 +185,41 @@ def test_half_written_checkpoint_is_not_the_latest(managers, tmp_path, tmp_name)
   state, meta, step = checkpoint.restore_latest(m, abstract())
   assert (step, meta) == (3, meta_at(3))
   assert_state(state, 3)
+
+
+def tree_of(directory):
+  return sorted(os.path.relpath(os.path.join(r, n), directory)
+                for r, ds, fs in os.walk(directory) for n in ds + fs)
+
+
+def test_read_only_reader_leaves_a_save_in_flight_alone(managers, tmp_path):
+  d = tmp_path / "ckpt"
+  m = managers(d, save_every=1)
+  save_steps(m, [1])
+  # Another process's save in progress, as Orbax names it; the trainer's own manager would delete it.
+  tmp = d / "7.orbax-checkpoint-tmp-123"
+  tmp.mkdir()
+  (tmp / "part").write_text("half written")
+  before = tree_of(d)
+  r = checkpoint.open_read_only(str(d))
+  assert r.all_steps() == [1]   # finished steps only
+  assert checkpoint.read_meta(r, 1) == meta_at(1)
+  assert_state(plain_restore(r, 1)["state"], 1)
+  r.close()
+  assert tree_of(d) == before
+  # And while the trainer's own asynchronous save is under way, the reader does not disturb it.
+  assert checkpoint.save(m, 2, state_at(2), meta_at(2))
+  r = checkpoint.open_read_only(str(d))
+  r.all_steps()
+  r.close()
+  m.wait_until_finished()
+  assert step_dirs(d) == [1, 2] and tmp.is_dir()
+  assert_state(plain_restore(m, 2)["state"], 2)
+
+
+def test_read_only_reader_creates_nothing(tmp_path):
+  d = tmp_path / "absent"
+  r = checkpoint.open_read_only(str(d))
+  assert r.latest_step() is None
+  r.close()
+  assert not d.exists()
