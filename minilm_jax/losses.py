@@ -19,6 +19,7 @@ forward nor the backward pass holds the full [B, A, T, T] relation tensors; the 
 import functools
 import math
 import operator
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,23 @@ def _key_valid(mask_BT, segment_ids_BT):
   return (mask_BT[:, None, :] & same_doc_BTS)[:, None]
 
 
-def _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype):
+def _document_lengths(mask_BT, seg_BT):
+  """n_doc [B, T]: the real tokens of t's example (its row, or with segments its (row, segment)), by
+  sorting each row's segment ids: O(T log T), never a [B, T, T] comparison."""
+  if seg_BT is None:
+    return jnp.broadcast_to(mask_BT.sum(-1, keepdims=True), mask_BT.shape)
+
+  def row(seg_T, real_T):
+    order = jnp.argsort(seg_T)
+    sorted_T = seg_T[order]
+    real_before = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(real_T[order].astype(jnp.int32))])
+    lo, hi = jnp.searchsorted(sorted_T, seg_T, "left"), jnp.searchsorted(sorted_T, seg_T, "right")
+    return real_before[hi] - real_before[lo]
+
+  return jax.vmap(row)(seg_BT, mask_BT)
+
+
+def _token_weights(mask_BT, seg_BT, num_heads, reduction, dtype):
   """Per-query-token weight w_BT so that the loss is Σ_{b,h,t} w[b,t] KL[b,h,t].
 
   example: 1/(A · n_doc(t) · number of docs); token: 1/(A · Σ n). Padded tokens get 0.
@@ -110,7 +127,7 @@ def _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype):
     return real_BT / (num_heads * jnp.maximum(real_BT.sum(), 1.0))
   # n_doc(t) = number of keys visible from t: the example's length, or the document's with segments.
   # For real t it is ≥ 1 (t sees itself); clamp only to keep padded rows finite.
-  n_doc_BT = jnp.broadcast_to(valid_B1TS[:, 0].sum(-1, dtype=dtype), mask_BT.shape)
+  n_doc_BT = _document_lengths(mask_BT, seg_BT).astype(dtype)
   inv_n_BT = real_BT / jnp.maximum(n_doc_BT, 1.0)
   # Each document's tokens contribute n · (1/n) = 1; round away the float summation error.
   num_docs = jnp.round(inv_n_BT.sum())
@@ -147,6 +164,115 @@ def _heads_kl(ta_BTCd, tb_BTCd, sa_BTCd, sb_BTCd, valid_B1TS, w_BT):
   return jnp.einsum("bct,bt->", kl_BCT, w_BT)
 
 
+# ------------------------------------------------------------------------------- blockwise KL
+#
+# The same per-query KL, computed over blocks of K keys with an online log-sum-exp (as flash attention
+# does), and a custom VJP whose backward also goes block by block: neither pass holds a [B, A, T, T]
+# tensor, only [B, A, T, K] ones, so memory is O(B·A·T·K). With z_T, z_S the logits of one query row,
+# p = softmax(z_T), q = softmax(z_S) and c = Σ p (z_T − z_S):
+#   KL = c − lse(z_T) + lse(z_S),   ∂KL/∂z_T = p ((z_T − z_S) − c),   ∂KL/∂z_S = q − p.
+
+
+def _key_blocks(x_BCSd, block):
+  """[n, B, C, K, d]: the keys split into n blocks of K (zero keys pad the last one)."""
+  b, c, s, d = x_BCSd.shape
+  n = -(-s // block)
+  x_BCSd = jnp.pad(x_BCSd, ((0, 0), (0, 0), (0, n * block - s), (0, 0)))
+  return jnp.moveaxis(x_BCSd.reshape(b, c, n, block, d), 2, 0)
+
+
+def _masks_of_blocks(mask_BS, seg_BS, block):
+  """Key validity [n, B, K] and segment ids [n, B, K] per key block (padding keys are invalid)."""
+  b, s = mask_BS.shape
+  n = -(-s // block)
+  pad = lambda x, v: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, n * block - s)), constant_values=v)
+                                  .reshape(b, n, block), 1, 0)
+  return pad(mask_BS, False), pad(seg_BS, 0)
+
+
+def _block_logits(q_BCTd, k_BCKd, ok_BK, seg_BT, kseg_BK):
+  """Masked logits [B, C, T, K] of one key block and their validity [B, 1, T, K]."""
+  valid_B1TK = (ok_BK[:, None, :] & (seg_BT[:, :, None] == kseg_BK[:, None, :]))[:, None]
+  z_BCTK = jnp.einsum("bctd,bckd->bctk", q_BCTd, k_BCKd)
+  return jnp.where(valid_B1TK, z_BCTK, _MASK_VALUE), valid_B1TK
+
+
+def _blockwise_forward(ta, tb, sa, sb, mask_BS, seg_BT, block):
+  dtype = ta.dtype
+  tb_n, sb_n = _key_blocks(tb, block), _key_blocks(sb, block)
+  ok_n, kseg_n = _masks_of_blocks(mask_BS, seg_BT, block)
+  shape_BCT = ta.shape[:3]
+
+  def body(carry, xs):
+    m_t, l_t, m_s, l_s, acc = carry
+    tb_j, sb_j, ok_j, kseg_j = xs
+    zt, valid = _block_logits(ta, tb_j, ok_j, seg_BT, kseg_j)
+    zs, _ = _block_logits(sa, sb_j, ok_j, seg_BT, kseg_j)
+    mt_new, ms_new = jnp.maximum(m_t, zt.max(-1)), jnp.maximum(m_s, zs.max(-1))
+    et = jnp.exp(zt - mt_new[..., None])
+    rescale_t = jnp.exp(m_t - mt_new)
+    l_t = l_t * rescale_t + et.sum(-1)
+    acc = acc * rescale_t + jnp.where(valid, et * (zt - zs), 0.0).sum(-1)
+    l_s = l_s * jnp.exp(m_s - ms_new) + jnp.exp(zs - ms_new[..., None]).sum(-1)
+    return (mt_new, l_t, ms_new, l_s, acc), None
+
+  init = tuple(jnp.full(shape_BCT, v, dtype) for v in (_MASK_VALUE, 0.0, _MASK_VALUE, 0.0, 0.0))
+  (m_t, l_t, m_s, l_s, acc), _ = jax.lax.scan(body, init, (tb_n, sb_n, ok_n, kseg_n))
+  lse_t, lse_s, c = m_t + jnp.log(l_t), m_s + jnp.log(l_s), acc / l_t
+  return c - lse_t + lse_s, (lse_t, lse_s, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blockwise_kl_rows(ta, tb, sa, sb, mask_BS, seg_BT, block):
+  """KL_t [B, C, T] of every query row, for heads-major, pre-scaled inputs [B, C, T, d] (teacher's d
+  and student's d may differ), computed `block` keys at a time."""
+  return _blockwise_forward(ta, tb, sa, sb, mask_BS, seg_BT, block)[0]
+
+
+def _blockwise_fwd(ta, tb, sa, sb, mask_BS, seg_BT, block):
+  kl, (lse_t, lse_s, c) = _blockwise_forward(ta, tb, sa, sb, mask_BS, seg_BT, block)
+  return kl, (ta, tb, sa, sb, mask_BS, seg_BT, lse_t, lse_s, c)
+
+
+def _blockwise_bwd(block, res, g_BCT):
+  ta, tb, sa, sb, mask_BS, seg_BT, lse_t, lse_s, c = res
+  tb_n, sb_n = _key_blocks(tb, block), _key_blocks(sb, block)
+  ok_n, kseg_n = _masks_of_blocks(mask_BS, seg_BT, block)
+  g = g_BCT[..., None]
+
+  def body(carry, xs):
+    d_ta, d_sa = carry
+    tb_j, sb_j, ok_j, kseg_j = xs
+    zt, valid = _block_logits(ta, tb_j, ok_j, seg_BT, kseg_j)
+    zs, _ = _block_logits(sa, sb_j, ok_j, seg_BT, kseg_j)
+    pt = jnp.where(valid, jnp.exp(zt - lse_t[..., None]), 0.0)
+    ps = jnp.where(valid, jnp.exp(zs - lse_s[..., None]), 0.0)
+    dzt = g * pt * ((zt - zs) - c[..., None])
+    dzs = g * (ps - pt)
+    d_ta = d_ta + jnp.einsum("bctk,bckd->bctd", dzt, tb_j)
+    d_sa = d_sa + jnp.einsum("bctk,bckd->bctd", dzs, sb_j)
+    return (d_ta, d_sa), (jnp.einsum("bctk,bctd->bckd", dzt, ta), jnp.einsum("bctk,bctd->bckd", dzs, sa))
+
+  (d_ta, d_sa), (d_tb_n, d_sb_n) = jax.lax.scan(body, (jnp.zeros_like(ta), jnp.zeros_like(sa)),
+                                                 (tb_n, sb_n, ok_n, kseg_n))
+  unblock = lambda d_nBCKd, like: jnp.moveaxis(d_nBCKd, 0, 2).reshape(
+      like.shape[:2] + (-1, like.shape[-1]))[:, :, :like.shape[2]]
+  return d_ta, unblock(d_tb_n, tb), d_sa, unblock(d_sb_n, sb), None, None
+
+
+_blockwise_kl_rows.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _blockwise_heads_kl(ta_BTAd, tb_BTAd, sa_BTAd, sb_BTAd, mask_BT, seg_BT, w_BT, block):
+  """Σ_{b,a,t} w[b,t] KL_t over all heads, `block` keys at a time (see _blockwise_kl_rows)."""
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+  seg_BT = jnp.zeros(mask_BT.shape, jnp.int32) if seg_BT is None else seg_BT
+  block = min(int(block), mask_BT.shape[1])  # a block wider than T would only add padding keys
+  kl_BAT = _blockwise_kl_rows(*map(heads_major, (ta_BTAd, tb_BTAd, sa_BTAd, sb_BTAd)), mask_BT, seg_BT,
+                              block)
+  return jnp.einsum("bat,bt->", kl_BAT, w_BT)
+
+
 def _auto_chunk_heads(batch, num_heads, seq_len):
   """Largest divisor of A whose [B, C, T, T] tensors stay under the direct-path budget."""
   if batch * num_heads * seq_len * seq_len <= _DIRECT_MAX_ELEMENTS:
@@ -157,9 +283,13 @@ def _auto_chunk_heads(batch, num_heads, seq_len):
   return 1
 
 
-def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid_B1TS, w_BT, num_heads, chunk_heads):
-  """Weighted KL sum over all heads; inputs already checked."""
+def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads, chunk_heads,
+                     block_keys=None):
+  """Weighted KL sum over all heads; inputs already checked. keys: _prepare's."""
   batch, seq_len = teacher_a.shape[:2]
+  w_BT = keys.w
+  if block_keys is not None and (_as_int(block_keys) is None or block_keys < 1):
+    raise ValueError(f"block_keys must be a positive int, got {block_keys!r}")
   if chunk_heads is None:
     chunk_heads = _auto_chunk_heads(batch, num_heads, seq_len)
   elif _as_int(chunk_heads) is None or chunk_heads < 1 or num_heads % chunk_heads:
@@ -177,8 +307,12 @@ def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid_B1TS, w_B
   ta = ta * (1.0 / math.sqrt(dt))
   sa = sa * (1.0 / math.sqrt(ds))
 
+  split = lambda x, d: x.reshape(batch, seq_len, num_heads, d)
+  if block_keys is not None:
+    return _blockwise_heads_kl(split(ta, dt), split(tb, dt), split(sa, ds), split(sb, ds), keys.mask,
+                               keys.seg, w_BT, block_keys)
+  valid_B1TS = keys.valid
   if chunk_heads is None:
-    split = lambda x, d: x.reshape(batch, seq_len, num_heads, d)
     return _heads_kl(split(ta, dt), split(tb, dt), split(sa, ds), split(sb, ds), valid_B1TS, w_BT)
 
   groups = num_heads // chunk_heads
@@ -198,15 +332,26 @@ def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid_B1TS, w_B
   return jax.lax.map(group_kl, xs).sum()
 
 
-def _prepare(mask, segment_ids, num_heads, reduction, dtypes):
+class _Keys(NamedTuple):
+  w: jax.Array       # [B, T] token weights (_token_weights)
+  mask: jax.Array    # [B, T] bool
+  seg: Optional[jax.Array]  # [B, T] segment ids, or None
+
+  @property
+  def valid(self):
+    """[B, 1, 1, S] or, with segments, [B, 1, T, S]: which keys each query sees (built only by the
+    paths that use it; the blockwise path makes it block by block)."""
+    return _key_valid(self.mask, self.seg)
+
+
+def _prepare(mask, segment_ids, num_heads, reduction, dtypes) -> _Keys:
   """Key validity and token weights, shared by all relations of one loss call."""
   _check_reduction(reduction)
   # fp32 at least; fp64 inputs stay fp64 (useful for finite-difference gradient checks).
   dtype = jnp.result_type(jnp.float32, *dtypes)
   mask_BT = jnp.asarray(mask) != 0
   seg_BT = None if segment_ids is None else jnp.asarray(segment_ids)
-  valid_B1TS = _key_valid(mask_BT, seg_BT)
-  return valid_B1TS, _token_weights(mask_BT, valid_B1TS, num_heads, reduction, dtype)
+  return _Keys(_token_weights(mask_BT, seg_BT, num_heads, reduction, dtype), mask_BT, seg_BT)
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -223,34 +368,38 @@ def relation_kl(
     *,
     segment_ids=None,
     chunk_heads=None,
+    block_keys=None,
 ):
   """KL(R_T || R_S) of the relations R(a, b), reduced to a scalar (see the module docstring).
 
   teacher_a, teacher_b: [B, T, D_t]; student_a, student_b: [B, T, D_s]; mask, segment_ids: [B, T].
   num_heads: relation heads A (must divide D_t and D_s). chunk_heads: None (automatic) or a divisor
-  of A. Returns an fp32 scalar (fp64 for fp64 inputs).
+  of A. block_keys: K, to compute the KL K keys at a time with a custom VJP (memory O(B·A·T·K), no
+  [B, A, T, T] tensor in either pass; see _blockwise_kl_rows); None: the direct or head-chunked path.
+  Returns an fp32 scalar (fp64 for fp64 inputs).
   """
   _check_inputs(teacher_a, teacher_b, student_a, student_b, mask, num_heads, segment_ids)
-  valid, w = _prepare(
+  keys = _prepare(
       mask,
       segment_ids,
       num_heads,
       reduction,
       (teacher_a.dtype, teacher_b.dtype, student_a.dtype, student_b.dtype),
   )
-  return _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, valid, w, num_heads, chunk_heads)
+  return _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads, chunk_heads,
+                          block_keys)
 
 
-def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads):
+def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads, block_keys):
   """Σ_i weights[i] · relation_kl(*pairs[i]); masks and token weights computed once for all pairs."""
   for args in pairs:
     _check_inputs(*args, mask, num_heads, segment_ids)
-  valid, w = _prepare(mask, segment_ids, num_heads, reduction, [x.dtype for args in pairs for x in args])
-  total = jnp.zeros((), w.dtype)
+  keys = _prepare(mask, segment_ids, num_heads, reduction, [x.dtype for args in pairs for x in args])
+  total = jnp.zeros((), keys.w.dtype)
   for weight, args in zip(weights, pairs):
     if isinstance(weight, (int, float)) and weight == 0:
       continue  # a switched-off term costs nothing
-    total = total + weight * _relation_kl_sum(*args, valid, w, num_heads, chunk_heads)
+    total = total + weight * _relation_kl_sum(*args, keys, num_heads, chunk_heads, block_keys)
   return total
 
 
@@ -264,6 +413,7 @@ def minilm_v1_loss(
     reduction="example",
     segment_ids=None,
     chunk_heads=None,
+    block_keys=None,
     student_num_heads=None,
 ):
   """MiniLM v1: weights[0]·R(Q, K) + weights[1]·R(V, V), with A = the attention heads.
@@ -282,7 +432,8 @@ def minilm_v1_loss(
   _check_qkv(student_qkv, "student")
   (tq, tk, tv), (sq, sk, sv) = teacher_qkv, student_qkv
   pairs = ((tq, tk, sq, sk), (tv, tv, sv, sv))
-  return _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads)
+  return _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads,
+                             block_keys)
 
 
 def minilm_v2_loss(
@@ -295,6 +446,7 @@ def minilm_v2_loss(
     reduction="example",
     segment_ids=None,
     chunk_heads=None,
+    block_keys=None,
 ):
   """MiniLMv2: weights · (R(Q, Q), R(K, K), R(V, V)) with A = A_r relation heads.
 
@@ -305,7 +457,8 @@ def minilm_v2_loss(
   _check_qkv(teacher_qkv, "teacher")
   _check_qkv(student_qkv, "student")
   pairs = tuple((t, t, s, s) for t, s in zip(teacher_qkv, student_qkv))
-  return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads)
+  return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads,
+                             block_keys)
 
 
 # ------------------------------------------------------------------------------ output alignment
@@ -364,7 +517,7 @@ def hidden_loss(teacher_h_BTD, student_h_BTD, mask, reduction="example", *, segm
   bt = tuple(teacher_h_BTD.shape[:2])
   if np.shape(mask) != bt or (segment_ids is not None and np.shape(segment_ids) != bt):
     raise ValueError(f"mask/segment_ids must be [B, T] = {bt}")
-  valid_B1TS, w_BT = _prepare(mask, segment_ids, 1, reduction, (teacher_h_BTD.dtype, student_h_BTD.dtype))
+  w_BT = _prepare(mask, segment_ids, 1, reduction, (teacher_h_BTD.dtype, student_h_BTD.dtype)).w
   t, s = teacher_h_BTD.astype(w_BT.dtype), student_h_BTD.astype(w_BT.dtype)
   eps = 1e-12
   cos_BT = (t * s).sum(-1) / (jnp.maximum(jnp.linalg.norm(t, axis=-1), eps)

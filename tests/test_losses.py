@@ -355,6 +355,96 @@ def test_chunked_path_uses_less_temp_memory():
   assert chunked < direct / 4, (chunked, direct)
 
 
+# ------------------------------------------------------------------------------------ blockwise KL
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("block", [1, 3, 64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_blockwise_equals_oracle_and_direct_values_and_gradients(version, block, packed):
+  # Left and right padding, a fully padded row and a length-1 row (MASK), or packed documents; key
+  # blocks that do not divide T (3), one key at a time (1), and one block wider than T (64).
+  rng = np.random.default_rng(21)
+  mask, seg = (PACKED_MASK, PACKED_SEGMENTS) if packed else (MASK, None)
+  b, t = mask.shape
+  tqkv, sqkv = rand_qkv(rng, b, t, D_T), rand_qkv(rng, b, t, D_S)
+  loss_fn, oracle = (minilm_v1_loss, oracle_v1) if version == "v1" else (minilm_v2_loss, oracle_v2)
+
+  def loss(t_, s_, block_keys):
+    return loss_fn(t_, s_, mask, 4, segment_ids=seg, block_keys=block_keys)
+
+  direct, (gt_d, gs_d) = jax.value_and_grad(loss, argnums=(0, 1))(tqkv, sqkv, None)
+  blockwise, (gt_b, gs_b) = jax.value_and_grad(loss, argnums=(0, 1))(tqkv, sqkv, block)
+  np.testing.assert_allclose(blockwise, oracle(tqkv, sqkv, mask, 4, segment_ids=seg), rtol=RTOL)
+  np.testing.assert_allclose(blockwise, direct, rtol=RTOL)
+  for gb, gd in zip(gt_b + gs_b, gt_d + gs_d):  # teacher and student sides, q, k and v
+    np.testing.assert_allclose(gb, gd, rtol=RTOL, atol=1e-6)
+
+
+def test_blockwise_left_padding_equals_right_padding():
+  rng = np.random.default_rng(22)
+  t = 9
+  lengths = [9, 5, 2]
+  tqkv, sqkv = rand_qkv(rng, 3, t, D_T), rand_qkv(rng, 3, t, D_S)
+  right = np.array([[1] * n + [0] * (t - n) for n in lengths])
+  shift = lambda x: np.stack([np.roll(x[i], t - n, axis=0) for i, n in enumerate(lengths)])
+  left = shift(right)
+  f = lambda tq, sq, m: minilm_v2_loss(tq, sq, m, 4, block_keys=4)
+  np.testing.assert_allclose(f(tuple(map(shift, tqkv)), tuple(map(shift, sqkv)), left),
+                             f(tqkv, sqkv, right), rtol=RTOL)
+
+
+def test_blockwise_gradients_match_finite_differences_in_float64():
+  rng = np.random.default_rng(23)
+  with jax.enable_x64(True):
+    mask = np.array([[1, 1, 1, 0, 1], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    seg = np.array([[0, 0, 1, 1, 1], [0, 0, 1, 1, 2], [0, 0, 0, 0, 0]])
+    ta, tb = (jnp.asarray(rng.standard_normal((3, 5, 8))) for _ in range(2))
+    sa, sb = (jnp.asarray(rng.standard_normal((3, 5, 4))) for _ in range(2))
+    for segment_ids in (None, seg):
+      f = lambda *x: relation_kl(*x, mask, 2, segment_ids=segment_ids, block_keys=2)
+      assert f(ta, tb, sa, sb).dtype == jnp.float64
+      check_grads(f, (ta, tb, sa, sb), order=1, modes=["rev"])
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Elements of the largest array any equation (scan and remat bodies included) produces."""
+  best = 0
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      best = max(best, int(np.prod(getattr(v.aval, "shape", ()) or (1,))))
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          best = max(best, _largest_intermediate(inner))
+  return best
+
+
+def test_blockwise_never_holds_a_full_relation_tensor():
+  # The jaxpr of value-and-gradient, forward and the custom backward: nothing of B·A·T·T elements.
+  b, t, heads, block = 2, 256, 4, 32
+  ta, tb, sa, sb = (jax.ShapeDtypeStruct((b, t, 32), jnp.float32) for _ in range(4))
+  mask, seg = jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def grads(block_keys):
+    return jax.make_jaxpr(jax.value_and_grad(
+        lambda *x: relation_kl(*x[:4], x[4], heads, segment_ids=x[5], block_keys=block_keys),
+        argnums=(0, 1, 2, 3)))(ta, tb, sa, sb, mask, seg).jaxpr
+
+  full = b * heads * t * t
+  assert _largest_intermediate(grads(None)) >= full  # the direct path does hold one
+  assert _largest_intermediate(grads(block)) <= b * heads * t * block < full
+
+
+def test_blockwise_bad_block_is_an_error():
+  rng = np.random.default_rng(24)
+  t, s = rand_qkv(rng, 2, 5, 16), rand_qkv(rng, 2, 5, 16)
+  for bad in (0, -4, 2.5):
+    with pytest.raises(ValueError, match="block_keys must be a positive int"):
+      minilm_v2_loss(t, s, np.ones((2, 5)), 4, block_keys=bad)
+
+
 # --------------------------------------------------------------------------------------- gradients
 
 
