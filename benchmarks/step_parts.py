@@ -14,7 +14,7 @@ import jax
 import optax
 
 from minilm_jax import bench, config, hf, losses, objective, optimizer, sharding, train
-from minilm_jax.model import BertEncoder
+from minilm_jax.model import encoder_for
 
 
 def timeit(f, *args, n=5):
@@ -33,7 +33,7 @@ def main():
   b = sharding.put_batch(s.mesh, bench.make_batch(32, 128, s.teacher_config.vocab_size, 0.25))
   ids, mask = b["input_ids"], b["attention_mask"]
   state = s.init_state()
-  teacher, student = BertEncoder(s.teacher_config), BertEncoder(s.student_config)
+  teacher, student = encoder_for(s.teacher_config), encoder_for(s.student_config)
   loss = lambda t, x: losses.minilm_v2_loss(t, x, mask, cfg.loss.relation_heads)
   t_fwd = jax.jit(lambda p: teacher.apply({"params": p}, ids, mask, stop_at_capture=True).qkv)
   s_fwd = jax.jit(lambda p: student.apply({"params": p}, ids, mask, stop_at_capture=True).qkv)
@@ -42,7 +42,7 @@ def main():
   s_grad = jax.jit(jax.grad(lambda p, k: distill(p, s.teacher_params, b, k)))
   s_grad_nodrop = jax.jit(jax.grad(lambda p: distill(p, s.teacher_params, b)))
   grads = s_grad(state.params, jax.random.key(0))
-  tx = optimizer.make_optimizer(cfg, state.params, s.student_config.num_hidden_layers)
+  tx = optimizer.make_optimizer(cfg, state.params, s.student_config)
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
   parts = {
       "teacher forward (to its last Q/K/V)": timeit(t_fwd, s.teacher_params),

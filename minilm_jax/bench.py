@@ -114,13 +114,13 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
   from minilm_jax import config, hf, sharding, train
-  from minilm_jax.model import BertEncoder
+  from minilm_jax.model import encoder_for
   teacher_dir = hf.resolve(args.teacher)
   tcfg = hf.load_config(teacher_dir)
   if args.random_teacher_layers:
     tcfg = dataclasses.replace(tcfg, num_hidden_layers=args.random_teacher_layers,
                                max_position_embeddings=max(args.seq, tcfg.max_position_embeddings))
-    tparams = jax.device_get(BertEncoder(tcfg).init_params(jax.random.key(1)))
+    tparams = jax.device_get(encoder_for(tcfg).init_params(jax.random.key(1)))
   else:
     tcfg, tparams = hf.load_pretrained(teacher_dir)
   cfg = config.default_config()

@@ -33,13 +33,22 @@ def model_card(cfg: dict, student_config: dict, steps: int, sentence_transformer
     front.append(f"base_model: {teacher}")
   front.append("---")
   sc = student_config
+  modern = sc.get("model_type") == "modernbert"
+  shape = (f"{sc['num_hidden_layers']} layers, hidden {sc['hidden_size']}, {sc['num_attention_heads']} "
+           f"heads, FFN {sc['intermediate_size']}")
+  if modern:
+    shape += (", ModernBERT: global attention in layers "
+              f"{', '.join(str(i) for i, t in enumerate(sc['layer_types']) if t == 'full_attention')}, "
+              f"±{sc['local_attention'] // 2}-token windows elsewhere")
+  pooler = ("It loads as `ModernBertModel`, which has no pooler: use `last_hidden_state` or the sentence "
+            "embedding." if modern else "The pooler is the identity (`pooler_output` = tanh of the [CLS] "
+            "state): use `last_hidden_state` or the sentence embedding.")
   lines = front + [
       "", f"# A {sc['num_hidden_layers']}×{sc['hidden_size']} student of {teacher}", "",
       "Distilled with minilm_jax (MiniLM deep self-attention distillation in JAX).", "",
       "| | |", "|---|---|",
       f"| teacher | `{teacher}` |",
-      f"| student | {sc['num_hidden_layers']} layers, hidden {sc['hidden_size']}, {sc['num_attention_heads']} "
-      f"heads, FFN {sc['intermediate_size']} |",
+      f"| student | {shape} |",
       f"| initialisation | {cfg['student']['init']} |",
       f"| objective | {objective} |",
       f"| training | {steps} steps of {cfg['batch_size']}×{data['max_len']} tokens ({tokens:,} tokens), "
@@ -54,8 +63,7 @@ def model_card(cfg: dict, student_config: dict, steps: int, sentence_transformer
   lines += ["```python", "from transformers import AutoModel, AutoTokenizer",
             "model, tok = AutoModel.from_pretrained(PATH), AutoTokenizer.from_pretrained(PATH)",
             "out = model(**tok([\"a sentence\"], return_tensors=\"pt\")).last_hidden_state", "```", "",
-            "In Flax: `model, params = minilm_jax.load_student(PATH)`. The pooler is the identity "
-            "(`pooler_output` = tanh of the [CLS] state): use `last_hidden_state` or the sentence embedding.", "",
+            f"In Flax: `model, params = minilm_jax.load_student(PATH)`. {pooler}", "",
             "## Evaluation", ""]
   if eval_table:
     lines += ["From `minilm-eval` on this run (the teacher and the undistilled baselines of the same shape "

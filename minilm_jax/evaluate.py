@@ -56,7 +56,7 @@ from minilm_jax import data, hf, losses, objective
 from minilm_jax import workdir as wd
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
 from minilm_jax.student import init_student, teacher_layer_index
-from minilm_jax.model import BertConfig, BertEncoder
+from minilm_jax.model import BertConfig, encoder_for
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
 GLUE = {"sst2": (("sentence",), "accuracy"), "mnli": (("premise", "hypothesis"), "accuracy"),
@@ -210,7 +210,7 @@ def _mean_se(x_N) -> dict:
 @functools.lru_cache(maxsize=16)
 def _embed_fn(config: BertConfig, pooling: Tuple[str, bool]):
   def f(params, ids_BT, mask_BT):
-    h_BTD = BertEncoder(config).apply({"params": params}, ids_BT, mask_BT).last_hidden_state
+    h_BTD = encoder_for(config).apply({"params": params}, ids_BT, mask_BT).last_hidden_state
     return losses.sentence_embedding(h_BTD, mask_BT, *pooling)
   return jax.jit(f)
 
@@ -426,7 +426,7 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, ids, mask, types, deterministic):
-    h = BertEncoder(self.config, name="encoder")(ids, mask, types, deterministic=deterministic).last_hidden_state
+    h = encoder_for(self.config, name="encoder")(ids, mask, types, deterministic=deterministic).last_hidden_state
     pooled = losses.sentence_embedding(h, mask, self.pooling)
     pooled = nn.Dropout(0.1)(pooled, deterministic=deterministic)
     return nn.Dense(self.num_labels, name="head")(pooled)
@@ -524,7 +524,7 @@ def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[
   tcfg, tparams = teacher
   scfg, sparams = student
   tl = teacher_layer_index(cfg.loss.teacher_layer, tcfg.num_hidden_layers)
-  loss = jax.jit(objective.distill_loss_fn(cfg, BertEncoder(tcfg), BertEncoder(scfg), tl,
+  loss = jax.jit(objective.distill_loss_fn(cfg, encoder_for(tcfg), encoder_for(scfg), tl,
                                            terms=("relations",)))
   n = min(batches, max(1, len(rows["input_ids"]) // batch))
   vals = [float(loss(sparams, tparams, {k: v[i * batch:(i + 1) * batch] for k, v in rows.items()}))
@@ -621,7 +621,7 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
 
 def encode_speed(config: BertConfig, params, batch: int = 32, seq: int = 128, reps: int = 3) -> float:
   """Encoding tokens/s of a jitted forward pass on this machine (noisy on shared CPUs; in the JSON)."""
-  f = jax.jit(lambda p, ids: BertEncoder(config).apply({"params": p}, ids).last_hidden_state)
+  f = jax.jit(lambda p, ids: encoder_for(config).apply({"params": p}, ids).last_hidden_state)
   ids = jnp.ones((batch, seq), jnp.int32)
   f(params, ids).block_until_ready()
   t = time.perf_counter()

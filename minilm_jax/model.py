@@ -45,6 +45,12 @@ class BertConfig:
   pad_token_id: int = 0
   model_type: str = "bert"
 
+  # Where the trainer finds things in the param tree (student.py); ModernBertConfig has its own.
+  LAYERS = ("encoder", "layer")        # the layers' subtree: LAYERS + (str(i),)
+  QKV_PARAMS = (("attention", "self"),)  # what a layer's Q/K/V depend on, within the layer
+  ABOVE_LAYERS = ()                    # top-level params applied after the last layer
+  FUSED = {}                           # kernels whose output axis stacks equal parts (none here)
+
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
@@ -65,6 +71,18 @@ class BertConfig:
     if self.model_type == "bert":
       return self.max_position_embeddings
     return self.max_position_embeddings - self.pad_token_id - 1
+
+  def truncated(self, depth: int) -> "BertConfig":
+    """The first `depth` layers."""
+    return dataclasses.replace(self, num_hidden_layers=depth)
+
+  def resized(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
+              dropout_rate: float) -> "BertConfig":
+    """A student of this family: its own depth and widths, the same vocabulary and positions."""
+    return dataclasses.replace(
+        self, num_hidden_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_heads,
+        intermediate_size=intermediate_size, hidden_dropout_prob=dropout_rate,
+        attention_probs_dropout_prob=dropout_rate)
 
   @classmethod
   def from_dict(cls, d: dict) -> "BertConfig":
@@ -118,21 +136,26 @@ def _layer_norm(config, dtype, param_dtype, name):
   return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class Dropout(nn.Module):
+def dropout(x, rate: float, key):
   """Dropout drawing 16 random bits per element instead of nn.Dropout's 32: on CPU the random bits
   dominate dropout's cost, and this halves them. The rate is exact to 1/65536."""
+  threshold = round(rate * 65536)
+  shape = x.shape[:-1] + (-(-x.shape[-1] // 2),)
+  words = jax.random.bits(key, shape, jnp.uint32)
+  u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
+  keep = u16 >= threshold
+  return jnp.where(keep, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
+
+
+class Dropout(nn.Module):
+  """`dropout` as a module, its key from the "dropout" RNG stream."""
   rate: float
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
-    threshold = round(self.rate * 65536)
-    shape = x.shape[:-1] + (-(-x.shape[-1] // 2),)
-    words = jax.random.bits(self.make_rng("dropout"), shape, jnp.uint32)
-    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
-    keep = u16 >= threshold
-    return jnp.where(keep, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
+    return dropout(x, self.rate, self.make_rng("dropout"))
 
 
 def position_ids(config: BertConfig, input_ids_BT: jax.Array) -> jax.Array:
@@ -317,3 +340,18 @@ class BertEncoder(nn.Module):
     """Random params (HF's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return self.init(rng, ids)["params"]
+
+
+def encoder_for(config, dtype=jnp.float32, param_dtype=jnp.float32, **module_kw) -> nn.Module:
+  """The encoder module of `config`'s family: BertEncoder (BERT, RoBERTa, XLM-R) or ModernBertEncoder."""
+  from minilm_jax import modernbert  # it builds on this module
+  cls = modernbert.ModernBertEncoder if modernbert.is_modernbert(config) else BertEncoder
+  return cls(config, dtype=dtype, param_dtype=param_dtype, **module_kw)
+
+
+def config_from_dict(d: dict):
+  """An HF config dict as the config of its family (BertConfig or ModernBertConfig)."""
+  from minilm_jax import modernbert
+  if d.get("model_type") == modernbert.MODEL_TYPE:
+    return modernbert.ModernBertConfig.from_dict(d)
+  return BertConfig.from_dict(d)

@@ -21,14 +21,13 @@ to its end, so nothing in it is frozen.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from minilm_jax import losses
-from minilm_jax.model import BertEncoder
+from minilm_jax.model import encoder_for
 
 TERMS = ("relations", "hidden", "embedding")
 OUTPUT_TERMS = ("hidden", "embedding")
@@ -106,15 +105,14 @@ def relation_loss_fn(cfg, student_heads: int) -> Callable:
   raise ValueError(f"loss.version {l.version!r}: use 'v1' or 'v2'")
 
 
-def _truncated(model: BertEncoder, depth: int) -> BertEncoder:
+def _truncated(model, depth: int):
   """The same encoder with only its first `depth` layers (its params dict may hold more)."""
   if depth == model.config.num_hidden_layers:
     return model
-  return BertEncoder(dataclasses.replace(model.config, num_hidden_layers=depth), dtype=model.dtype,
-                     param_dtype=model.param_dtype)
+  return encoder_for(model.config.truncated(depth), dtype=model.dtype, param_dtype=model.param_dtype)
 
 
-def objective_fn(cfg, teacher: BertEncoder, student: BertEncoder, teacher_layer: int,
+def objective_fn(cfg, teacher, student, teacher_layer: int,
                  pooling: Optional[Tuple[str, bool]] = None,
                  terms: Optional[Sequence[str]] = None) -> Callable:
   """f(params, teacher_params, batch, rng=None) -> (total, {term: value}), all fp32 scalars.
@@ -162,7 +160,7 @@ def objective_fn(cfg, teacher: BertEncoder, student: BertEncoder, teacher_layer:
   return f
 
 
-def distill_loss_fn(cfg, teacher: BertEncoder, student: BertEncoder, teacher_layer: int,
+def distill_loss_fn(cfg, teacher, student, teacher_layer: int,
                     pooling: Optional[Tuple[str, bool]] = None,
                     terms: Optional[Sequence[str]] = None) -> Callable:
   """loss(params, teacher_params, batch, rng=None) -> scalar: the weighted total of objective_fn."""

@@ -14,8 +14,8 @@ from minilm_jax.student import frozen_labels, path_names
 
 def decay_mask(params: Any) -> Any:
   """Weight decay on kernels and embeddings only: not on biases or LayerNorm (as BERT trains)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: not (path_names(p)[-1] == "bias" or "LayerNorm" in path_names(p)), params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_names(p)[-1] in ("kernel", "embedding"),
+                                          params)
 
 
 def warmup_linear_decay(lr: float, warmup_steps: int, steps: int) -> optax.Schedule:
@@ -29,7 +29,8 @@ def lr_schedule(cfg) -> optax.Schedule:
   return warmup_linear_decay(cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps)
 
 
-def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, params: Any, scfg) -> optax.GradientTransformation:
+  """AdamW over the student's `params` (a tree or its shapes), scfg its config."""
   o = cfg.optim
   adamw = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
@@ -37,4 +38,4 @@ def make_optimizer(cfg, params: Any, num_layers: int) -> optax.GradientTransform
                   mask=decay_mask))
   return optax.multi_transform(
       {"train": adamw, "freeze": optax.set_to_zero()},
-      frozen_labels(params, num_layers, objective.reaches_output(objective.terms_of(cfg))))
+      frozen_labels(params, scfg, objective.reaches_output(objective.terms_of(cfg))))

@@ -3,12 +3,11 @@ layer it learns from, and which of its parameters the objective cannot reach (fr
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Tuple
 
 import jax
 
-from minilm_jax.model import BertConfig, BertEncoder
+from minilm_jax.model import encoder_for
 
 def teacher_layer_index(teacher_layer: int, num_layers: int) -> int:
   """`loss.teacher_layer` is 1-based as in the papers (21 of 24 for BERT-large) or negative from the
@@ -21,13 +20,11 @@ def teacher_layer_index(teacher_layer: int, num_layers: int) -> int:
                    f"teacher: use 1..{num_layers}, or -1 for the last")
 
 
-def student_config(cfg, teacher: BertConfig) -> BertConfig:
-  """The teacher's vocabulary, positions and type vocabulary, with the student's depth and width."""
+def student_config(cfg, teacher):
+  """The teacher's family, vocabulary and positions (and for ModernBERT its attention pattern's rhythm),
+  with the student's depth, widths and dropout (config.resized)."""
   s = cfg.student
-  return dataclasses.replace(
-      teacher, num_hidden_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_heads,
-      intermediate_size=s.intermediate_size, hidden_dropout_prob=s.dropout,
-      attention_probs_dropout_prob=s.dropout)
+  return teacher.resized(s.num_layers, s.hidden_size, s.num_heads, s.intermediate_size, s.dropout)
 
 
 def teacher_init_layers(init: str, teacher_layers: int, student_layers: int) -> list:
@@ -41,18 +38,39 @@ def teacher_init_layers(init: str, teacher_layers: int, student_layers: int) -> 
   return [i * k for i in range(student_layers)]
 
 
-def init_student(cfg, scfg: BertConfig, teacher_params: Any, teacher_layers: int, rng) -> Any:
+def _subtree(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _slice_to(path, t, s, fused):
+  """The teacher's array `t` cut to the student's shape: the first rows/columns, and for a fused kernel
+  (ModernBERT's Wqkv = [Q | K | V], Wi = [input | gate]) the first columns of each part."""
+  parts = fused.get(path_names(path)[-2], 1) if len(path) > 1 else 1
+  if parts > 1:
+    t = t.reshape(*t.shape[:-1], parts, t.shape[-1] // parts)
+    want = s.shape[:-1] + (parts, s.shape[-1] // parts)
+    return t[tuple(slice(0, n) for n in want)].reshape(s.shape).astype(s.dtype)
+  return t[tuple(slice(0, n) for n in s.shape)].astype(s.dtype)
+
+
+def init_student(cfg, scfg, teacher_params: Any, teacher_layers: int, rng) -> Any:
   """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns)."""
-  params = BertEncoder(scfg).init_params(rng)
+  params = encoder_for(scfg).init_params(rng)
   if cfg.student.init == "random":
     return params
   layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers)
-  cut = lambda t, s: t[tuple(slice(0, n) for n in s.shape)].astype(s.dtype)
-  out = jax.tree.map(cut, {k: v for k, v in teacher_params.items() if k != "encoder"},
-                     {k: v for k, v in params.items() if k != "encoder"})
-  out["encoder"] = {"layer": {str(i): jax.tree.map(cut, teacher_params["encoder"]["layer"][str(t)],
-                                                   params["encoder"]["layer"][str(i)])
-                              for i, t in enumerate(layers)}}
+  cut = lambda tree_t, tree_s: jax.tree_util.tree_map_with_path(
+      lambda path, t, s: _slice_to(path, t, s, scfg.FUSED), tree_t, tree_s)
+  top = scfg.LAYERS[0]
+  out = cut({k: v for k, v in teacher_params.items() if k != top},
+            {k: v for k, v in params.items() if k != top})
+  stacked = {str(i): cut(_subtree(teacher_params, scfg.LAYERS)[str(t)], _subtree(params, scfg.LAYERS)[str(i)])
+             for i, t in enumerate(layers)}
+  for k in reversed(scfg.LAYERS):
+    stacked = {k: stacked}
+  out.update(stacked)
   return out
 
 
@@ -61,13 +79,16 @@ def path_names(path) -> Tuple[str, ...]:
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
 
-def frozen_labels(params: Any, num_layers: int, reaches_output: bool = False) -> Any:
-  """"freeze" for the student's last-layer parameters the loss cannot reach, "train" elsewhere.
-  With `reaches_output` (a term on the student's output, see objective.reaches_output) every parameter
-  gets a gradient, so none is frozen."""
-  last = str(num_layers - 1)
+def frozen_labels(params: Any, scfg, reaches_output: bool = False) -> Any:
+  """"freeze" for the student's parameters the relations cannot reach (its last layer above the Q/K/V
+  projections, and what follows the layers: ModernBERT's final_norm), "train" elsewhere. With
+  `reaches_output` (a term on the student's output, see objective.reaches_output) every parameter gets a
+  gradient, so none is frozen. scfg: the student's config (its family says where things are)."""
+  last = scfg.LAYERS + (str(scfg.num_hidden_layers - 1),)
   def label(path, _):
     n = path_names(path)
-    unreachable = n[:3] == ("encoder", "layer", last) and n[3:5] != ("attention", "self")
+    in_last = n[:len(last)] == last and not any(n[len(last):len(last) + len(q)] == q
+                                                for q in scfg.QKV_PARAMS)
+    unreachable = in_last or n[0] in scfg.ABOVE_LAYERS
     return "freeze" if unreachable and not reaches_output else "train"
   return jax.tree_util.tree_map_with_path(label, params)

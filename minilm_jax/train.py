@@ -35,7 +35,7 @@ from minilm_jax import card, checkpoint, data, hf, objective, sharding
 from minilm_jax import workdir as wd
 from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
-from minilm_jax.model import BertConfig, BertEncoder
+from minilm_jax.model import encoder_for
 from minilm_jax.optimizer import lr_schedule, make_optimizer
 from minilm_jax.student import init_student, student_config, teacher_layer_index
 
@@ -52,7 +52,7 @@ class TrainState:
 # --- The step -------------------------------------------------------------------------------------------
 
 
-def make_train_step(cfg, teacher: BertEncoder, student: BertEncoder, tx, teacher_layer: int,
+def make_train_step(cfg, teacher, student, tx, teacher_layer: int,
                     pmap_axis: Optional[str] = None, pooling: Optional[Tuple[str, bool]] = None):
   """step(state, teacher_params, batch) -> (state, metrics). Pure; jit it with the state donated.
   metrics: loss, grad_norm, learning_rate and, with several loss terms, each as "loss_<term>".
@@ -112,8 +112,8 @@ class Setup:
   """Everything a run needs besides data: models, params on devices, the jitted step."""
   cfg: Any
   teacher_dir: str
-  teacher_config: BertConfig
-  student_config: BertConfig
+  teacher_config: Any                    # BertConfig or ModernBertConfig, the teacher's family
+  student_config: Any
   teacher_layer: int
   mesh: Any
   teacher_params: Any
@@ -146,8 +146,8 @@ def setup(cfg, teacher=None) -> Setup:
   mesh = sharding.make_mesh(cfg.parallel.fsdp)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
 
-  teacher_model = BertEncoder(tcfg, dtype=dtype, param_dtype=dtype)
-  student_model = BertEncoder(scfg, dtype=dtype, param_dtype=jnp.float32)
+  teacher_model = encoder_for(tcfg, dtype=dtype, param_dtype=dtype)
+  student_model = encoder_for(scfg, dtype=dtype, param_dtype=jnp.float32)
   # The teacher is frozen: keep it in the compute dtype (bf16 halves its memory and bandwidth).
   tparams = jax.tree.map(lambda x: np.asarray(x, dtype), tparams)
   teacher_sh = sharding.tree_shardings(mesh, tparams)
@@ -159,7 +159,7 @@ def setup(cfg, teacher=None) -> Setup:
       params[objective.PROJECTION] = objective.init_projection(scfg.hidden_size, tcfg.hidden_size)
     return params
 
-  tx = make_optimizer(cfg, jax.eval_shape(init_params, tparams), scfg.num_hidden_layers)
+  tx = make_optimizer(cfg, jax.eval_shape(init_params, tparams), scfg)
 
   def init_fn(teacher_params):
     params = init_params(teacher_params)

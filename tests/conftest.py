@@ -73,6 +73,19 @@ def make_tiny_teacher(folder, layers=2, hidden=32, heads=4, intermediate=64, max
   """A random BERT with a character-level WordPiece tokenizer, saved as an HF folder."""
   import transformers
   torch = pytest.importorskip("torch")
+  vocab = save_char_tokenizer(folder)
+  torch.manual_seed(seed)
+  cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=intermediate,
+                                max_position_embeddings=max_positions,
+                                initializer_range=0.1)  # sharper attention than 0.02: a loss far from 0
+  transformers.BertModel(cfg).save_pretrained(folder)
+  return str(folder)
+
+
+def save_char_tokenizer(folder):
+  """The character-level WordPiece tokenizer of the tiny teachers ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3)."""
+  import transformers
   os.makedirs(folder, exist_ok=True)
   chars = "abcdefghijklmnopqrstuvwxyz0123456789.,;:'\"()-!?"
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars) + ["##" + c for c in chars]
@@ -82,13 +95,30 @@ def make_tiny_teacher(folder, layers=2, hidden=32, heads=4, intermediate=64, max
   tok = transformers.BertTokenizerFast(os.path.join(folder, "vocab.txt"), do_lower_case=True)
   assert len(tok) == len(vocab)
   tok.save_pretrained(folder)
+  return len(vocab)
+
+
+def make_tiny_modernbert(folder, layers=3, hidden=32, heads=4, intermediate=48, local_attention=8,
+                         layer_types=None, max_positions=64, seed=0, tokenizer=True, **overrides):
+  """A random ModernBertModel (norms and biases perturbed so the test sees them), saved as an HF folder
+  with the char tokenizer; returns the torch model (eval mode, eager attention)."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  vocab = save_char_tokenizer(folder) if tokenizer else 99
   torch.manual_seed(seed)
-  cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=heads, intermediate_size=intermediate,
-                                max_position_embeddings=max_positions,
-                                initializer_range=0.1)  # sharper attention than 0.02: a loss far from 0
-  transformers.BertModel(cfg).save_pretrained(folder)
-  return str(folder)
+  cfg = transformers.ModernBertConfig(
+      vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+      intermediate_size=intermediate, max_position_embeddings=max_positions,
+      local_attention=local_attention, layer_types=layer_types, pad_token_id=0, bos_token_id=2,
+      eos_token_id=3, cls_token_id=2, sep_token_id=3, **overrides)
+  cfg._attn_implementation = "eager"
+  model = transformers.ModernBertModel(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(folder)
+  return model
 
 
 @pytest.fixture(scope="session")

@@ -132,7 +132,7 @@ def test_frozen_set_follows_the_terms_and_the_projection_is_saved_not_exported(t
   s = train.setup(c)
   state0 = s.init_state()
   assert objective.PROJECTION in state0.params  # student 16 wide, teacher 32
-  labels = jax.tree.leaves(optimizer.make_optimizer(c, state0.params, 1).init(state0.params))
+  labels = jax.tree.leaves(optimizer.make_optimizer(c, state0.params, s.student_config).init(state0.params))
   before = dict(hf._flatten(jax.device_get(state0.params)))
   train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
   mngr = checkpoint.make_manager(os.path.join(w, "checkpoints"), 1)

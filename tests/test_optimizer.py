@@ -11,9 +11,10 @@ def leaves(tree):
 
 def test_decay_mask_and_frozen_labels():
   from minilm_jax.model import BertConfig, BertEncoder
-  p = BertEncoder(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=16, max_position_embeddings=8)).init_params(jax.random.key(0))
-  labels, decay = leaves(student.frozen_labels(p, 2)), leaves(optimizer.decay_mask(p))
+  c = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=16, max_position_embeddings=8)
+  p = BertEncoder(c).init_params(jax.random.key(0))
+  labels, decay = leaves(student.frozen_labels(p, c)), leaves(optimizer.decay_mask(p))
   assert labels[("encoder", "layer", "1", "attention", "self", "query", "kernel")] == "train"
   assert labels[("encoder", "layer", "1", "attention", "output", "dense", "kernel")] == "freeze"
   assert labels[("encoder", "layer", "1", "output", "LayerNorm", "scale")] == "freeze"
