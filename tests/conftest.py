@@ -127,6 +127,14 @@ def tiny_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_modernbert(tmp_path_factory):
+  """A random 4×32 ModernBERT teacher (global layers 0 and 3, ±4-token windows) with the char tokenizer."""
+  folder = str(tmp_path_factory.mktemp("tiny_modernbert"))
+  make_tiny_modernbert(folder, layers=4, hidden=32, heads=4, intermediate=48, local_attention=8)
+  return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
   path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
   path.write_text(TINY_TEXT)

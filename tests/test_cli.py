@@ -116,3 +116,39 @@ def test_interrupted_then_resumed_run_is_bit_identical(tiny_teacher, tiny_corpus
       assert a.read() == b.read(), name
   strip = lambda rows: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in rows]
   assert strip(read_metrics(whole)) == strip(read_metrics(cut))
+
+
+def test_modernbert_teacher_to_student_folder_to_transformers(tiny_modernbert, tiny_corpus, tmp_path):
+  # The whole round trip on a tiny random ModernBERT: folder -> minilm-distill -> student folder ->
+  # transformers.AutoModel (as ModernBertModel) and sentence-transformers, agreeing with the Flax student.
+  torch = pytest.importorskip("torch")
+  import transformers
+  import minilm_jax
+  w = str(tmp_path / "mb")
+  r = run("--config", DEMO, f"--config.teacher={tiny_modernbert}", f"--config.data.source={tiny_corpus}",
+          *TINY_CLI_ARGS, "--config.student.num_layers=2", "--config.student.init=teacher",
+          "--config.loss.terms=relations,hidden", "--config.steps=6", "--config.checkpoint_every=3",
+          "--workdir", w)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = read_metrics(w)
+  assert rows[-1]["loss"] < rows[0]["loss"], rows
+  folder = os.path.join(w, "student")
+  tm, info = transformers.AutoModel.from_pretrained(folder, output_loading_info=True,
+                                                    attn_implementation="eager")
+  assert type(tm).__name__ == "ModernBertModel"
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert tm.config.num_hidden_layers == 2 and tm.config.hidden_size == 16
+  model, params = minilm_jax.load_student(w)
+  assert isinstance(model, minilm_jax.ModernBertEncoder)
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  enc = tok(["a distilled student of a modern bert", "loads anywhere"], padding=True, return_tensors="np")
+  flax_out = model.apply({"params": params}, enc["input_ids"], enc["attention_mask"]).last_hidden_state
+  with torch.no_grad():
+    torch_out = tm.eval()(input_ids=torch.tensor(enc["input_ids"]),
+                          attention_mask=torch.tensor(enc["attention_mask"])).last_hidden_state.numpy()
+  valid = enc["attention_mask"][..., None] > 0
+  np.testing.assert_allclose(np.where(valid, flax_out, 0), np.where(valid, torch_out, 0), atol=1e-4)
+  st = pytest.importorskip("sentence_transformers")
+  emb = st.SentenceTransformer(folder, device="cpu").encode(["loads anywhere"])
+  assert emb.shape == (1, 16)
+  assert "ModernBertModel" in open(os.path.join(folder, "README.md")).read()

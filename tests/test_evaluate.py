@@ -319,3 +319,16 @@ def test_minilm_eval_one_line_errors(tmp_path):
   r = eval_cli("--workdir", str(tmp_path), "--workdir", str(tmp_path / "b"))
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
       "minilm-eval: error: several runs: give --out DIR for the shared table"]
+
+
+def test_a_modernbert_run_is_evaluated_with_its_baselines(tiny_modernbert, tiny_corpus, tmp_path, site):
+  w = train_run(tiny_modernbert, tiny_corpus, str(tmp_path / "mb"), **{"student.num_layers": 2})
+  results = evaluate.evaluate_run(w, protocol=TINY, finetune_too=False, package_roots=site,
+                                  log=lambda m: None)
+  assert set(results) == {"teacher", "student: mb", "baseline: random init",
+                          "baseline: first teacher layers", "baseline: every k-th teacher layer"}
+  for name, row in results.items():
+    assert 0 <= row["retrieval_mrr"]["value"] <= 1, name
+  # The baselines are the student's architecture without distillation, so their relation loss differs.
+  losses_ = {n: r["heldout_relation_loss"]["value"] for n, r in results.items() if n != "teacher"}
+  assert len(set(losses_.values())) == 4 and all(np.isfinite(v) for v in losses_.values())

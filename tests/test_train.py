@@ -217,3 +217,30 @@ def test_a_failed_export_is_a_workdir_write_error_and_a_rerun_exports(tiny_teach
   train.train_and_evaluate(cfg, workdir, progress=False, log=logs.append)
   assert any("already trained to step 2" in m for m in logs), logs
   assert os.path.isfile(os.path.join(workdir, "student", "config.json"))
+
+
+def test_modernbert_teacher_v1_random_init_and_the_assistant_chain(tiny_modernbert, tiny_corpus, tmp_path):
+  """A ModernBERT teacher (4×32) distils into ModernBERT students: v1 over its native heads from random
+  init, and v2 through an assistant (4×16) into a 2×16 student initialised from the assistant's layers."""
+  import os
+  from minilm_jax import modernbert
+  v1 = tiny_config(tiny_modernbert, tiny_corpus, steps=3, checkpoint_every=3,
+                   **{"loss.version": "v1", "student.num_heads": 4, "student.num_layers": 2})
+  out = train.train_and_evaluate(v1, str(tmp_path / "v1"), progress=False, log=lambda m: None)
+  assert np.isfinite(out["last"]["loss"]) and out["last"]["loss"] > 0
+  model, _ = hf.load_student(str(tmp_path / "v1"))
+  assert isinstance(model.config, modernbert.ModernBertConfig)
+  assert model.config.layer_types == ("full_attention", "sliding_attention")
+
+  chain = tiny_config(tiny_modernbert, tiny_corpus, steps=2, checkpoint_every=2,
+                      **{"student.num_layers": 2, "student.init": "teacher", "assistant.enabled": True,
+                         "assistant.steps": 2})
+  w = str(tmp_path / "chain")
+  out = train.train_and_evaluate(chain, w, progress=False, log=lambda m: None)
+  a_model, _ = hf.load_student(os.path.join(w, "assistant"))
+  s_model, _ = hf.load_student(w)
+  assert (a_model.config.num_hidden_layers, a_model.config.hidden_size) == (4, 16)
+  assert a_model.config.layer_types == ("full_attention", "sliding_attention", "sliding_attention",
+                                        "full_attention")
+  assert isinstance(s_model.config, modernbert.ModernBertConfig)
+  assert (s_model.config.num_hidden_layers, s_model.config.hidden_size) == (2, 16)
