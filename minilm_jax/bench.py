@@ -32,10 +32,33 @@ PUBLISHED_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "
                    "H200": 989e12, "A100": 312e12, "L4": 121e12, "B200": 2250e12}
 
 
-def layer_forward_flops(batch: int, seq: int, hidden: int, intermediate: int) -> int:
-  """One encoder layer's forward: Q/K/V/output projections 4H², FFN 2HI per token, and non-causal
-  attention scores and context 4·T·H per token."""
-  return 2 * batch * seq * (4 * hidden ** 2 + 2 * hidden * intermediate) + 4 * batch * seq ** 2 * hidden
+def layer_forward_flops(batch: int, seq: int, hidden: int, intermediate: int, ffn_matrices: int = 2,
+                        keys: int = 0) -> int:
+  """One encoder layer's forward: Q/K/V/output projections 4H², FFN ffn_matrices·H·I per token (2; 3 for
+  ModernBERT's GeGLU), and non-causal attention scores and context 4·keys·H per token (keys: T, or a
+  local layer's window)."""
+  return (2 * batch * seq * (4 * hidden ** 2 + ffn_matrices * hidden * intermediate)
+          + 4 * batch * seq * (keys or seq) * hidden)
+
+
+def model_layer_flops(config, batch: int, seq: int, layer: int) -> int:
+  """layer_forward_flops of layer `layer` of a BertConfig or ModernBertConfig."""
+  from minilm_jax import modernbert
+  if not modernbert.is_modernbert(config):
+    return layer_forward_flops(batch, seq, config.hidden_size, config.intermediate_size)
+  local = config.layer_types[layer] == modernbert.SLIDING
+  keys = min(seq, config.local_attention + 1) if local else seq
+  return layer_forward_flops(batch, seq, config.hidden_size, config.intermediate_size, 3, keys)
+
+
+def step_flops(tcfg, scfg, *, batch, seq, teacher_layer, relations=3) -> int:
+  """minilm_flops_per_step for any family: per layer, so local attention and GeGLU count as they are."""
+  qkv = lambda h: 2 * batch * seq * 3 * h * h
+  teacher = sum(model_layer_flops(tcfg, batch, seq, i) for i in range(teacher_layer)) + qkv(tcfg.hidden_size)
+  student = sum(model_layer_flops(scfg, batch, seq, i) for i in range(scfg.num_hidden_layers - 1)) \
+      + qkv(scfg.hidden_size)
+  logits = relations * 2 * batch * seq ** 2 * (tcfg.hidden_size + 3 * scfg.hidden_size)
+  return int(teacher + 3 * student + logits)
 
 
 def minilm_flops_per_step(*, batch, seq, teacher_layers, teacher_hidden, teacher_intermediate,
@@ -98,6 +121,8 @@ def parse_args(argv=None):
   p.add_argument("--relation-heads", type=int, default=12)
   p.add_argument("--teacher-layer", type=int, default=-1)
   p.add_argument("--chunk-heads", type=int, default=0, help="0: automatic; = relation heads: direct")
+  p.add_argument("--block-keys", type=int, default=0, help="0: automatic; n: the blockwise relation KL, "
+                 "n keys at a time")
   p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
@@ -113,13 +138,16 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-  from minilm_jax import config, hf, sharding, train
+  from minilm_jax import config, hf, modernbert, sharding, train
   from minilm_jax.model import encoder_for
   teacher_dir = hf.resolve(args.teacher)
   tcfg = hf.load_config(teacher_dir)
   if args.random_teacher_layers:
-    tcfg = dataclasses.replace(tcfg, num_hidden_layers=args.random_teacher_layers,
-                               max_position_embeddings=max(args.seq, tcfg.max_position_embeddings))
+    tcfg = dataclasses.replace(tcfg, max_position_embeddings=max(args.seq, tcfg.max_position_embeddings))
+    if modernbert.is_modernbert(tcfg):  # its layer pattern follows the depth
+      tcfg = dataclasses.replace(tcfg, layer_types=modernbert.every_nth_global(
+          args.random_teacher_layers, tcfg.global_every or 3))
+    tcfg = dataclasses.replace(tcfg, num_hidden_layers=args.random_teacher_layers)
     tparams = jax.device_get(encoder_for(tcfg).init_params(jax.random.key(1)))
   else:
     tcfg, tparams = hf.load_pretrained(teacher_dir)
@@ -129,7 +157,7 @@ def run(args) -> dict:
                      num_heads=args.student_heads,
                      intermediate_size=args.student_intermediate or 4 * args.student_hidden)
   cfg.loss.update(version=args.loss, relation_heads=args.relation_heads, teacher_layer=args.teacher_layer,
-                  chunk_heads=args.chunk_heads)
+                  chunk_heads=args.chunk_heads, block_keys=args.block_keys)
   cfg.data.max_len = args.seq
   cfg.batch_size = args.batch
   cfg.steps = 1_000_000  # the schedule's length does not change the cost
@@ -147,7 +175,8 @@ def run(args) -> dict:
                  - m.alias_size_in_bytes)
   if args.compile_only:
     return {"impl": "minilm_jax", "batch": args.batch, "seq": args.seq, "relation_heads":
-            args.relation_heads, "chunk_heads": args.chunk_heads, "compiled_memory_bytes": analysed,
+            args.relation_heads, "chunk_heads": args.chunk_heads, "block_keys": args.block_keys,
+            "compiled_memory_bytes": analysed,
             "temp_bytes": int(m.temp_size_in_bytes), "compile_s": compile_s}
   for _ in range(args.warmup):
     state, metrics = compiled(state, s.teacher_params, batch)
@@ -158,12 +187,8 @@ def run(args) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / args.steps
 
-  sc = s.student_config
-  flops = minilm_flops_per_step(
-      batch=args.batch, seq=args.seq, teacher_layers=s.teacher_layer + 1,
-      teacher_hidden=tcfg.hidden_size, teacher_intermediate=tcfg.intermediate_size,
-      student_layers=sc.num_hidden_layers, student_hidden=sc.hidden_size,
-      student_intermediate=sc.intermediate_size, relations=3 if args.loss == "v2" else 2)
+  flops = step_flops(tcfg, s.student_config, batch=args.batch, seq=args.seq,
+                     teacher_layer=s.teacher_layer, relations=3 if args.loss == "v2" else 2)
   peak, peak_source = peak_flops()
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -179,7 +204,7 @@ def run(args) -> dict:
       "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
       "peak_flops_per_s": peak, "peak_source": peak_source, "mfu": flops / step_s / peak,
       "peak_memory_bytes": mem, "memory_source": mem_source, "compile_s": compile_s,
-      "loss": float(metrics["loss"]), "chunk_heads": args.chunk_heads,
+      "loss": float(metrics["loss"]), "chunk_heads": args.chunk_heads, "block_keys": args.block_keys,
   }
 
 

@@ -28,7 +28,8 @@ def default_config():
                 teacher_layer=-1,   # 1-based as in the papers (21 of 24 for BERT-large); -1 = last
                 reduction="example",  # "example": 1/(A|x|) per example then batch mean | "token"
                 weights=(),         # per-relation weights (v1: 2, v2: 3); () = all 1
-                chunk_heads=0,      # 0 = automatic; n = relation KL n heads at a time (long sequences)
+                chunk_heads=0,      # 0 = automatic; n = relation KL n heads at a time (n = heads: direct)
+                block_keys=0,       # 0 = automatic (128 above 128 tokens); n = relation KL n keys at a time
                 # What the student matches (objective.py): "relations" (the papers), "hidden" (the
                 # teacher's states at the output of teacher_layer), "embedding" (its sentence embedding)
                 terms="relations",
@@ -71,6 +72,7 @@ _RANGES = {
     "student.intermediate_size": (lambda v: v >= 1, "at least 1"),
     "student.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "loss.chunk_heads": (lambda v: v >= 0, "0 (automatic) or more"),
+    "loss.block_keys": (lambda v: v >= 0, "0 (automatic) or more"),
     "data.max_len": (lambda v: v >= 8, "at least 8 (a [CLS], a [SEP] and some text)"),
     "steps": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),

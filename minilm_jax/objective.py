@@ -94,7 +94,7 @@ def student_params(params: Dict[str, Any]) -> Dict[str, Any]:
 def relation_loss_fn(cfg, student_heads: int) -> Callable:
   """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss."""
   l = cfg.loss
-  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None)
+  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None, block_keys=l.get("block_keys") or None)
   if l.weights:
     kw["weights"] = tuple(l.weights)
   if l.version == "v1":

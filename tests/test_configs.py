@@ -8,6 +8,7 @@ import pytest
 
 from minilm_jax import config, student
 from minilm_jax.model import BertConfig
+from minilm_jax.modernbert import ModernBertConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The architectures of the hub teachers the recipes name (no download needed to check them).
@@ -21,6 +22,7 @@ TEACHERS = {
                                 num_attention_heads=16, intermediate_size=4096,
                                 max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                                 model_type="roberta"),
+    "answerdotai/ModernBERT-base": ModernBertConfig(),  # its hub config (benchmarks/modernbert-base)
 }
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -52,3 +54,10 @@ def test_paper_recipes_are_all_there():
   assert {"demo.py", "v1_bert_base_6x768.py", "v1_bert_base_6x384.py", "v2_bert_base_6x384.py",
           "v2_bert_large_6x768.py", "v2_roberta_large_6x384.py", "ta_bert_base_6x384.py",
           "demo_ta.py"} <= names
+
+
+def test_the_modernbert_base_config_reads_as_its_defaults():
+  # benchmarks/modernbert-base/config.json is answerdotai/ModernBERT-base's hub config (transformers 4
+  # keys), for the benchmark's random teacher of that shape.
+  from minilm_jax import hf
+  assert hf.load_config(os.path.join(ROOT, "benchmarks", "modernbert-base")) == ModernBertConfig()

@@ -346,7 +346,7 @@ def test_chunked_path_uses_less_temp_memory():
     stats = jax.jit(step).lower(*shapes, mask).compile().memory_analysis()
     return None if stats is None else stats.temp_size_in_bytes
 
-  direct, chunked = temp_bytes(None), temp_bytes(1)
+  direct, chunked = temp_bytes(heads), temp_bytes(1)  # chunk_heads = A: the direct path
   if direct is None or chunked is None:
     pytest.skip("memory_analysis() unavailable on this backend")
   full = b * heads * t * t * 4  # one fp32 [B, A, T, T] tensor: 32 MiB
@@ -427,14 +427,27 @@ def test_blockwise_never_holds_a_full_relation_tensor():
   ta, tb, sa, sb = (jax.ShapeDtypeStruct((b, t, 32), jnp.float32) for _ in range(4))
   mask, seg = jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32)
 
-  def grads(block_keys):
+  def grads(**kw):
     return jax.make_jaxpr(jax.value_and_grad(
-        lambda *x: relation_kl(*x[:4], x[4], heads, segment_ids=x[5], block_keys=block_keys),
+        lambda *x: relation_kl(*x[:4], x[4], heads, segment_ids=x[5], **kw),
         argnums=(0, 1, 2, 3)))(ta, tb, sa, sb, mask, seg).jaxpr
 
   full = b * heads * t * t
-  assert _largest_intermediate(grads(None)) >= full  # the direct path does hold one
-  assert _largest_intermediate(grads(block)) <= b * heads * t * block < full
+  assert _largest_intermediate(grads(chunk_heads=heads)) >= full  # the direct path does hold one
+  assert _largest_intermediate(grads(block_keys=block)) <= b * heads * t * block < full
+  # And the automatic choice at this length is blockwise (128 keys).
+  assert _largest_intermediate(grads()) <= b * heads * t * 128 < full
+
+
+def test_automatic_path_is_blockwise_above_128_tokens_only():
+  assert losses._auto_block_keys(128) is None and losses._auto_block_keys(129) == 128
+  rng = np.random.default_rng(25)
+  for t in (128, 160):
+    tqkv, sqkv = rand_qkv(rng, 2, t, 16), rand_qkv(rng, 2, t, 16)
+    f = lambda s, **kw: minilm_v2_loss(tqkv, s, np.ones((2, t)), 4, **kw)
+    jaxpr = str(jax.make_jaxpr(f)(sqkv))
+    assert ("custom_vjp" in jaxpr) == (t > 128), t
+    np.testing.assert_allclose(f(sqkv), f(sqkv, chunk_heads=4), rtol=RTOL)
 
 
 def test_blockwise_bad_block_is_an_error():
