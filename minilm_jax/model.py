@@ -216,6 +216,22 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, dropout=None):
   return ctx_BNTK.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
+def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation: str,
+                    window: Optional[int] = None):
+  """`attention` through jax.nn.dot_product_attention ("cudnn": cuDNN's fused kernel on GPU; "xla": the
+  same call on any backend, which the tests compare with `attention`). Padding is given as sequence
+  lengths, not a dense mask, so rows must be right-padded (the trainer's packed rows are); `window`:
+  ±window keys. No dropout on the probabilities: used where that dropout is 0 (the frozen teacher)."""
+  b, t, d = q_BTD.shape
+  split = lambda x: x.reshape(b, t, num_heads, d // num_heads)
+  lengths_B = jnp.sum(mask_BT > 0, axis=-1).astype(jnp.int32)
+  ctx = jax.nn.dot_product_attention(split(q_BTD), split(k_BTD), split(v_BTD),
+                                     query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+                                     local_window_size=None if window is None else (window, window),
+                                     implementation=implementation)
+  return ctx.reshape(b, t, d)
+
+
 class AddNorm(nn.Module):
   """Dense, dropout, residual, LayerNorm (HF's `attention/output` and `output`)."""
   config: BertConfig
@@ -234,6 +250,7 @@ class Attention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None  # see BertEncoder
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -242,8 +259,12 @@ class Attention(nn.Module):
     if qkv_only:
       return None, qkv
     drop = Dropout(c.attention_probs_dropout_prob)
-    ctx_BTH = attention(*qkv, mask_BT, c.num_attention_heads,
-                        lambda p: drop(p, deterministic=deterministic))
+    if self.attention_implementation is not None and (deterministic or
+                                                      c.attention_probs_dropout_prob == 0.0):
+      ctx_BTH = fused_attention(*qkv, mask_BT, c.num_attention_heads, self.attention_implementation)
+    else:
+      ctx_BTH = attention(*qkv, mask_BT, c.num_attention_heads,
+                          lambda p: drop(p, deterministic=deterministic))
     return AddNorm(c, self.dtype, self.param_dtype, name="output")(ctx_BTH, x_BTH, deterministic), qkv
 
 
@@ -252,11 +273,13 @@ class Layer(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
     c, dt, pdt = self.config, self.dtype, self.param_dtype
-    a_BTH, qkv = Attention(c, dt, pdt, name="attention")(x_BTH, mask_BT, deterministic, qkv_only)
+    a_BTH, qkv = Attention(c, dt, pdt, self.attention_implementation, name="attention")(
+        x_BTH, mask_BT, deterministic, qkv_only)
     if qkv_only:
       return None, qkv
     h_BTF = _Intermediate(c, dt, pdt, name="intermediate")(a_BTH)
@@ -279,14 +302,15 @@ class _LayerCollection(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
     qkv = captured_BTH = None
     for i in range(self.config.num_hidden_layers):
       stop = stop_at_capture and i == capture_layer
-      y_BTH, layer_qkv = Layer(self.config, self.dtype, self.param_dtype, name=str(i))(
-          x_BTH, mask_BT, deterministic, qkv_only=stop)
+      y_BTH, layer_qkv = Layer(self.config, self.dtype, self.param_dtype, self.attention_implementation,
+                               name=str(i))(x_BTH, mask_BT, deterministic, qkv_only=stop)
       if i == capture_layer:
         qkv, captured_BTH = layer_qkv, y_BTH
       if stop:
@@ -299,10 +323,12 @@ class _Encoder(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, *args):
-    return _LayerCollection(self.config, self.dtype, self.param_dtype, name="layer")(*args)
+    return _LayerCollection(self.config, self.dtype, self.param_dtype, self.attention_implementation,
+                            name="layer")(*args)
 
 
 class BertEncoder(nn.Module):
@@ -318,6 +344,9 @@ class BertEncoder(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # None: the reference attention (attention()); "cudnn" (or "xla"): fused_attention() wherever no
+  # dropout applies to the probabilities. Needs right-padded rows.
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, capture_layer=-1,
@@ -332,7 +361,8 @@ class BertEncoder(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     x_BTH = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(
         input_ids, token_type_ids, deterministic)
-    h_BTH, qkv, captured_BTH = _Encoder(c, self.dtype, self.param_dtype, name="encoder")(
+    h_BTH, qkv, captured_BTH = _Encoder(c, self.dtype, self.param_dtype, self.attention_implementation,
+                                        name="encoder")(
         x_BTH, attention_mask, deterministic, capture_layer % n, stop_at_capture)
     return EncoderOutput(last_hidden_state=h_BTH, qkv=qkv, layer_output=captured_BTH)
 

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from minilm_jax.model import _ACTIVATIONS, EncoderOutput, dropout
+from minilm_jax.model import _ACTIVATIONS, EncoderOutput, dropout, fused_attention
 
 MODEL_TYPE = "modernbert"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -278,6 +278,7 @@ class _Attention(nn.Module):
   layer: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -293,8 +294,11 @@ class _Attention(nn.Module):
     if qkv_only:
       return None, (q, k, v)
     rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
-    ctx = attention(q, k, v, mask_BT, c.num_attention_heads, c.local_attention // 2 if local else None,
-                    c.attention_dropout, rng)
+    window = c.local_attention // 2 if local else None
+    if self.attention_implementation is not None and rng is None:
+      ctx = fused_attention(q, k, v, mask_BT, c.num_attention_heads, self.attention_implementation, window)
+    else:
+      ctx = attention(q, k, v, mask_BT, c.num_attention_heads, window, c.attention_dropout, rng)
     y = _linear(h, c.attention_bias, self.dtype, self.param_dtype, "Wo", out_std)(ctx)
     if not deterministic and c.attention_dropout > 0.0:
       y = dropout(y, c.attention_dropout, self.make_rng("dropout"))
@@ -323,12 +327,14 @@ class _Layer(nn.Module):
   layer: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
     c, dt, pdt = self.config, self.dtype, self.param_dtype
     h = x_BTH if self.layer == 0 else _norm(c, dt, pdt, "attn_norm")(x_BTH)  # layer 0: identity
-    a, qkv = _Attention(c, self.layer, dt, pdt, name="attn")(h, mask_BT, deterministic, qkv_only)
+    a, qkv = _Attention(c, self.layer, dt, pdt, self.attention_implementation, name="attn")(
+        h, mask_BT, deterministic, qkv_only)
     if qkv_only:
       return None, qkv
     x_BTH = x_BTH + a
@@ -340,13 +346,15 @@ class _Layers(nn.Module):
   config: ModernBertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
     qkv = captured = None
     for i in range(self.config.num_hidden_layers):
       stop = stop_at_capture and i == capture_layer
-      y_BTH, layer_qkv = _Layer(self.config, i, self.dtype, self.param_dtype, name=str(i))(
+      y_BTH, layer_qkv = _Layer(self.config, i, self.dtype, self.param_dtype,
+                                self.attention_implementation, name=str(i))(
           x_BTH, mask_BT, deterministic, qkv_only=stop)
       if i == capture_layer:
         qkv, captured = layer_qkv, y_BTH
@@ -371,6 +379,7 @@ class ModernBertEncoder(nn.Module):
   config: ModernBertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_implementation: Optional[str] = None  # as BertEncoder's
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, capture_layer=-1,
@@ -382,7 +391,8 @@ class ModernBertEncoder(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     x = _Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids, deterministic)
-    h, qkv, captured = _Layers(c, self.dtype, self.param_dtype, name="layers")(
+    h, qkv, captured = _Layers(c, self.dtype, self.param_dtype, self.attention_implementation,
+                               name="layers")(
         x, attention_mask, deterministic, capture_layer % n, stop_at_capture)
     if h is None:
       return EncoderOutput(last_hidden_state=None, qkv=qkv, layer_output=None)

@@ -109,7 +109,8 @@ def _truncated(model, depth: int):
   """The same encoder with only its first `depth` layers (its params dict may hold more)."""
   if depth == model.config.num_hidden_layers:
     return model
-  return encoder_for(model.config.truncated(depth), dtype=model.dtype, param_dtype=model.param_dtype)
+  return encoder_for(model.config.truncated(depth), dtype=model.dtype, param_dtype=model.param_dtype,
+                     attention_implementation=model.attention_implementation)
 
 
 def objective_fn(cfg, teacher, student, teacher_layer: int,

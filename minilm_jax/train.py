@@ -123,6 +123,12 @@ class Setup:
   pooling: Optional[Tuple[str, bool]] = None  # the teacher's sentence pooling, for the "embedding" term
 
 
+def attention_implementation(precision: str) -> Optional[str]:
+  """cuDNN's fused attention for bf16 on a GPU (model.fused_attention: the teacher's layers, and the
+  student's where no dropout applies to the probabilities); None (the XLA reference) elsewhere."""
+  return "cudnn" if precision == "bfloat16" and jax.default_backend() == "gpu" else None
+
+
 def setup(cfg, teacher=None) -> Setup:
   """Load the teacher (or take `teacher=(dir, config, params)`), build the models, the optimizer, the
   mesh and the jitted init and step."""
@@ -146,8 +152,9 @@ def setup(cfg, teacher=None) -> Setup:
   mesh = sharding.make_mesh(cfg.parallel.fsdp)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
 
-  teacher_model = encoder_for(tcfg, dtype=dtype, param_dtype=dtype)
-  student_model = encoder_for(scfg, dtype=dtype, param_dtype=jnp.float32)
+  fused = attention_implementation(cfg.precision)
+  teacher_model = encoder_for(tcfg, dtype=dtype, param_dtype=dtype, attention_implementation=fused)
+  student_model = encoder_for(scfg, dtype=dtype, param_dtype=jnp.float32, attention_implementation=fused)
   # The teacher is frozen: keep it in the compute dtype (bf16 halves its memory and bandwidth).
   tparams = jax.tree.map(lambda x: np.asarray(x, dtype), tparams)
   teacher_sh = sharding.tree_shardings(mesh, tparams)

@@ -165,3 +165,29 @@ def test_config_round_trips_hf_json(tmp_path):
   assert back.intermediate_size == 50 and back.hidden_act == "relu"
   with pytest.raises(ValueError, match="relative_key"):
     BertConfig.from_dict({"position_embedding_type": "relative_key"})
+
+
+def test_fused_attention_path_equals_the_reference():
+  # The path the trainer takes on a GPU in bf16 (jax.nn.dot_product_attention with sequence lengths),
+  # run here with its XLA implementation: the same outputs and gradients as the reference attention on
+  # right-padded rows (what the trainer's packing makes), and dropout keeps the reference path.
+  c = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, max_position_embeddings=32)
+  params = BertEncoder(c).init_params(jax.random.key(0))
+  ids, mask = random_batch(np.random.default_rng(7), 4, 13, 50, "right", low=1)
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  ref, fused = BertEncoder(c), BertEncoder(c, attention_implementation="xla")
+  valid = np.asarray(mask)[..., None] > 0
+  out = lambda m, p: m.apply({"params": p}, ids, mask).last_hidden_state
+  np.testing.assert_allclose(np.where(valid, out(fused, params), 0), np.where(valid, out(ref, params), 0),
+                             atol=1e-5, rtol=0)
+  loss = lambda m: lambda p: jnp.sum(jnp.where(valid, out(m, p), 0) ** 2)
+  # (Leaves whose gradient is 0 in exact arithmetic, the key bias, are compared at the largest leaf's scale.)
+  g_fused, g_ref = jax.grad(loss(fused))(params), jax.grad(loss(ref))(params)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_ref))
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  assert str(jax.make_jaxpr(lambda p: out(fused, p))(params)) != str(jax.make_jaxpr(lambda p: out(ref, p))(params))
+  drop = lambda m: m.apply({"params": params}, ids, mask, deterministic=False,
+                           rngs={"dropout": jax.random.key(1)}).last_hidden_state
+  np.testing.assert_array_equal(drop(fused), drop(ref))  # attention dropout: the reference path

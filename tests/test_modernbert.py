@@ -226,3 +226,17 @@ def test_student_of_a_modernbert_teacher(tmp_path):
   grads = dict(hf._flatten(jax.grad(qkv_loss)(p)))
   for path, label in labels.items():
     assert (label == "train") == bool(np.any(np.asarray(grads[path]) != 0)), path
+
+
+def test_fused_attention_path_with_windows_equals_the_reference(tmp_path):
+  # jax.nn.dot_product_attention with sequence lengths and local_window_size (cuDNN's on a GPU), run with
+  # its XLA implementation: equal to the reference on right-padded rows, global and local layers alike.
+  tm = make_tiny_modernbert(str(tmp_path), layers=4, local_attention=8, tokenizer=False)
+  ids, mask = random_batch(np.random.default_rng(8), 3, 21, 99, "right", low=4)
+  config, params = minilm_jax.load_pretrained(str(tmp_path))
+  out = lambda impl: ModernBertEncoder(config, attention_implementation=impl).apply(
+      {"params": params}, jnp.asarray(ids), jnp.asarray(mask)).last_hidden_state
+  valid = mask[..., None] > 0
+  np.testing.assert_allclose(np.where(valid, out("xla"), 0), np.where(valid, out(None), 0), atol=1e-5,
+                             rtol=0)
+  assert_parity(str(tmp_path), tm, ids, mask)

@@ -244,3 +244,10 @@ def test_modernbert_teacher_v1_random_init_and_the_assistant_chain(tiny_modernbe
                                         "full_attention")
   assert isinstance(s_model.config, modernbert.ModernBertConfig)
   assert (s_model.config.num_hidden_layers, s_model.config.hidden_size) == (2, 16)
+
+
+def test_fused_attention_only_for_bfloat16_on_a_gpu(monkeypatch):
+  assert train.attention_implementation("bfloat16") is None  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert train.attention_implementation("bfloat16") == "cudnn"
+  assert train.attention_implementation("float32") is None
