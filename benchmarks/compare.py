@@ -1,11 +1,12 @@
-"""Our jitted step against the PyTorch eager peer, side by side in one run, on the same shapes.
+"""Our jitted step against the PyTorch peers (eager, and torch.compile), side by side in one run.
 
   python benchmarks/compare.py [--rounds 2] [--steps 10] [-- extra args for both]
 
 Defaults: the packaged all-MiniLM-L6-v2 teacher (6×384) → 3×384 student (12 heads, FFN 1536), batch 32,
-seq 128, MiniLMv2 with 12 relation heads, a quarter of the rows half padded, fp32. The two run
-alternately in separate processes (so neither inherits the other's thread pools), `--rounds` times, and
+seq 128, MiniLMv2 with 12 relation heads, a quarter of the rows half padded, fp32. The three run
+alternately in separate processes (so none inherits another's thread pools), `--rounds` times, and
 the best of each is compared: this machine's speed drifts by tens of percent between minutes.
+`--no-compile` leaves the torch.compile peer out.
 """
 
 import argparse
@@ -28,6 +29,7 @@ def main():
   p.add_argument("--teacher", default="")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--no-compile", action="store_true")
   args, extra = p.parse_known_args()
   extra = [a for a in extra if a != "--"]
   if not args.teacher:
@@ -36,22 +38,25 @@ def main():
   shape = ["--teacher", args.teacher, "--student-layers", "3", "--student-hidden", "384",
            "--student-heads", "12", "--student-intermediate", "1536", "--batch", "32", "--seq", "128",
            "--relation-heads", "12", "--steps", str(args.steps), "--padded-fraction", "0.25", *extra]
-  ours, peer = [], []
+  peers = {"torch_eager": []} if args.no_compile else {"torch_eager": [], "torch_compile": []}
+  ours = []
   for _ in range(args.rounds):
     ours.append(run([sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]))
     print(json.dumps(ours[-1]), flush=True)
-    peer.append(run([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape]))
-    print(json.dumps(peer[-1]), flush=True)
+    for name, runs in peers.items():
+      flag = ["--compile"] if name == "torch_compile" else []
+      runs.append(run([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape, *flag]))
+      print(json.dumps(runs[-1]), flush=True)
   best_ours = max(ours, key=lambda r: r["tokens_per_s"])
-  best_peer = max(peer, key=lambda r: r["tokens_per_s"])
   peak = max(r["peak_flops_per_s"] for r in ours)
-  print(json.dumps({
-      "minilm_jax_tokens_per_s": best_ours["tokens_per_s"], "torch_eager_tokens_per_s":
-      best_peer["tokens_per_s"], "speedup": best_ours["tokens_per_s"] / best_peer["tokens_per_s"],
-      "minilm_jax_mfu": best_ours["model_flops_per_step"] * best_ours["tokens_per_s"]
-      / (32 * 128) / peak,
-      "torch_eager_mfu": best_peer["model_flops_per_step"] * best_peer["tokens_per_s"] / (32 * 128) / peak,
-      "peak_flops_per_s": peak}))
+  mfu = lambda r: r["model_flops_per_step"] * r["tokens_per_s"] / (32 * 128) / peak
+  summary = {"minilm_jax_tokens_per_s": best_ours["tokens_per_s"], "minilm_jax_mfu": mfu(best_ours),
+             "peak_flops_per_s": peak}
+  for name, runs in peers.items():
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    summary.update({f"{name}_tokens_per_s": best["tokens_per_s"], f"{name}_mfu": mfu(best),
+                    f"speedup_over_{name}": best_ours["tokens_per_s"] / best["tokens_per_s"]})
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

