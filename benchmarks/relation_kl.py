@@ -34,7 +34,7 @@ def main(argv=None):
   p.add_argument("--batch-tokens", type=int, default=16384)
   p.add_argument("--heads", type=int, default=12)
   p.add_argument("--width", type=int, default=384)
-  p.add_argument("--blocks", type=int, nargs="+", default=[128, 512])
+  p.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--max-gb", type=float, default=12.0)
   a = p.parse_args(argv)

@@ -224,7 +224,7 @@ def test_modernbert_teacher_v1_random_init_and_the_assistant_chain(tiny_modernbe
   init, and v2 through an assistant (4×16) into a 2×16 student initialised from the assistant's layers."""
   import os
   from minilm_jax import modernbert
-  v1 = tiny_config(tiny_modernbert, tiny_corpus, steps=3, checkpoint_every=3,
+  v1 = tiny_config(tiny_modernbert, tiny_corpus, steps=2, checkpoint_every=2,
                    **{"loss.version": "v1", "student.num_heads": 4, "student.num_layers": 2})
   out = train.train_and_evaluate(v1, str(tmp_path / "v1"), progress=False, log=lambda m: None)
   assert np.isfinite(out["last"]["loss"]) and out["last"]["loss"] > 0
