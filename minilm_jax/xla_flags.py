@@ -1,0 +1,92 @@
+"""XLA:CPU flags: the routes the benchmarks compare, and the ones this package sets by default.
+
+XLA reads XLA_FLAGS once, when JAX starts its first backend (not when jax is imported), so
+`minilm_jax/__init__.py` calls `apply_cpu_defaults()` before anything touches a device. A flag the
+user's XLA_FLAGS already sets is left as the user set it; MINILM_XLA_DEFAULTS=0 turns the defaults off
+(the benchmarks' route runner does, so each route is exactly what it says).
+
+Flag values in jaxlib 0.10 (from its DebugOptions; checked against the compiled HLO):
+- `--xla_cpu_experimental_ynn_fusion_type=` takes a comma list of `dot`, `eltwise`, `reduce`,
+  `individual_dot`, `individual_convolution` (or `invalid`). Bare names replace XLA's default list,
+  `+name`/`-name` edit it, an empty value clears it (no YNNPACK at all: dots go to XLA's own Eigen
+  dot thunk, elementwise work to XLA's loop fusions).
+- `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=` takes the same names. `dot`
+  lets an elementwise producer or a second dot join the oneDNN fusion, which oneDNN's graph API cannot
+  compile ("partition compile failed", then SIGILL) on the step's dropout-then-matmul and Q/K/V
+  backward; `individual_dot` (one dot per fusion) compiles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+_YNN = "--xla_cpu_experimental_ynn_fusion_type"
+_ONEDNN = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type"
+
+# name -> XLA_FLAGS: every way jaxlib 0.10's XLA:CPU can run the step's dots and the work around them.
+ROUTES = {
+    "default": "",                                      # YNN fusions: dots with their eltwise/reduce
+    "ynn-dot": f"{_YNN}=-dot",                          # each YNN fusion type taken out in turn
+    "ynn-eltwise": f"{_YNN}=-eltwise",
+    "ynn-reduce": f"{_YNN}=-reduce",
+    "ynn-individual_dot": f"{_YNN}=-individual_dot",
+    "ynn-dots-only": f"{_YNN}=-eltwise,-reduce",        # YNN runs the dots, alone; XLA the rest
+    "plain": f"{_YNN}=",                                # no YNN: XLA's own dots and loop fusions
+    "onednn-dot": f"{_ONEDNN}=dot {_YNN}=",             # the issue's oneDNN set (fails on the step)
+    "onednn-individual_dot": f"{_ONEDNN}=individual_dot {_YNN}=",
+}
+
+# The flags set on CPU unless the user's XLA_FLAGS names them ({flag: value}): kept only for a route that
+# beats XLA's default on the whole step beyond noise (benchmarks/routes.py), none so far.
+CPU_DEFAULTS: dict = {}
+
+# XLA_FLAGS as the user set them, before apply_cpu_defaults (the route runner starts from these).
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+
+
+def _flag_names(flags: str) -> set:
+  return {f.split("=", 1)[0] for f in flags.split() if f.startswith("--")}
+
+
+def _backend_will_be_cpu(environ) -> bool:
+  """True when JAX will start on CPU: JAX_PLATFORMS names cpu first, or is unset and no GPU/TPU
+  plugin is installed. Decided without importing jax."""
+  platforms = environ.get("JAX_PLATFORMS", environ.get("JAX_PLATFORM_NAME", "")).strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  for plugin in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
+                 "libtpu"):
+    try:
+      if importlib.util.find_spec(plugin) is not None:
+        return False
+    except (ImportError, ValueError):
+      pass
+  return True
+
+
+def with_cpu_defaults(xla_flags: str, defaults: dict = None) -> str:
+  """`xla_flags` plus each default flag it does not already set."""
+  defaults = CPU_DEFAULTS if defaults is None else defaults
+  have = _flag_names(xla_flags)
+  extra = [f"{k}={v}" for k, v in defaults.items() if k not in have]
+  return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def apply_cpu_defaults(environ=None, defaults: dict = None) -> bool:
+  """Adds the CPU defaults to environ["XLA_FLAGS"] when JAX will run on CPU and has not started a
+  backend yet. Returns whether XLA_FLAGS changed."""
+  environ = os.environ if environ is None else environ
+  defaults = CPU_DEFAULTS if defaults is None else defaults
+  if not defaults or environ.get("MINILM_XLA_DEFAULTS", "1") == "0" or not _backend_will_be_cpu(environ):
+    return False
+  xb = sys.modules.get("jax._src.xla_bridge")
+  if xb is not None and xb.backends_are_initialized():
+    return False  # too late: XLA has read its flags
+  old = environ.get("XLA_FLAGS", "")
+  new = with_cpu_defaults(old, defaults)
+  if new == old.strip():
+    return False
+  environ["XLA_FLAGS"] = new
+  return True
