@@ -8,10 +8,23 @@ backward, 12 relation heads), grouped by shape, each shape jitted and timed on i
 its count. Nothing but matmuls: no softmax, GELU, dropout, LayerNorm or optimizer. The total time is a
 lower bound for any step built from these kernels, so FLOPs ÷ that time ÷ the measured peak is the most
 MFU the step could reach with every other op free. Prints a table and one JSON line.
+
+  python benchmarks/matmul_ceiling.py --routes all [--rounds 3]
+
+times the same matmuls under each XLA:CPU route (minilm_jax.xla_flags.ROUTES: YNNPACK fusions as XLA
+makes them, each YNN fusion type taken out, XLA's own dots, oneDNN), each route in its own process
+(XLA reads XLA_FLAGS once), the routes alternating over rounds (benchmarks/routes.py). Every route's
+outputs are compared with the default route's (same inputs): worse than 1e-5 of the largest output,
+relative, is reported as WRONG. The peak is measured in each process, under its route.
 """
 
 import argparse
 import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
 import time
 
 import jax
@@ -58,19 +71,97 @@ def best_seconds(fn, reps):
   return best
 
 
-def time_jax(a, b, reps):
-  x = jax.random.normal(jax.random.key(0), a, jnp.float32)
-  y = jax.random.normal(jax.random.key(1), b, jnp.float32)
+def inputs(a, b, seed):
+  """The same operands under every route (numpy's generator, not XLA's)."""
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32)
+
+
+def time_jax(a, b, reps, seed=0, outputs=None, name=None):
+  x, y = map(jnp.asarray, inputs(a, b, seed))
   f = jax.jit(jnp.matmul)
-  f(x, y).block_until_ready()
+  out = f(x, y).block_until_ready()
+  if outputs is not None:
+    outputs[name] = np.asarray(out)
   return best_seconds(lambda: f(x, y).block_until_ready(), reps)
 
 
-def time_torch(a, b, reps):
+def time_torch(a, b, reps, seed=0, outputs=None, name=None):
   import torch
-  x, y = torch.randn(*a), torch.randn(*b)
+  x, y = map(torch.from_numpy, inputs(a, b, seed))
   torch.matmul(x, y)
   return best_seconds(lambda: torch.matmul(x, y), reps)
+
+
+def library_fusions():
+  """How the route compiled a batched and a plain matmul: {kind: count} of its library fusions."""
+  out = {}
+  for a, b in (((384, 128, 32), (384, 32, 128)), ((4096, 384), (384, 384))):
+    text = jax.jit(jnp.matmul).lower(jnp.zeros(a), jnp.zeros(b)).compile().as_text()
+    for kind in ("__ynn_fusion", "__onednn_fusion"):
+      out[kind.strip("_")] = out.get(kind.strip("_"), 0) + text.count(f'"kind":"{kind}"')
+  return out
+
+
+def rel_error(outputs, reference_path):
+  """Worst over the matmuls of max|out - ref| / max|ref|."""
+  ref = np.load(reference_path)
+  return max(float(np.max(np.abs(outputs[k] - ref[k])) / np.max(np.abs(ref[k]))) for k in ref.files)
+
+
+def run_routes(args):
+  """Each route in its own process, alternating; one table of GFLOP/s by matmul and route."""
+  import routes as R
+  names = R.parse_routes(args.routes)
+  tmp = tempfile.mkdtemp(prefix="matmul_routes_")
+  ref = os.path.join(tmp, "default.npz")
+  base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--seq", str(args.seq),
+          "--reps", str(args.reps), "--no-torch"]
+
+  def cmd(route, i):  # round 0 saves the default's outputs, then checks every other route's
+    if i > 0:
+      return base
+    return base + (["--save", ref] if route == "default" else ["--reference", ref])
+
+  load_before = open("/proc/loadavg").read().split()[:3]
+  try:
+    results = R.run_routes(cmd, names, args.rounds)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  load_after = open("/proc/loadavg").read().split()[:3]
+  ok = lambda runs: [r for r in runs if "error" not in r]
+  print(f"{len(names)} routes x {args.rounds} rounds, alternating; load average before {load_before}, "
+        f"after {load_after}. GFLOP/s: median over rounds of each run's best of {args.reps}.")
+  print(f"{'matmul':24} {'count':>5} " + " ".join(f"{n[:13]:>13}" for n in names))
+  shapes = [name for name, *_ in step_matmuls(args.batch, args.seq)]
+  counts = {name: c for name, _, _, c in step_matmuls(args.batch, args.seq)}
+  for shape in shapes:
+    cells = []
+    for n in names:
+      v = [r["gflops"][shape] for r in ok(results[n])]
+      cells.append(f"{statistics.median(v):13.0f}" if v else f"{'-':>13}")
+    print(f"{shape:24} {counts[shape]:5d} " + " ".join(cells))
+  rows = {}
+  for n in names:
+    runs = ok(results[n])
+    rows[n] = {"matmul_ms": R.spread([r["jax_matmul_ms"] for r in runs]),
+               "mfu_ceiling": R.spread([r["jax_mfu_ceiling"] for r in runs]),
+               "peak_gflops": R.spread([r["peak_flops_per_s"] / 1e9 for r in runs]),
+               "rel_error": next((r["rel_error"] for r in runs if "rel_error" in r), None),
+               "fusions": runs[0]["fusions"] if runs else None,
+               "failed": len(results[n]) - len(runs)}
+    errors = sorted({r["error"] for r in results[n] if "error" in r})
+    if errors:
+      rows[n]["error"] = errors[0]
+  print(f"\n{'route':24} {'all matmuls, ms':>28} {'peak GFLOP/s':>22} {'MFU ceiling':>20} {'rel. error':>16}")
+  for n, row in rows.items():
+    err = row["rel_error"]
+    verdict = "-" if err is None else f"{err:.1e} " + ("ok" if err <= 1e-5 else "WRONG")
+    print(f"{n:24} {R.fmt_spread(row['matmul_ms']):>28} {R.fmt_spread(row['peak_gflops']):>22} "
+          f"{R.fmt_spread(row['mfu_ceiling'], digits=3):>20} {verdict:>16}"
+          + (f"  FAILED {row['failed']}/{args.rounds}: {row['error']}" if "error" in row else ""))
+  print(json.dumps({"rounds": args.rounds, "load_before": load_before, "load_after": load_after,
+                    "routes": rows}))
 
 
 def main():
@@ -79,12 +170,21 @@ def main():
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--routes", default="", help="all, or a comma list of minilm_jax.xla_flags.ROUTES: "
+                 "time each route in its own process (no torch column)")
+  p.add_argument("--rounds", type=int, default=3, help="with --routes")
+  p.add_argument("--save", default="", help=argparse.SUPPRESS)       # the route runner's
+  p.add_argument("--reference", default="", help=argparse.SUPPRESS)  # correctness check
   args = p.parse_args()
+  if args.routes:
+    return run_routes(args)
   impls = {"jax": time_jax}
   if not args.no_torch:
     impls["torch"] = time_torch
   peak = measured_cpu_peak()
   total = {k: 0.0 for k in impls}
+  outputs = {} if (args.save or args.reference) else None
+  gflops = {}
   step_flops = 0
   print(f"{'matmul':24} {'a':>16} {'b':>16} {'count':>5} " + " ".join(f"{k + ' GFLOP/s':>14}" for k in impls))
   for name, a, b, count in step_matmuls(args.batch, args.seq):
@@ -92,15 +192,21 @@ def main():
     step_flops += f * count
     rates = {}
     for k, timer in impls.items():
-      sec = timer(a, b, args.reps)
+      sec = timer(a, b, args.reps, outputs=outputs if k == "jax" else None, name=name)
       total[k] += sec * count
       rates[k] = f / sec
+    gflops[name] = rates["jax"] / 1e9
     print(f"{name:24} {str(a):>16} {str(b):>16} {count:5d} "
           + " ".join(f"{rates[k] / 1e9:14.0f}" for k in impls))
   needed = minilm_flops_per_step(batch=args.batch, seq=args.seq, teacher_layers=6, teacher_hidden=384,
                                  teacher_intermediate=1536, student_layers=3, student_hidden=384,
                                  student_intermediate=1536)
-  result = {"peak_flops_per_s": peak, "matmul_flops": step_flops, "model_flops_per_step": needed}
+  result = {"peak_flops_per_s": peak, "matmul_flops": step_flops, "model_flops_per_step": needed,
+            "gflops": gflops, "fusions": library_fusions()}
+  if args.save:
+    np.savez(args.save, **outputs)
+  if args.reference:
+    result["rel_error"] = rel_error(outputs, args.reference)
   for k, sec in total.items():
     result[f"{k}_matmul_ms"] = sec * 1e3
     result[f"{k}_mfu_ceiling"] = needed / sec / peak
