@@ -131,6 +131,30 @@ def test_dropout_only_when_not_deterministic():
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
+def test_dropout_bits_are_jax_random_bits():
+  """The hashed-in-place dropout masks exactly as jax.random.bits' words would (low half first), so
+  runs and resumes keep the masks they had; odd widths and other key kinds take jax.random.bits."""
+  from minilm_jax.model import dropout
+
+  def reference(x, rate, key):
+    threshold = round(rate * 65536)
+    words = jax.random.bits(key, x.shape[:-1] + (-(-x.shape[-1] // 2),), jnp.uint32)
+    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
+    return jnp.where(u16 >= threshold, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
+
+  for shape in [(2, 3, 16, 16), (4, 8, 6), (3, 5, 7), (9,)]:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+      key = jax.random.fold_in(jax.random.key(5), 2)
+      got = jax.jit(lambda x, k: dropout(x, 0.1, k))(x, key)
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(reference(x, 0.1, key), np.float32))
+  x = jnp.ones((64, 64))
+  kept = float((jax.jit(lambda x, k: dropout(x, 0.25, k))(x, jax.random.key(0)) != 0).mean())
+  assert abs(kept - 0.75) < 0.03
+  rbg = jax.random.key(0, impl="rbg")
+  np.testing.assert_array_equal(dropout(x, 0.1, rbg), reference(x, 0.1, rbg))
+
+
 def test_token_type_ids_default_to_zeros_and_bf16_compute():
   config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=16)
