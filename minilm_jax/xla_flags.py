@@ -9,7 +9,10 @@ Flag values in jaxlib 0.10 (from its DebugOptions; checked against the compiled 
 - `--xla_cpu_experimental_ynn_fusion_type=` takes a comma list of `dot`, `eltwise`, `reduce`,
   `individual_dot`, `individual_convolution` (or `invalid`). Bare names replace XLA's default list,
   `+name`/`-name` edit it, an empty value clears it (no YNNPACK at all: dots go to XLA's own Eigen
-  dot thunk, elementwise work to XLA's loop fusions).
+  dot thunk, elementwise work to XLA's loop fusions). The default list behaves as {reduce,
+  individual_dot}: a reduce fusion grows over the elementwise ops and the dot that feed it (a softmax
+  with its matmul, a LayerNorm with its projection), so `-dot`, `-eltwise` and `-individual_dot` each
+  compile the same HLO as the default, and `-reduce` leaves YNNPACK the dots alone.
 - `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=` takes the same names. `dot`
   lets an elementwise producer or a second dot join the oneDNN fusion, which oneDNN's graph API cannot
   compile ("partition compile failed", then SIGILL) on the step's dropout-then-matmul and Q/K/V
@@ -38,9 +41,17 @@ ROUTES = {
     "onednn-individual_dot": f"{_ONEDNN}=individual_dot {_YNN}=",
 }
 
-# The flags set on CPU unless the user's XLA_FLAGS names them ({flag: value}): kept only for a route that
-# beats XLA's default on the whole step beyond noise (benchmarks/routes.py), none so far.
-CPU_DEFAULTS: dict = {}
+# The CPU default, one route as a whole ({flag: value}): oneDNN runs each dot alone, YNNPACK nothing.
+# At the target shape it ran the whole step 1.2x faster than XLA's default (README, Performance).
+# It is left out when the user's XLA_FLAGS names any of its flags (theirs wins, and half a route is no
+# route), off x86 (oneDNN is built into the x86 jaxlib only) and on a jaxlib other than the one
+# measured (XLA aborts on a flag it does not know).
+CPU_DEFAULTS: dict = {
+    "--xla_cpu_use_onednn": "true",
+    "--xla_cpu_experimental_onednn_fusion_type": "individual_dot",
+    "--xla_cpu_experimental_ynn_fusion_type": "",
+}
+MEASURED_JAXLIB = "0.10."
 
 # XLA_FLAGS as the user set them, before apply_cpu_defaults (the route runner starts from these).
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
@@ -67,11 +78,23 @@ def _backend_will_be_cpu(environ) -> bool:
 
 
 def with_cpu_defaults(xla_flags: str, defaults: dict = None) -> str:
-  """`xla_flags` plus each default flag it does not already set."""
+  """`xla_flags` plus the defaults, unless it already names one of them."""
   defaults = CPU_DEFAULTS if defaults is None else defaults
-  have = _flag_names(xla_flags)
-  extra = [f"{k}={v}" for k, v in defaults.items() if k not in have]
-  return " ".join([xla_flags.strip(), *extra]).strip()
+  if _flag_names(xla_flags) & set(defaults):
+    return xla_flags.strip()
+  return " ".join([xla_flags.strip(), *(f"{k}={v}" for k, v in defaults.items())]).strip()
+
+
+def _jaxlib_measured() -> bool:
+  """x86 and the jaxlib whose flags were measured; read from metadata, without importing jax."""
+  import importlib.metadata
+  import platform
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return False
+  try:
+    return importlib.metadata.version("jaxlib").startswith(MEASURED_JAXLIB)
+  except importlib.metadata.PackageNotFoundError:
+    return False
 
 
 def apply_cpu_defaults(environ=None, defaults: dict = None) -> bool:
@@ -80,6 +103,8 @@ def apply_cpu_defaults(environ=None, defaults: dict = None) -> bool:
   environ = os.environ if environ is None else environ
   defaults = CPU_DEFAULTS if defaults is None else defaults
   if not defaults or environ.get("MINILM_XLA_DEFAULTS", "1") == "0" or not _backend_will_be_cpu(environ):
+    return False
+  if defaults is CPU_DEFAULTS and not _jaxlib_measured():
     return False
   xb = sys.modules.get("jax._src.xla_bridge")
   if xb is not None and xb.backends_are_initialized():

@@ -18,11 +18,12 @@ def test_defaults_are_added_on_cpu():
 
 
 def test_the_users_setting_wins():
-  env = dict(CPU, XLA_FLAGS=f"--xla_dump_to=/tmp/x {YNN}=dot")
-  assert xla_flags.apply_cpu_defaults(env, {YNN: "", "--xla_cpu_use_onednn": "false"})
-  assert env["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {YNN}=dot --xla_cpu_use_onednn=false"
+  env = dict(CPU, XLA_FLAGS="--xla_dump_to=/tmp/x")
+  assert xla_flags.apply_cpu_defaults(env, {YNN: ""})
+  assert env["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {YNN}="
+  # Naming any flag of the default route leaves the whole route out: half a route is no route.
   env = dict(CPU, XLA_FLAGS=f"{YNN}=dot")
-  assert not xla_flags.apply_cpu_defaults(env, {YNN: ""})
+  assert not xla_flags.apply_cpu_defaults(env, {YNN: "", "--xla_cpu_use_onednn": "true"})
   assert env["XLA_FLAGS"] == f"{YNN}=dot"
 
 
@@ -49,14 +50,19 @@ PROBE = """
 import json, os
 import minilm_jax, jax, jax.numpy as jnp
 hlo = jax.jit(jnp.matmul).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
-print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": hlo.count("__ynn_fusion")}))
+print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": hlo.count("__ynn_fusion"),
+                  "onednn": hlo.count("__onednn_fusion")}))
 """
 
 
 def test_importing_the_package_applies_the_defaults_before_jax_starts():
   got = _run(PROBE)
-  for flag, value in xla_flags.CPU_DEFAULTS.items():
-    assert f"{flag}={value}" in got["xla_flags"].split()
+  if xla_flags._jaxlib_measured():  # x86 and the measured jaxlib: the oneDNN route
+    for flag, value in xla_flags.CPU_DEFAULTS.items():
+      assert f"{flag}={value}" in got["xla_flags"].split()
+    assert (got["ynn"], got["onednn"]) == (0, 1)
+  user = _run(PROBE, XLA_FLAGS=f"{YNN}=individual_dot")  # the user's own route, untouched
+  assert user["xla_flags"] == f"{YNN}=individual_dot" and (user["ynn"], user["onednn"]) == (1, 0)
   # The mechanism itself, with a default that shows in the compiled HLO: YNN dots off.
   code = PROBE.replace("import minilm_jax,", f"from minilm_jax import xla_flags\n"
                        f"xla_flags.apply_cpu_defaults(defaults={{{YNN!r}: ''}})\nimport")
