@@ -35,9 +35,11 @@ def default_config():
                 terms="relations",
                 term_weights=())    # one weight per term, in the order of `terms`; () = all 1
   # "stdlib" (demo corpus) | "pydocs" (stdlib + installed packages' docstrings) | a .txt/.jsonl/.parquet
-  # file or folder | a `datasets` hub name
+  # file or folder, local or gs:// | a `datasets` hub name (streamed)
   c.data = dict(source="stdlib",
-                hub_config="", text_field="text", split="train", max_len=128)
+                hub_config="", text_field="text", split="train", max_len=128,
+                cache_dir="",       # token shards (shards.py): "" = WORKDIR/cache; local or gs://, shareable
+                num_proc=0)         # processes that tokenise; 0 = one per core
   c.batch_size = 32                 # global, over all devices and hosts
   c.grad_accum = 1
   c.steps = 1000
@@ -74,6 +76,7 @@ _RANGES = {
     "loss.chunk_heads": (lambda v: v >= 0, "0 (automatic) or more"),
     "loss.block_keys": (lambda v: v >= 0, "0 (automatic) or more"),
     "data.max_len": (lambda v: v >= 8, "at least 8 (a [CLS], a [SEP] and some text)"),
+    "data.num_proc": (lambda v: v >= 0, "0 (one per core) or more"),
     "steps": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "grad_accum": (lambda v: v >= 1, "at least 1"),
@@ -161,8 +164,10 @@ def teacher_identity(teacher_dir: str, tcfg: BertConfig) -> dict:
           "tokenizer_sha256": _hash_files(hashlib.sha256(), teacher_dir, hf.tokenizer_files(teacher_dir))}
 
 
-# Config keys whose change would make a resumed run differ from an uninterrupted one.
+# Config keys whose change would make a resumed run differ from an uninterrupted one; and keys inside
+# them that do not (where the shards are kept and how many processes made them).
 _RESUME_KEYS = ("student", "loss", "data", "batch_size", "grad_accum", "seed", "precision")
+_RESUME_FREE = {"data": ("cache_dir", "num_proc")}
 
 
 def check_resume(saved: dict, now: dict) -> None:
@@ -186,9 +191,12 @@ def check_resume(saved: dict, now: dict) -> None:
   # A checkpoint written before a config key existed ran with that key's default.
   defaults = json.loads(json.dumps(default_config().to_dict()))
   for key in _RESUME_KEYS:
-    was = saved["config"].get(key)
+    was, want = saved["config"].get(key), now["config"].get(key)
     if isinstance(was, dict) and isinstance(defaults.get(key), dict):
       was = {**defaults[key], **was}
-    if was != now["config"].get(key):
+    if isinstance(was, dict) and isinstance(want, dict):
+      free = _RESUME_FREE.get(key, ())
+      was, want = ({k: v for k, v in d.items() if k not in free} for d in (was, want))
+    if was != want:
       raise ValueError(f"config key {key!r} differs from the run in this workdir "
                        f"({was} vs {now['config'].get(key)}); use a new workdir")

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data, hf, losses, objective
+from minilm_jax import corpus, data, hf, losses, objective
 from minilm_jax import workdir as wd
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
 from minilm_jax.student import init_student, teacher_layer_index
@@ -127,8 +127,8 @@ def _sentences(doc: str) -> List[str]:
 
 
 def heldout_docs(text=None) -> List[str]:
-  """The probes' text: the stdlib corpus's held-out split, or all of `text` (anything load_texts takes)."""
-  return data.load_texts("stdlib", split="heldout") if text is None else data.load_texts(text)
+  """The probes' text: the stdlib corpus's held-out split, or all of `text` (any corpus.load_texts source)."""
+  return corpus.load_texts("stdlib", split="heldout") if text is None else corpus.load_texts(text)
 
 
 @dataclasses.dataclass
@@ -287,12 +287,12 @@ def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_si
 
 @functools.lru_cache(maxsize=2)
 def _package_docs(roots: Tuple[str, ...]) -> Dict[str, List[str]]:
-  return data.package_docstrings(roots)  # parsing all of site-packages takes minutes: once per process
+  return corpus.package_docstrings(roots)  # parsing all of site-packages takes minutes: once per process
 
 
 def package_task(roots: Sequence[str] = (), classes: int = 16, per_class: int = 100, seed: int = 0,
                  min_classes: int = 12) -> Task:
-  """Which top-level package a held-out docstring comes from (see data.package_docstrings): the
+  """Which top-level package a held-out docstring comes from (see corpus.package_docstrings): the
   `classes` packages with the most such docstrings, each cut to the same number (≤ per_class, seeded),
   split 60/20/20 per class into train/dev/test."""
   docs = _package_docs(tuple(roots))

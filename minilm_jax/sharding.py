@@ -69,3 +69,15 @@ def put_batch(mesh: jax.sharding.Mesh, local_batch: dict) -> dict:
   """This host's rows -> global arrays sharded over the batch axes (multi-host safe)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def hosts():
+  """The hosts of a multi-host run as shards.Hosts (a barrier and an all-gather over jax.distributed),
+  for splitting the tokenisation; None on one host."""
+  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+    return None  # without touching the devices: minilm-prepare on one host needs none
+  from jax.experimental import multihost_utils
+  from minilm_jax import shards
+  gather = lambda x: [int(v) for v in multihost_utils.process_allgather(np.int32(x))]
+  return shards.Hosts(jax.process_index(), jax.process_count(), multihost_utils.sync_global_devices,
+                      gather)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from minilm_jax import card, checkpoint, data, hf, objective, sharding
+from minilm_jax import card, checkpoint, data, hf, objective, sharding, shards
 from minilm_jax import workdir as wd
 from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
@@ -295,7 +295,7 @@ class _Run:
   """What the loop works with besides the train state: one stage's setup, data and places."""
   cfg: Any
   s: Setup
-  rows: Any                 # the packed token rows (data.tokenize_and_pack)
+  rows: Any                 # the packed token rows (shards.Rows, memory-mapped)
   mngr: Any                 # the Orbax CheckpointManager
   meta: dict                # saved with every checkpoint: the run's identity (config.check_resume)
   workdir: str              # where the checkpoints go (local or gs://)
@@ -305,6 +305,17 @@ class _Run:
 
   def sync_up(self, names=(wd.METRICS, wd.EVENTS)) -> None:
     wd.sync(self.workdir, self.local, list(names))
+
+
+def prepare_data(cfg, tokenizer_dir: str, workdir: str, progress: bool = False,
+                 log: Callable[[str], None] = print) -> str:
+  """The run's token shards (made once, in data.num_proc processes, split over the hosts that share the
+  cache): their folder, under data.cache_dir or WORKDIR/cache."""
+  return shards.prepare(cfg.data.source, tokenizer_dir, cfg.data.max_len,
+                        cfg.data.cache_dir or wd.join(workdir, wd.TOKEN_CACHE),
+                        text_field=cfg.data.text_field, hub_config=cfg.data.hub_config,
+                        split=cfg.data.split, num_proc=cfg.data.num_proc, progress=progress,
+                        hosts=sharding.hosts(), log=log)
 
 
 def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
@@ -328,12 +339,11 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   if len(tok) > s.teacher_config.vocab_size:
     raise ValueError(f"the tokenizer in {s.teacher_dir} has {len(tok)} tokens, but the teacher's "
                      f"embeddings have {s.teacher_config.vocab_size} rows")
-  docs = data.load_texts(cfg.data.source, cfg.data.text_field, cfg.data.hub_config, cfg.data.split)
-  rows = data.tokenize_and_pack(docs, tok, cfg.data.max_len, os.path.join(local, wd.TOKEN_CACHE),
-                                progress)
+  rows = shards.Rows(prepare_data(cfg, s.teacher_dir, workdir, progress, log))
   meta = {"teacher": teacher_identity(s.teacher_dir, s.teacher_config),
           "student_config": s.student_config.to_dict(),
-          "config": json.loads(json.dumps(cfg.to_dict()))}  # as a checkpoint reads it back
+          "config": json.loads(json.dumps(cfg.to_dict())),  # as a checkpoint reads it back
+          "data_order": data.ORDER}
 
   mngr = checkpoint.make_manager(wd.join(workdir, wd.CHECKPOINTS), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)
@@ -346,6 +356,9 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       state, start = s.init_state(), 0
     else:
       log(f"resuming from step {start} in {workdir}")
+      if saved.get("data_order") != data.ORDER:
+        log(f"warning: this run was started by an earlier minilm_jax, whose batches came in another "
+            f"order; from step {start} on they follow this version's order (the same rows)")
       wd.sync(workdir, local, [wd.METRICS, wd.EVENTS], down=True)
     wd.trim_metrics(metrics_path, start)
     status = _loop(run, state, start)

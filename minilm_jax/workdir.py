@@ -7,11 +7,11 @@
   WORKDIR/loss.png       the loss curve (loss_chain.png for a teaching-assistant chain)
   WORKDIR/assistant/     the teaching assistant's own run, laid out the same way
   WORKDIR/eval/          what minilm-eval writes for this run by default
-  WORKDIR/cache/         the tokenised corpus
+  WORKDIR/cache/         the token shards (shards.py), unless data.cache_dir puts them elsewhere
 
-For a remote workdir everything but the checkpoints is written to a local mirror (`local_dir`) and copied
-up at every checkpoint and at the end (`sync`). The trainer, the evaluation and `hf.load_student` all take
-their paths from here.
+For a remote workdir, the checkpoints and the shards are written there directly, and everything else to a
+local mirror (`local_dir`) that is copied up at every checkpoint and at the end (`sync`). The trainer, the
+evaluation and `hf.load_student` all take their paths from here.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def check_writable(workdir: str) -> None:
 
 
 def local_dir(workdir: str) -> str:
-  """Where metrics, TensorBoard events, the token cache and the export are written: the workdir itself,
+  """Where metrics, TensorBoard events and the export are written: the workdir itself,
   or for a remote (gs://) workdir a local mirror that is copied up at every checkpoint and at the end
   (Orbax writes the checkpoints straight to the remote workdir)."""
   return hf.cache_dir("runs", workdir) if is_remote(workdir) else workdir

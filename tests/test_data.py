@@ -1,4 +1,4 @@
-"""Data: packing, the resumable batch order, host slicing, sources, the token cache and prefetching."""
+"""Data: packing, the resumable batch order (computed per row), host slicing and prefetching."""
 
 import hashlib
 import json
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from minilm_jax import data
+from minilm_jax import corpus, data
 
 CLS, SEP, PAD = 2, 3, 0
 
@@ -101,6 +101,29 @@ def test_batch_rows_straddling_an_epoch_boundary():
   assert epoch1_head.tolist() != epoch0[:2].tolist()  # a new permutation for the new epoch
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000, 4099])
+def test_permute_is_a_permutation(n):
+  for key in (0, 1, 2 ** 63 + 5):
+    assert sorted(data.permute(np.arange(n), n, key).tolist()) == list(range(n))
+
+
+def test_permute_shuffles_and_keys_differ():
+  n = 20_000
+  p, q = data.permute(np.arange(n), n, 7), data.permute(np.arange(n), n, 8)
+  assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.05  # no trace of the input order
+  assert abs(np.corrcoef(p, q)[0, 1]) < 0.05  # another key, another order
+  # Neighbours are scattered: few consecutive positions land on consecutive rows.
+  assert np.mean(np.abs(np.diff(p)) == 1) < 0.01
+
+
+def test_batch_rows_of_a_huge_corpus_cost_only_the_batch():
+  # 10^12 rows: a stored permutation would need 8 TB; a batch is computed from its positions alone.
+  rows = data.batch_rows(123_456_789, 256, 10 ** 12, seed=1)
+  assert rows.shape == (256,) and len(set(rows.tolist())) == 256
+  assert rows.min() >= 0 and rows.max() < 10 ** 12
+  np.testing.assert_array_equal(rows, data.batch_rows(123_456_789, 256, 10 ** 12, seed=1))
+
+
 def test_batch_rows_seeded_and_pure():
   seq = [data.batch_rows(s, 6, 50, seed=3) for s in range(20)]
   again = [data.batch_rows(s, 6, 50, seed=3) for s in range(20)]
@@ -136,144 +159,6 @@ def test_host_batch_not_divisible_over_hosts():
     data.host_batch(fake_rows(10), 0, 6, seed=0, process_index=0, process_count=4)
 
 
-# --- load_texts ---------------------------------------------------------------------------------------
-
-
-def write_jsonl(path, rows):
-  with open(path, "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write((json.dumps(r) if r is not None else "") + "\n")
-
-
-def write_parquet(path, columns):
-  pa = pytest.importorskip("pyarrow")
-  import pyarrow.parquet as pq
-  pq.write_table(pa.table(columns), str(path))
-
-
-def test_load_texts_in_memory_list_drops_empty_docs():
-  assert data.load_texts(["a b", "", "  \n", "c", None, 3]) == ["a b", "c"]
-  assert data.load_texts(("x", "y")) == ["x", "y"]
-
-
-def test_load_texts_txt_blank_line_separated(tmp_path):
-  p = tmp_path / "c.txt"
-  p.write_text("first doc\nstill first\n\n\n  second doc  \n\n\n\n\nthird\n", encoding="utf-8")
-  assert data.load_texts(str(p)) == ["first doc\nstill first", "second doc", "third"]
-
-
-def test_load_texts_jsonl_with_text_field(tmp_path):
-  p = tmp_path / "c.jsonl"
-  write_jsonl(p, [{"body": "one", "id": 1}, None, {"body": "", "id": 2}, {"body": "zwei ü", "id": 3}])
-  assert data.load_texts(str(p), text_field="body") == ["one", "zwei ü"]
-
-
-def test_load_texts_parquet(tmp_path):
-  p = tmp_path / "c.parquet"
-  write_parquet(p, {"id": [1, 2, 3, 4], "text": ["alpha", None, "", "beta gamma"]})
-  assert data.load_texts(str(p)) == ["alpha", "beta gamma"]
-
-
-def test_load_texts_folder_sorted_and_mixed(tmp_path):
-  pytest.importorskip("pyarrow")
-  (tmp_path / "sub").mkdir()
-  (tmp_path / "b.txt").write_text("b1\n\nb2")
-  (tmp_path / "a.txt").write_text("a1")
-  write_jsonl(tmp_path / "sub" / "c.jsonl", [{"text": "c1"}, {"text": "c2"}])
-  write_parquet(tmp_path / "ab.parquet", {"text": ["p1", "p2"]})
-  (tmp_path / "notes.md").write_text("not a source")
-  (tmp_path / "empty.txt").write_text("\n\n")
-  # Sorted by path: a.txt, ab.parquet, b.txt, empty.txt, sub/c.jsonl.
-  assert data.load_texts(str(tmp_path)) == ["a1", "p1", "p2", "b1", "b2", "c1", "c2"]
-
-
-def test_load_texts_no_documents(tmp_path):
-  p = tmp_path / "empty.txt"
-  p.write_text("")
-  for source in (str(p), [], ["", "   "]):
-    with pytest.raises(ValueError, match="no non-empty documents"):
-      data.load_texts(source)
-  (tmp_path / "blank.txt").write_text("\n\n\n")
-  with pytest.raises(ValueError, match="no non-empty documents"):
-    data.load_texts(str(tmp_path))
-
-
-def test_load_texts_missing_text_field_jsonl(tmp_path):
-  p = tmp_path / "c.jsonl"
-  write_jsonl(p, [{"body": "x", "id": 1}])
-  with pytest.raises(ValueError, match=r"'text'.*\['body', 'id'\]"):
-    data.load_texts(str(p))
-
-
-def test_load_texts_missing_text_field_parquet(tmp_path):
-  p = tmp_path / "c.parquet"
-  write_parquet(p, {"body": ["x"], "id": [1]})
-  with pytest.raises(ValueError, match=r"'content'.*\['body', 'id'\]"):
-    data.load_texts(str(p), text_field="content")
-
-
-def test_load_texts_missing_path():
-  with pytest.raises(FileNotFoundError, match="/nonexistent/x.txt"):
-    data.load_texts("/nonexistent/x.txt")
-  with pytest.raises(FileNotFoundError):
-    data.load_texts("./nonexistent-folder")
-
-
-def test_load_texts_unsupported_file_type(tmp_path):
-  p = tmp_path / "c.csv"
-  p.write_text("text\nhello\n")
-  with pytest.raises(ValueError, match="unsupported file type"):
-    data.load_texts(str(p))
-
-
-@pytest.fixture(scope="module")
-def stdlib_splits():
-  return data.load_texts(data.STDLIB), data.load_texts(data.STDLIB, split="heldout")
-
-
-def test_stdlib_corpus(stdlib_splits):
-  train, heldout = stdlib_splits
-  assert len(train) > 1000 and len(heldout) > 0
-  assert all(isinstance(d, str) and d.strip() for d in train + heldout)
-  assert not set(train) & set(heldout)
-  held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
-  assert all(held(d) for d in heldout) and not any(held(d) for d in train)
-  # Roughly one document in 5 is held out.
-  assert 0.1 < len(heldout) / (len(train) + len(heldout)) < 0.3
-  data.stdlib_corpus.cache_clear()  # read the files again: the same documents in the same order
-  assert data.load_texts(data.STDLIB, split="heldout") == heldout  # deterministic
-  with pytest.raises(ValueError, match="split"):
-    data.stdlib_corpus("test")
-
-
-def test_pydocs_corpus_adds_installed_packages_docstrings(stdlib_splits, tmp_path, monkeypatch):
-  import sysconfig
-  train, heldout = stdlib_splits
-  pkg = tmp_path / "site" / "somepkg"
-  (pkg / "tests").mkdir(parents=True)
-  docs = [f"Document {i}: " + "words about the package " * 12 for i in range(40)]
-  body = "".join(f'def f{i}():\n  """{d}"""\n\n' for i, d in enumerate(docs))
-  (pkg / "mod.py").write_text(f'"""{docs[0]}"""\n\n' + body)  # docs[0] twice: kept once
-  (pkg / "other.py").write_text('"""Too short to keep."""\n')
-  (pkg / "tests" / "test_x.py").write_text('"""' + "test prose " * 30 + '"""\n')  # tests are skipped
-  (pkg / "broken.py").write_text("def (:\n")  # unparsable files are skipped
-  paths = dict(sysconfig.get_paths(), purelib=str(tmp_path / "site"), platlib=str(tmp_path / "site"))
-  monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
-  data.pydocs_corpus.cache_clear()
-  try:
-    p_train, p_heldout = data.load_texts(data.PYDOCS), data.load_texts(data.PYDOCS, split="heldout")
-  finally:
-    data.pydocs_corpus.cache_clear()
-  # Everything the stdlib corpus holds out is held out here too; the package's docs are split the same way.
-  assert set(p_heldout) >= set(heldout) and set(p_train) >= set(train)
-  assert set(p_train + p_heldout) == set(train) | set(heldout) | set(docs)
-  assert len(p_train) + len(p_heldout) == len(set(p_train + p_heldout))  # no duplicates
-  held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
-  assert all(held(d) for d in p_heldout) and not any(held(d) for d in p_train)
-  with pytest.raises(ValueError, match="split"):
-    data.pydocs_corpus("test")
-
-
 # --- tokenize_and_pack ---------------------------------------------------------------------------------
 
 
@@ -283,26 +168,8 @@ def tokenizer(tiny_teacher):
   return AutoTokenizer.from_pretrained(tiny_teacher)
 
 
-def make_uncallable(tok):
-  """A tokenizer stand-in that answers the fingerprint's questions but must never tokenise.
-
-  The cache key includes the tokenizer's class name, so the stand-in carries the real one's."""
-  def call(self, *a, **k):
-    raise AssertionError("the tokenizer was called: the cache was not used")
-  return type(type(tok).__name__, (), {
-      "__call__": call,
-      "__len__": lambda self: len(tok),
-      "get_vocab": lambda self: tok.get_vocab(),
-      "__getattr__": lambda self, name: getattr(tok, name),
-  })()
-
-
-def cache_files(folder):
-  return sorted(f for f in os.listdir(folder)) if os.path.isdir(folder) else []
-
-
 def test_tokenize_and_pack_rows_decode_to_docs(tokenizer, tiny_corpus):
-  docs = data.load_texts(tiny_corpus)
+  docs = corpus.load_texts(tiny_corpus)
   assert len(docs) == 5
   out = data.tokenize_and_pack(docs, tokenizer, 16)
   ids, mask = out["input_ids"], out["attention_mask"]
@@ -334,51 +201,6 @@ def test_tokenize_and_pack_many_docs_in_order(tokenizer):
                                     tokenizer.pad_token_id)
   np.testing.assert_array_equal(out["input_ids"], want_ids)
   np.testing.assert_array_equal(out["attention_mask"], want_mask)
-
-
-def test_tokenize_and_pack_cache_is_written_and_reused(tokenizer, tiny_corpus, tmp_path):
-  docs = data.load_texts(tiny_corpus)
-  cache = str(tmp_path / "cache")
-  no_call = make_uncallable(tokenizer)
-  with pytest.raises(AssertionError, match="was called"):  # the stand-in is used when nothing is cached
-    data.tokenize_and_pack(docs, no_call, 16, cache_dir=cache)
-  first = data.tokenize_and_pack(docs, tokenizer, 16, cache_dir=cache)
-  files = cache_files(cache)
-  assert len(files) == 1 and files[0].startswith("tokens-") and files[0].endswith(".npz"), files
-  second = data.tokenize_and_pack(docs, no_call, 16, cache_dir=cache)
-  for k in ("input_ids", "attention_mask"):
-    np.testing.assert_array_equal(second[k], first[k])
-  assert cache_files(cache) == files
-  # Different max_len: another file, built by tokenising again.
-  with pytest.raises(AssertionError, match="was called"):
-    data.tokenize_and_pack(docs, no_call, 24, cache_dir=cache)
-  third = data.tokenize_and_pack(docs, tokenizer, 24, cache_dir=cache)
-  assert third["input_ids"].shape[1] == 24
-  assert len(cache_files(cache)) == 2
-  # Different documents: another file too.
-  data.tokenize_and_pack(docs[:-1], tokenizer, 16, cache_dir=cache)
-  assert len(cache_files(cache)) == 3
-
-
-@pytest.mark.parametrize("keep", [0, 10, 0.5, -7])
-def test_tokenize_and_pack_torn_cache_is_rebuilt(tokenizer, tiny_corpus, tmp_path, keep):
-  docs = data.load_texts(tiny_corpus)
-  cache = str(tmp_path / "cache")
-  first = data.tokenize_and_pack(docs, tokenizer, 16, cache_dir=cache)
-  (name,) = cache_files(cache)
-  path = os.path.join(cache, name)
-  size = os.path.getsize(path)
-  n = int(size * keep) if isinstance(keep, float) else (keep if keep >= 0 else size + keep)
-  with open(path, "r+b") as f:
-    f.truncate(n)
-  again = data.tokenize_and_pack(docs, tokenizer, 16, cache_dir=cache)
-  for k in ("input_ids", "attention_mask"):
-    np.testing.assert_array_equal(again[k], first[k])
-  assert cache_files(cache) == [name]
-  with np.load(path) as z:  # rewritten whole
-    np.testing.assert_array_equal(z["input_ids"], first["input_ids"])
-  reused = data.tokenize_and_pack(docs, make_uncallable(tokenizer), 16, cache_dir=cache)
-  np.testing.assert_array_equal(reused["input_ids"], first["input_ids"])
 
 
 # --- prefetch -------------------------------------------------------------------------------------------

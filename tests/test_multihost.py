@@ -1,5 +1,6 @@
-"""Two processes on localhost (jax.distributed with a local coordinator, 2 CPU devices each) train,
-checkpoint, resume, and match a single-process run."""
+"""Two processes on localhost (jax.distributed with a local coordinator, 2 CPU devices each) tokenise the
+corpus into shared shards (each host its share), train, checkpoint, resume, and match a single-process
+run."""
 
 import os
 import shutil
@@ -37,15 +38,24 @@ def load_params(workdir):
 
 
 def test_two_processes_train_checkpoint_resume_and_match_one(tiny_teacher, tiny_corpus, tmp_path):
-  args = ["--config", DEMO, f"--config.teacher={tiny_teacher}", f"--config.data.source={tiny_corpus}",
-          *TINY_CLI_ARGS, "--config.steps=6", "--config.checkpoint_every=3"]
+  # Two files: two pieces of the corpus, two shards, one made by each host.
+  docs = open(tiny_corpus).read().split("\n\n")
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "a.txt").write_text("\n\n".join(docs[:2]))
+  (tmp_path / "corpus" / "b.txt").write_text("\n\n".join(docs[2:]))
+  args = ["--config", DEMO, f"--config.teacher={tiny_teacher}",
+          f"--config.data.source={tmp_path / 'corpus'}", *TINY_CLI_ARGS, "--config.steps=6",
+          "--config.checkpoint_every=3"]
   single = str(tmp_path / "single")
   r = subprocess.run(cli(*args, "--workdir", single), capture_output=True, text=True, env=env(),
                      cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "made 2 of 2 token shards" in r.stdout
 
   multi = str(tmp_path / "multi")
-  two_processes(args, multi)
+  outs = two_processes(args, multi)
+  assert all("made 1 of 2 token shards" in out for out, _ in outs)  # the hosts shared the work
+  assert os.listdir(os.path.join(multi, "cache")) == os.listdir(os.path.join(single, "cache"))
   ckpts = os.path.join(multi, "checkpoints")
   assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ["3", "6"]
   # Lose the last checkpoint and the export: the rerun must resume from step 3 on both hosts.
@@ -53,6 +63,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tiny_teacher, tiny_
   shutil.rmtree(os.path.join(multi, "student"))
   outs = two_processes(args, multi)
   assert all("resuming from step 3" in out for out, _ in outs)
+  assert not any("token shards" in out for out, _ in outs)  # made once, then reused
   assert "student written to" in outs[0][0] and "student written to" not in outs[1][0]
 
   want, got = load_params(single), load_params(multi)

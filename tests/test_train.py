@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import config, data, hf, sharding, student, train
+from minilm_jax import config, corpus, data, hf, sharding, student, train
 from minilm_jax import workdir as wd
 from conftest import tiny_config
 
@@ -13,7 +13,7 @@ from conftest import tiny_config
 def batches(cfg, teacher_dir, n, start=0):
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(teacher_dir)
-  rows = data.tokenize_and_pack(data.load_texts(cfg.data.source), tok, cfg.data.max_len)
+  rows = data.tokenize_and_pack(corpus.load_texts(cfg.data.source), tok, cfg.data.max_len)
   return [data.host_batch(rows, s, cfg.batch_size, cfg.seed) for s in range(start, start + n)]
 
 
@@ -168,6 +168,46 @@ def test_remote_workdir_goes_through_a_local_mirror(tiny_teacher, tiny_corpus, t
   assert "resuming from step 2" in " ".join(logs)
   with open(os.path.join(bucket, "metrics.jsonl")) as f:
     assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
+
+
+def test_runs_share_shards_and_a_resume_may_move_them(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+  """data.cache_dir: two runs over the same corpus tokenise it once; a resume may name another cache
+  folder or process count (the rows are the same), but not other data."""
+  import os
+  from minilm_jax import shards
+  cache = str(tmp_path / "shared-cache")
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=3, checkpoint_every=3, **{"data.cache_dir": cache})
+  train.train_and_evaluate(cfg, str(tmp_path / "a"), progress=False, log=lambda m: None)
+  assert not os.path.exists(tmp_path / "a" / "cache") and len(os.listdir(cache)) == 1
+  monkeypatch.setattr(shards, "_make_shard", lambda *a: pytest.fail("tokenised again"))
+  train.train_and_evaluate(cfg, str(tmp_path / "b"), progress=False, log=lambda m: None)
+  monkeypatch.undo()
+  moved = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=3, **{"data.num_proc": 1})
+  logs = []
+  train.train_and_evaluate(moved, str(tmp_path / "a"), progress=False, log=logs.append)
+  assert "resuming from step 3" in " ".join(logs) and os.listdir(tmp_path / "a" / "cache")
+  other = tiny_config(tiny_teacher, tiny_corpus, steps=4, **{"data.max_len": 24})
+  with pytest.raises(ValueError, match="config key 'data' differs"):
+    train.train_and_evaluate(other, str(tmp_path / "a"), progress=False, log=lambda m: None)
+
+
+def test_a_run_from_before_the_computed_order_resumes_with_a_warning(tiny_teacher, tiny_corpus, tmp_path):
+  import json
+  import os
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=3, checkpoint_every=3)
+  w = str(tmp_path / "old")
+  train.train_and_evaluate(cfg, w, progress=False, log=lambda m: None)
+  meta = os.path.join(w, "checkpoints", "3", "meta", "metadata")
+  with open(meta) as f:
+    saved = json.load(f)
+  assert saved.pop("data_order") == data.ORDER
+  with open(meta, "w") as f:
+    json.dump(saved, f)  # as an earlier version wrote it
+  logs = []
+  train.train_and_evaluate(tiny_config(tiny_teacher, tiny_corpus, steps=4), w, progress=False,
+                           log=logs.append)
+  text = " ".join(logs)
+  assert "resuming from step 3" in text and "in another order; from step 3 on" in text, logs
 
 
 def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path):

@@ -1,0 +1,222 @@
+"""Token shards: made once in parallel, reused, resumed after kill -9, split over hosts, read by index."""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from minilm_jax import corpus, data, shards
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_teacher):
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+def write_corpus(path, n_docs, seed=0):
+  rng = random.Random(seed)
+  words = ["attention", "relation", "student", "teacher", "query", "key", "value", "head", "layer"]
+  docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 80))) + "." for _ in range(n_docs)]
+  path.write_text("\n\n".join(docs) + "\n")
+  return docs
+
+
+def shard_bytes(folder):
+  return {os.path.basename(f): open(f, "rb").read() for f in sorted(glob.glob(f"{folder}/shard-*.arrow"))}
+
+
+def test_rows_are_the_packed_corpus(tiny_teacher, tiny_corpus, tok, tmp_path):
+  folder = shards.prepare(tiny_corpus, tiny_teacher, 16, str(tmp_path / "cache"), log=lambda m: None)
+  rows = shards.Rows(folder)
+  want = data.tokenize_and_pack(corpus.load_texts(tiny_corpus), tok, 16)
+  assert len(rows) == len(want["input_ids"])
+  got = rows.take(np.arange(len(rows)))
+  np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+  np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+  assert got["input_ids"].dtype == np.int32 and got["attention_mask"].dtype == np.int32
+  some = np.array([5, 0, 5, len(rows) - 1])
+  np.testing.assert_array_equal(rows.take(some)["input_ids"], want["input_ids"][some])
+  m = rows.manifest
+  assert m["docs"] == 5 and m["rows"] == len(rows) and m["dtype"] == "uint16"
+  assert m["tokens"] == int(want["attention_mask"][:, 1:].sum())  # every token but the [CLS]s
+
+
+def test_pieces_become_shards_the_same_with_one_or_two_processes(tiny_teacher, tok, tmp_path):
+  docs = write_corpus(tmp_path / "c.txt", 300)
+  kw = dict(piece_bytes=4000, log=lambda m: None)
+  one = shards.prepare(str(tmp_path / "c.txt"), tiny_teacher, 32, str(tmp_path / "one"), num_proc=1, **kw)
+  two = shards.prepare(str(tmp_path / "c.txt"), tiny_teacher, 32, str(tmp_path / "two"), num_proc=2, **kw)
+  assert os.path.basename(one) == os.path.basename(two)  # same inputs, same fingerprint
+  a, b = shard_bytes(one), shard_bytes(two)
+  assert len(a) > 5 and a == b
+  # Each shard packs its own piece: the rows are the pieces' packings, one after another.
+  parts = corpus.pieces(str(tmp_path / "c.txt"), piece_bytes=4000)
+  want = [data.tokenize_and_pack(list(corpus.read_piece(p)), tok, 32)["input_ids"] for p in parts]
+  rows = shards.Rows(one)
+  np.testing.assert_array_equal(rows.take(np.arange(len(rows)))["input_ids"], np.concatenate(want))
+  assert rows.manifest["docs"] == len(docs)
+
+
+def test_prepared_shards_are_reused_and_keyed_by_their_inputs(tiny_teacher, tiny_corpus, tmp_path,
+                                                             monkeypatch):
+  cache = str(tmp_path / "cache")
+  first = shards.prepare(tiny_corpus, tiny_teacher, 16, cache, log=lambda m: None)
+  monkeypatch.setattr(shards, "_make_shard", lambda *a: pytest.fail("tokenised again"))
+  assert shards.prepare(tiny_corpus, tiny_teacher, 16, cache) == first
+  monkeypatch.undo()
+  other_len = shards.prepare(tiny_corpus, tiny_teacher, 24, cache, log=lambda m: None)
+  other_docs = shards.prepare(corpus.load_texts(tiny_corpus)[:-1], tiny_teacher, 16, cache,
+                              log=lambda m: None)
+  assert len({first, other_len, other_docs}) == 3
+  assert sorted(os.listdir(cache)) == sorted(os.path.basename(f) for f in (first, other_len, other_docs))
+
+
+def test_a_shard_opens_with_hugging_face_datasets(tiny_teacher, tiny_corpus, tmp_path):
+  import datasets
+  folder = shards.prepare(tiny_corpus, tiny_teacher, 16, str(tmp_path), log=lambda m: None)
+  ds = datasets.Dataset.from_file(os.path.join(folder, "shard-00000.arrow"))
+  rows = shards.Rows(folder)
+  assert ds.num_rows == len(rows) and ds.column_names == ["input_ids", "length"]
+  np.testing.assert_array_equal(np.array(ds["input_ids"]), rows.take(np.arange(len(rows)))["input_ids"])
+
+
+PREPARE = ("import sys; from minilm_jax import shards; "
+           "shards.prepare(sys.argv[1], sys.argv[2], 32, sys.argv[3], num_proc=1, piece_bytes=20000)")
+
+
+def test_killed_preparation_resumes_to_the_same_shards(tiny_teacher, tmp_path):
+  write_corpus(tmp_path / "c.txt", 6000, seed=1)
+  args = [str(tmp_path / "c.txt"), tiny_teacher]
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  subprocess.run([sys.executable, "-c", PREPARE, *args, str(tmp_path / "whole")], check=True, env=env,
+                 capture_output=True)
+  (whole,) = glob.glob(str(tmp_path / "whole" / "*"))
+  want = shard_bytes(whole)
+  assert len(want) > 20
+
+  p = subprocess.Popen([sys.executable, "-c", PREPARE, *args, str(tmp_path / "cut")], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and len(glob.glob(str(tmp_path / "cut" / "*" / "shard-*.arrow"))) < 3:
+    time.sleep(0.01)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  (cut,) = glob.glob(str(tmp_path / "cut" / "*"))
+  done = shard_bytes(cut)
+  assert 3 <= len(done) < len(want), "kill -9 came too late to test a resume"
+  assert not os.path.exists(os.path.join(cut, shards.MANIFEST))
+  with pytest.raises(FileNotFoundError):
+    shards.Rows(cut)  # no manifest: not a finished preparation
+  open(os.path.join(cut, shards.shard_name(len(done)) + ".tmp-999"), "wb").write(b"torn")
+  before = {n: os.stat(os.path.join(cut, n)).st_mtime_ns for n in done}
+  subprocess.run([sys.executable, "-c", PREPARE, *args, str(tmp_path / "cut")], env=env,
+                 capture_output=True, check=True)
+  assert shard_bytes(cut) == want
+  assert {n: os.stat(os.path.join(cut, n)).st_mtime_ns for n in done} == before  # not redone
+  assert not [f for f in os.listdir(cut) if ".tmp-" in f]
+  assert len(shards.Rows(cut)) == len(shards.Rows(whole))
+
+
+def test_no_documents_leaves_nothing_behind(tiny_teacher, tmp_path):
+  (tmp_path / "blank.txt").write_text("\n\n  \n")
+  cache = tmp_path / "cache"
+  for source in (str(tmp_path / "blank.txt"), [], ["", "  "]):
+    with pytest.raises(ValueError, match="no non-empty documents"):
+      shards.prepare(source, tiny_teacher, 16, str(cache))
+    assert not cache.exists()
+  cache.mkdir()
+  (cache / "keep").write_text("x")
+  with pytest.raises(ValueError, match="no non-empty documents"):
+    shards.prepare(str(tmp_path / "blank.txt"), tiny_teacher, 16, str(cache))
+  assert os.listdir(cache) == ["keep"]
+
+
+def test_bad_input_found_while_tokenising_leaves_the_cache_as_it_was(tiny_teacher, tmp_path):
+  rows = [{"text": f"document {i}"} for i in range(50)] + [{"body": "no text field"}]
+  (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  cache = tmp_path / "cache"
+  for num_proc in (1, 2):  # the error comes back from a worker process the same way
+    with pytest.raises(ValueError, match="no text field 'text'"):
+      shards.prepare(str(tmp_path / "c.jsonl"), tiny_teacher, 16, str(cache), num_proc=num_proc,
+                     piece_bytes=200)
+    assert not cache.exists()
+
+
+def test_a_remote_folder_is_read_from_a_local_copy(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+  # etils.epath reads gs:// the way it reads this local folder: the copying code is the same.
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  folder = shards.prepare(tiny_corpus, tiny_teacher, 16, str(tmp_path / "bucket"), log=lambda m: None)
+  local = shards._local_copy(folder)
+  assert local.startswith(str(tmp_path / "home")) and shard_bytes(local) == shard_bytes(folder)
+  stamp = os.stat(os.path.join(local, "shard-00000.arrow")).st_mtime_ns
+  assert shards._local_copy(folder) == local
+  assert os.stat(os.path.join(local, "shard-00000.arrow")).st_mtime_ns == stamp  # copied once
+  a, b = shards.Rows(local), shards.Rows(folder)
+  np.testing.assert_array_equal(a.take(np.arange(len(a)))["input_ids"],
+                                b.take(np.arange(len(b)))["input_ids"])
+
+
+def fake_hosts(n):
+  """n shards.Hosts for n threads of one process: a barrier and an all-gather."""
+  barrier = threading.Barrier(n)
+  slots = [None] * n
+
+  def make(i):
+    def gather(x):
+      slots[i] = x
+      barrier.wait()
+      out = list(slots)
+      barrier.wait()
+      return out
+    return shards.Hosts(i, n, lambda name: barrier.wait(), gather)
+
+  return [make(i) for i in range(n)]
+
+
+def run_hosts(n, caches, source, teacher):
+  out, errors = [None] * n, []
+
+  def host(i, h):
+    try:
+      out[i] = shards.prepare(source, teacher, 32, caches[i], num_proc=1, piece_bytes=4000, hosts=h,
+                              log=lambda m: None)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=host, args=(i, h)) for i, h in enumerate(fake_hosts(n))]
+  [t.start() for t in threads]
+  [t.join(120) for t in threads]
+  assert not errors, errors
+  return out
+
+
+def test_hosts_sharing_the_cache_split_the_work(tiny_teacher, tmp_path, monkeypatch):
+  write_corpus(tmp_path / "c.txt", 300)
+  source = str(tmp_path / "c.txt")
+  single = shards.prepare(source, tiny_teacher, 32, str(tmp_path / "single"), num_proc=1, piece_bytes=4000,
+                          log=lambda m: None)
+  made = []
+  real = shards._make_shard
+  monkeypatch.setattr(shards, "_make_shard", lambda task, tok=None: made.append(
+      (threading.current_thread().name, task[3])) or real(task, tok))
+  shared = str(tmp_path / "shared")
+  out = run_hosts(2, [shared, shared], source, tiny_teacher)
+  assert out[0] == out[1] and shard_bytes(out[0]) == shard_bytes(single)
+  by_host = {}
+  for who, path in made:
+    by_host.setdefault(who, []).append(os.path.basename(path))
+  assert len(by_host) == 2 and sum(map(len, by_host.values())) == len(shard_bytes(single))  # each once
+  made.clear()
+  # Caches the hosts do not share (each its own disk): each host makes every shard in its own.
+  out = run_hosts(2, [str(tmp_path / "h0"), str(tmp_path / "h1")], source, tiny_teacher)
+  assert shard_bytes(out[0]) == shard_bytes(out[1]) == shard_bytes(single)
+  assert len(made) == 2 * len(shard_bytes(single))
