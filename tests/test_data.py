@@ -1,8 +1,5 @@
 """Data: packing, the resumable batch order (computed per row), host slicing and prefetching."""
 
-import hashlib
-import json
-import os
 import threading
 import time
 
