@@ -31,6 +31,9 @@ Options:
   --repo URL_OR_PATH     what to install on the workers: a local git checkout (copied as a
                          tarball of its git ls-files) or a git URL (cloned, HEAD). Default: this
                          checkout
+  --prepare              run minilm-prepare instead of minilm-distill (same arguments): tokenise
+                         the config's corpus into its shards (data.cache_dir, default WORKDIR/cache)
+                         on every worker, which split the work, ahead of the training run
   --babysit              keep the run alive: poll the node; when it is not READY (preempted,
                          terminated, gone) delete it, recreate it, reinstall and rerun; stop when
                          the run exits 0
@@ -59,7 +62,7 @@ log() { printf '[%s] %s: %s\n' "$(date -u +%FT%TZ)" "$PROG" "$*" >&2; }
 # Options
 
 NAME='' ZONE='' PROJECT='' TIER='' REPO='' WORKDIR='' CONFIG=''
-ACCEL=v4-8 VERSION=tpu-ubuntu2204-base BABYSIT=0 POLL=60 MAX_RESTARTS=20 DRY_RUN=0
+ACCEL=v4-8 VERSION=tpu-ubuntu2204-base BABYSIT=0 POLL=60 MAX_RESTARTS=20 DRY_RUN=0 COMMAND=minilm-distill
 EXTRA=()
 
 set_opt() {  # set_opt --flag VALUE
@@ -90,6 +93,7 @@ while (($#)); do
     --spot) set_tier spot ;;
     --best-effort) set_tier best-effort ;;
     --babysit) BABYSIT=1 ;;
+    --prepare) COMMAND=minilm-prepare ;;
     --dry-run) DRY_RUN=1 ;;
     --name | --zone | --accelerator | --version | --project | --repo | --workdir | --config | \
       --poll-seconds | --max-restarts)
@@ -173,7 +177,7 @@ else rm -rf .venv; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user 
 .venv/bin/pip install -q -e .; .venv/bin/pip install -q -U \"jax[tpu]\""
 CMD_INSTALL=("${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$REMOTE_INSTALL")
 
-REMOTE_RUN='cd minilm_jax && .venv/bin/minilm-distill'
+REMOTE_RUN="cd minilm_jax && .venv/bin/$COMMAND"
 for a in --config "$CONFIG" --workdir "$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}; do
   REMOTE_RUN+=" $(printf %q "$a")"
 done

@@ -1,7 +1,8 @@
-"""`minilm-distill --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`.
+"""`minilm-distill --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`, `minilm-prepare` (the
+same flags: the run's token shards, made ahead of it) and `minilm-eval`.
 
-Flags only: the logic lives in train.py. Running the same command again resumes from DIR's latest
-checkpoint. Errors print one line and exit non-zero; --verbose shows the traceback.
+Flags only: the logic lives in train.py, shards.py and evaluate.py. Running the same command again resumes
+from DIR's latest checkpoint. Errors print one line and exit non-zero; --verbose shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override keys with "
                                           "--config.KEY=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the student go; rerun "
-                               "with the same workdir to resume.")
+                               "with the same workdir to resume. (minilm-prepare: the shards go to "
+                               "WORKDIR/cache unless --config.data.cache_dir is set.)")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks on errors.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -75,6 +77,29 @@ def _distill(argv):
     print(f"final loss {summary['last']['loss']:.5f} at step {summary['step']}")
 
 
+def _prepare(argv):
+  if len(argv) > 1:
+    _fail("minilm-prepare", ValueError(f"unexpected arguments: {' '.join(argv[1:])}"))
+  cfg = _CONFIG.value
+  if cfg is None or not (_WORKDIR.value or cfg.data.cache_dir):
+    _fail("minilm-prepare", ValueError("--config and --workdir (or --config.data.cache_dir) are "
+                                       "required (see --help)"))
+  from absl import logging
+  logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
+  from minilm_jax import config, hf, train
+  try:
+    _maybe_initialize_distributed()
+    config.check_ranges(cfg)
+    teacher_dir = hf.resolve(cfg.teacher)
+    hf.tokenizer_files(teacher_dir)  # none: a one-line error, not shards of [UNK]s
+    folder = train.prepare_data(cfg, teacher_dir, _WORKDIR.value or "", sys.stderr.isatty())
+  except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as e:
+    if _VERBOSE.value:
+      raise
+    _fail("minilm-prepare", e)
+  print(f"shards in {folder}")
+
+
 def _config_path(argv):
   for i, a in enumerate(argv):
     if a == "--config" and i + 1 < len(argv):
@@ -100,7 +125,7 @@ def _parse(argv):
     raise ValueError(str(e).splitlines()[0]) from None
 
 
-def main(argv=None):
+def main(argv=None, prog="minilm-distill", command=None):
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
     flags.FLAGS.mark_as_parsed()
@@ -110,8 +135,14 @@ def main(argv=None):
   except Exception as e:  # a config file that fails to load raises anything at all
     if "--verbose" in argv:
       raise
-    _fail("minilm-distill", e)
-  _distill(rest)
+    _fail(prog, e)
+  (command or _distill)(rest)
+
+
+def prepare_main(argv=None):
+  """`minilm-prepare --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`: tokenise the run's
+  corpus into its shards ahead of the run (on a pod: on every host, which split the work)."""
+  main(argv, "minilm-prepare", _prepare)
 
 
 def eval_main(argv=None):

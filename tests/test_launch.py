@@ -94,6 +94,15 @@ def test_run_step_is_on_all_workers_and_args_survive_the_remote_shell():
   assert argv == ["--config", "configs/demo.py", "--workdir", "gs://bkt/run1", "--config.steps=7", odd]
 
 
+def test_prepare_runs_minilm_prepare_on_every_worker_with_the_same_arguments():
+  r = tpu(*BASE, "--prepare", "--dry-run", "--", "--config.data.source=gs://bkt/wiki")
+  assert r.returncode == 0, r.stderr
+  assert commands(r.stdout)[-1] == (
+      "gcloud compute tpus tpu-vm ssh mini --zone us-central2-b --worker=all --command 'cd minilm_jax && "
+      ".venv/bin/minilm-prepare --config configs/demo.py --workdir gs://bkt/run1 "
+      "--config.data.source=gs://bkt/wiki'")
+
+
 @pytest.mark.parametrize("tier,delete", [
     ((), "gcloud compute tpus tpu-vm delete mini --zone us-central2-b --quiet"),
     (("--spot",), "gcloud compute tpus queued-resources delete mini-qr --zone us-central2-b --force --quiet"),
