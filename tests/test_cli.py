@@ -152,3 +152,32 @@ def test_modernbert_teacher_to_student_folder_to_transformers(tiny_modernbert, t
   emb = st.SentenceTransformer(folder, device="cpu").encode(["loads anywhere"])
   assert emb.shape == (1, 16)
   assert "ModernBertModel" in open(os.path.join(folder, "README.md")).read()
+
+
+def prepare(*args, timeout=600):
+  code = "import sys; from minilm_jax import cli; cli.prepare_main(sys.argv)"
+  return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                        timeout=timeout, env=env(), cwd=ROOT)
+
+
+def test_minilm_prepare_makes_the_shards_the_run_then_reads(tiny_teacher, tiny_corpus, tmp_path):
+  w = str(tmp_path / "run")
+  args = ["--config", DEMO, f"--config.teacher={tiny_teacher}", f"--config.data.source={tiny_corpus}",
+          *TINY_CLI_ARGS]
+  r = prepare(*args, "--workdir", w)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "made 1 of 1 token shards" in r.stdout and r.stdout.strip().splitlines()[-1].startswith(
+      f"shards in {w}/cache/")
+  assert os.listdir(w) == ["cache"]  # nothing of a run yet
+  r = run(*args, "--workdir", w, "--config.steps=2", "--config.checkpoint_every=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "token shards" not in r.stdout  # tokenised once, by minilm-prepare
+  # Another place for the shards; and the errors a user meets first.
+  elsewhere = str(tmp_path / "shards")
+  r = prepare(*args, f"--config.data.cache_dir={elsewhere}")
+  assert r.returncode == 0 and os.listdir(elsewhere) == os.listdir(os.path.join(w, "cache"))
+  r = prepare(*args)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "minilm-prepare: error: --config and --workdir (or --config.data.cache_dir) are required (see --help)")
+  r = prepare(*args, "--workdir", str(tmp_path / "bad"), f"--config.data.source={tmp_path / 'none.txt'}")
+  assert r.returncode == 2 and "no such file or folder" in r.stderr and not os.path.exists(tmp_path / "bad")
