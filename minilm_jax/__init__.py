@@ -5,9 +5,16 @@ from minilm_jax import xla_flags as _xla_flags
 
 _xla_flags.apply_cpu_defaults()
 
-from minilm_jax.hf import load_pretrained, load_student, save_pretrained
-from minilm_jax.model import BertConfig, BertEncoder, EncoderOutput, encoder_for
-from minilm_jax.modernbert import ModernBertConfig, ModernBertEncoder
+_EXPORTS = {"load_pretrained": "hf", "load_student": "hf", "save_pretrained": "hf", "BertConfig": "model",
+            "BertEncoder": "model", "EncoderOutput": "model", "encoder_for": "model",
+            "ModernBertConfig": "modernbert", "ModernBertEncoder": "modernbert"}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["BertConfig", "BertEncoder", "EncoderOutput", "ModernBertConfig", "ModernBertEncoder",
-           "encoder_for", "load_pretrained", "load_student", "save_pretrained"]
+
+def __getattr__(name):
+  # Loaded on first use (PEP 562), so `import minilm_jax.shards` in a tokenising worker process does
+  # not import JAX and Flax, which it never uses.
+  if name in _EXPORTS:
+    import importlib
+    return getattr(importlib.import_module(f"minilm_jax.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'minilm_jax' has no attribute {name!r}")
