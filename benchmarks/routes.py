@@ -6,8 +6,7 @@
   e.g. python benchmarks/routes.py --rounds 3 -- python -m minilm_jax.bench --teacher DIR --steps 5
 
 XLA reads XLA_FLAGS once, when JAX starts, so every run is a fresh process with XLA_FLAGS = the user's
-XLA_FLAGS + the route's flags (minilm_jax.xla_flags.ROUTES) and MINILM_XLA_DEFAULTS=0 (the package's
-own CPU defaults stay out of the way). Round r runs the routes in order, then reversed, and so on, so
+XLA_FLAGS + the route's flags (minilm_jax.xla_flags.ROUTES). Round r runs the routes in order, then reversed, and so on, so
 slow drift of the machine falls on every route alike. COMMAND prints a JSON object as its last line;
 `--metric` is the number compared (min-median-max over rounds), `--check` a number that must equal the
 default route's to `--rtol` (a route that is fast but wrong is reported as wrong). A run that exits
@@ -26,7 +25,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minilm_jax.xla_flags import ROUTES, USER_XLA_FLAGS  # noqa: E402
+from minilm_jax.xla_flags import ROUTES  # noqa: E402
 
 
 def parse_routes(spec: str) -> list:
@@ -40,9 +39,8 @@ def parse_routes(spec: str) -> list:
 
 
 def route_env(route: str) -> dict:
-  flags = " ".join(f for f in (USER_XLA_FLAGS, ROUTES[route]) if f)
-  return dict(os.environ, XLA_FLAGS=flags, MINILM_XLA_DEFAULTS="0", HF_HUB_OFFLINE="1",
-              TOKENIZERS_PARALLELISM="false")
+  flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), ROUTES[route]) if f)
+  return dict(os.environ, XLA_FLAGS=flags, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def run_one(cmd: list, route: str, timeout: float = 3600) -> dict:

@@ -1,10 +1,5 @@
 """minilm_jax: MiniLM deep self-attention distillation in JAX/Flax."""
 
-# First: the CPU's XLA flags must be in XLA_FLAGS before JAX starts a backend.
-from minilm_jax import xla_flags as _xla_flags
-
-_xla_flags.apply_cpu_defaults()
-
 _EXPORTS = {"load_pretrained": "hf", "load_student": "hf", "save_pretrained": "hf", "BertConfig": "model",
             "BertEncoder": "model", "EncoderOutput": "model", "encoder_for": "model",
             "ModernBertConfig": "modernbert", "ModernBertEncoder": "modernbert"}
