@@ -358,7 +358,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       log(f"resuming from step {start} in {workdir}")
       if saved.get("data_order") != data.ORDER:
         log(f"warning: this run was started by an earlier minilm_jax, whose batches came in another "
-            f"order; from step {start} on they follow this version's order (the same rows)")
+            f"order; from step {start} on they follow this version's order (the same corpus)")
       wd.sync(workdir, local, [wd.METRICS, wd.EVENTS], down=True)
     wd.trim_metrics(metrics_path, start)
     status = _loop(run, state, start)
