@@ -22,4 +22,4 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/minilm-distill --config configs/demo.py --workdir workdirs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
 
@@ -129,7 +128,7 @@ def main():
     print(f"  {kind:52} {ms:8,.0f} ms {100 * ms / step_ms:5.1f}%")
   print(f"  {'(sum of traced thunks)':52} {sum(kinds.values()):8,.0f} ms")
   print("  (XLA's own dot thunks, on the routes without YNN or oneDNN dots, are not traced)")
-  print(f"most expensive instructions:")
+  print("most expensive instructions:")
   for name, ms in per_instr.most_common(args.top):
     print(f"  {name:36} {ms:7,.1f} ms  {kind_of(*instr[name]):44} {instr[name][0][-70:]}")
   print(json.dumps({"step_ms": step_ms, "cpu_per_wall": cpu / wall, "load": load,

@@ -497,7 +497,7 @@ def _qkv(b, t, d, widths=None):
 
 
 def test_error_heads_do_not_divide_widths():
-  x384, x256 = jnp.zeros((1, 4, 384)), jnp.zeros((1, 4, 256))
+  x384 = jnp.zeros((1, 4, 384))
   mask = jnp.ones((1, 4))
   with pytest.raises(ValueError, match="relation heads 5 do not divide teacher width 384"):
     relation_kl(x384, x384, x384, x384, mask, 5)

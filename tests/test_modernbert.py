@@ -1,9 +1,6 @@
 """The Flax ModernBERT against transformers' PyTorch ModernBertModel (fp32, 1e-4), its loading and export,
 its attention chunking, and the student's init, frozen set and relations on it."""
 
-import dataclasses
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,7 +189,6 @@ def test_student_of_a_modernbert_teacher(tmp_path):
   # Shape: the teacher's rhythm of global layers; init: every k-th layer with Q, K, V (and the GeGLU
   # halves) each sliced, not the fused kernel's first columns; frozen: the last block above its Q/K/V and
   # final_norm, under the relations alone.
-  import ml_collections
   from minilm_jax.config import default_config
   teacher = ModernBertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
                              intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
