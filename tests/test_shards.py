@@ -66,6 +66,18 @@ def test_pieces_become_shards_the_same_with_one_or_two_processes(tiny_teacher, t
   assert rows.manifest["docs"] == len(docs)
 
 
+def test_rows_are_views_of_the_mapped_shards(tiny_teacher, tiny_corpus, tmp_path):
+  # Nothing the size of the corpus in memory: opening the shards allocates no Arrow buffer (a copy would:
+  # combine_chunks did, and a run over 1 GB of text held all its token ids).
+  import pyarrow as pa
+  folder = shards.prepare(tiny_corpus, tiny_teacher, 16, str(tmp_path / "cache"), log=lambda m: None)
+  shards.Rows(folder)  # Arrow's one-time allocations
+  before = pa.total_allocated_bytes()
+  rows = shards.Rows(folder)
+  assert pa.total_allocated_bytes() == before
+  assert not rows._ids[0].flags.owndata and not rows._lengths[0].flags.owndata
+
+
 def test_prepared_shards_are_reused_and_keyed_by_their_inputs(tiny_teacher, tiny_corpus, tmp_path,
                                                              monkeypatch):
   cache = str(tmp_path / "cache")
