@@ -4,12 +4,12 @@ corpus (the standard library's text plus every installed package's docstrings, ~
 checkpoint every 250 steps for the evaluation curve.
 
   minilm-distill --config configs/quality.py --workdir workdirs/quality
-  minilm-eval --workdir workdirs/quality --no-finetune [--curve]
+  minilm-eval --workdir workdirs/quality [--no-finetune] [--curve]
 
 Cost, measured on this project's 2-core CPU machine: 89 minutes for 2,000 steps of 32×128 tokens (each
 token seen once; ~2.2 s a step alone, about 18 of the minutes shared with a test run), including ~3
-minutes to read and tokenise the corpus; then 5.5 minutes of evaluation without fine-tuning (each kept
-checkpoint adds about a minute with --curve). Results: README, "Results on this machine".
+minutes to read and tokenise the corpus; then 19 minutes of evaluation with fine-tuning, 4.5 without
+(each kept checkpoint adds about a minute with --curve). Results: README, "Results on this machine".
 """
 
 from minilm_jax.config import default_config
