@@ -129,6 +129,14 @@ def test_nsp_pairs_are_balanced_and_honest():
     assert (label == 1) == (same_doc and sb.split()[3] == nxt)
 
 
+def test_nsp_task_tests_on_other_documents_and_caps_at_what_the_text_has():
+  docs = [f"Doc {d} sentence one is here. Doc {d} sentence two is here. Doc {d} sentence three is here."
+          for d in range(30)]
+  t = evaluate.nsp_task(docs, seed=0, train_size=50, test_size=2000)
+  assert len(t.train[2]) == 50 and len(t.test[2]) == 60   # 15 documents x 2 successors x 2 labels
+  doc_of = lambda part: {int(s.split()[1]) for s in part[0] + part[1]}
+  assert doc_of(t.train) <= set(range(15)) and doc_of(t.test) <= set(range(15, 30))  # no shared text
+
 def test_metrics_against_hand_computed_values():
   y = np.array([1, 1, 0, 0, 1, 0])
   p = np.array([1, 0, 0, 1, 1, 0])
@@ -195,6 +203,7 @@ def test_finetune_chooses_on_dev_and_reads_test_once_per_seed(tiny_teacher, tmp_
   tests = [s["test"] for s in r["seeds"]]
   assert r["value"] == pytest.approx(np.mean(tests)) and r["spread"] == pytest.approx(np.std(tests, ddof=1))
   assert r["se"] == pytest.approx(r["spread"] / np.sqrt(2))
+  assert (r["n"], r["n_train"]) == (40, 160)             # train and dev together, as the task gave them
   assert r["value"] > 0.9
 
 
