@@ -8,8 +8,9 @@ checkpoint every 250 steps for the evaluation curve.
 
 Cost, measured on this project's 2-core CPU machine: 89 minutes for 2,000 steps of 32×128 tokens (each
 token seen once; ~2.2 s a step alone, about 18 of the minutes shared with a test run), including ~3
-minutes to read and tokenise the corpus (81 minutes alone in a rerun); then 38 minutes of evaluation with
-fine-tuning, 4.5 without (each kept checkpoint adds about a minute with --curve). Results: README, "Results on this machine".
+minutes to read and tokenise the corpus (81 minutes alone in a rerun); then 38 minutes of evaluation
+with fine-tuning, 4.5 without (each kept checkpoint adds about a minute with --curve). Results: README,
+"Results on this machine".
 """
 
 from minilm_jax.config import default_config

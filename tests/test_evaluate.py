@@ -137,6 +137,7 @@ def test_nsp_task_tests_on_other_documents_and_caps_at_what_the_text_has():
   doc_of = lambda part: {int(s.split()[1]) for s in part[0] + part[1]}
   assert doc_of(t.train) <= set(range(15)) and doc_of(t.test) <= set(range(15, 30))  # no shared text
 
+
 def test_metrics_against_hand_computed_values():
   y = np.array([1, 1, 0, 0, 1, 0])
   p = np.array([1, 0, 0, 1, 1, 0])
