@@ -12,12 +12,12 @@ well above every baseline, though less than the last-layer recipe does (retrieva
 For the paper's layer and start, the better zero-shot student:
   --config.student.init=teacher --config.loss.teacher_layer=-1
 
-  minilm-distill --config configs/quality.py --workdir workdirs/quality
-  minilm-eval --workdir workdirs/quality [--no-finetune] [--curve]
+  minilm-distill --config configs/quality.py --workdir workdirs/quality_l3
+  minilm-eval --workdir workdirs/quality_l3 [--no-finetune] [--curve]
 
-Cost, measured on this project's 2-core CPU machine: 80-89 minutes for 2,000 steps of 32×128 tokens
-(each token seen once; ~2.2 s a step alone), including ~3 minutes to read and tokenise the corpus; then
-38 minutes of evaluation with fine-tuning, 4.5 without (each kept checkpoint adds about a minute with
+Cost, measured on this project's 2-core CPU machine: 69-89 minutes for 2,000 steps of 32×128 tokens
+(each token seen once; 1.9-2.2 s a step alone), including ~3 minutes to read and tokenise the corpus; then
+38-42 minutes of evaluation with fine-tuning, 4.5 without (each kept checkpoint adds about a minute with
 --curve). Results: README, "Results on this machine".
 """
 
