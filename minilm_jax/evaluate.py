@@ -21,7 +21,8 @@ teacher is a plain BERT folder). Probes, on held-out text (the stdlib corpus's h
 - package: which of 16 top-level installed packages a held-out docstring (by the content-hash rule that
   holds it out of `pydocs` training) comes from, balanced classes, split 60/20/20. Scored by a linear probe
   on frozen embeddings (L2 chosen on dev; binomial SE) and by fine-tuning;
-- nsp: next-sentence prediction on the held-out text, by fine-tuning.
+- nsp: next-sentence prediction on the held-out text, by fine-tuning (trained on the first half of its
+  documents, tested on the second; a text of one document is halved at its middle sentence).
 Fine-tuning (encoder + the same pooling + linear head): for each lr, max(epochs) epochs with the schedule
 over that length, dev scored after each epoch; the (lr, epoch) with the best dev score is kept and its
 test score reported, so test is read once per seed and never chosen on. Repeated for `seeds` seeds: mean,
@@ -257,16 +258,30 @@ def agreement(e_ND: np.ndarray, t_ND: np.ndarray, p: ProbeText, reps: int, seed:
 def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.ndarray]:
   """Next-sentence prediction from raw text: for each sentence with a successor, (s_i, s_i+1) is 1 and
   (s_i, a random sentence of another document) is 0, so the classes are exactly balanced."""
+  return _nsp_pairs([_sentences(d) for d in docs], seed)
+
+
+def _nsp_pairs(sents: List[List[str]], seed: int, far: int = 8) -> Tuple[List[str], List[str], np.ndarray]:
+  """nsp_pairs over documents given as sentence lists. A document alone in its text (one without blank
+  lines, say) takes its negatives from its own sentences at least `far` places away, which are no more
+  its successors than another document's; its sentences with no such sentence are left out."""
   rng = np.random.default_rng(seed)
-  sents = [_sentences(d) for d in docs]
   owners = [(i, s) for i, ss in enumerate(sents) for s in ss]
   a, b, y = [], [], []
   for i, ss in enumerate(sents):
+    alone = len(owners) == len(ss)   # no other document has a sentence: rejection would never end
     for j in range(len(ss) - 1):
-      while True:
-        k, other = owners[rng.integers(len(owners))]
-        if k != i:
-          break
+      if alone:
+        before, after = max(0, j - far), max(0, len(ss) - (j + far + 1))
+        if before + after == 0:
+          continue
+        r = int(rng.integers(before + after))
+        other = ss[r if r < before else j + far + 1 + r - before]
+      else:
+        while True:
+          k, other = owners[rng.integers(len(owners))]
+          if k != i:
+            break
       a += [ss[j], ss[j]]
       b += [ss[j + 1], other]
       y += [1, 0]
@@ -274,11 +289,22 @@ def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.
   return [a[i] for i in order], [b[i] for i in order], np.array(y, np.int32)[order]
 
 
-def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_size: int = 1000) -> Task:
+def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_size: int = 1000,
+             min_pairs: int = 20) -> Task:
   """Pairs from the first half of the held-out documents for training (and dev), from the other half for
-  testing, so the probe is scored on text it was not tuned on."""
-  half = len(docs) // 2
-  tr, te = nsp_pairs(docs[:half], seed), nsp_pairs(docs[half:], seed + 1)
+  testing, so the probe is scored on text it was not tuned on; a text of one document is halved at its
+  middle sentence. Fewer than `min_pairs` pairs in either half is a ValueError."""
+  sents = [_sentences(d) for d in docs]
+  if len(sents) == 1:
+    mid = len(sents[0]) // 2
+    halves = [sents[0][:mid]], [sents[0][mid:]]
+  else:
+    halves = sents[:len(sents) // 2], sents[len(sents) // 2:]
+  tr, te = _nsp_pairs(halves[0], seed), _nsp_pairs(halves[1], seed + 1)
+  if min(len(tr[2]), len(te[2])) < min_pairs:
+    raise ValueError(f"the held-out text gives {len(tr[2])} next-sentence pairs from its first half and "
+                     f"{len(te[2])} from its second; the nsp probe needs at least {min_pairs} in each "
+                     "(more text, or --no-finetune to skip it)")
   cut = lambda t, n: (t[0][:n], t[1][:n], t[2][:n])
   return Task("nsp", cut(tr, train_size), cut(te, test_size))
 

@@ -138,6 +138,24 @@ def test_nsp_task_tests_on_other_documents_and_caps_at_what_the_text_has():
   assert doc_of(t.train) <= set(range(15)) and doc_of(t.test) <= set(range(15, 30))  # no shared text
 
 
+def test_nsp_in_a_text_of_one_document_takes_far_negatives_and_halves_at_the_middle():
+  # A .txt without blank lines is one document: no other document to draw negatives from (this hung).
+  sents = [f"Sentence {i} of the only document here." for i in range(60)]
+  a, b, y = evaluate.nsp_pairs([" ".join(sents)], seed=0)
+  assert len(y) == 2 * 59 and y.mean() == 0.5
+  num = lambda s: int(s.split()[1])
+  for sa, sb, label in zip(a, b, y):
+    assert num(sb) == num(sa) + 1 if label else abs(num(sb) - num(sa)) > 8
+  t = evaluate.nsp_task([" ".join(sents)], seed=0)
+  assert {num(s) for s in t.train[0] + t.train[1]} <= set(range(30))
+  assert {num(s) for s in t.test[0] + t.test[1]} <= set(range(30, 60))  # the test half never trained on
+  # A document whose only neighbour has no sentence (a title) is alone too; too short to have a sentence
+  # 9 places away, it has no pairs, and too few pairs is a ValueError, not a probe on a handful.
+  assert len(evaluate.nsp_pairs(["Chapter one", " ".join(sents[:9])], seed=0)[2]) == 0
+  with pytest.raises(ValueError, match="next-sentence pairs"):
+    evaluate.nsp_task([" ".join(sents[:21])], seed=0)
+
+
 def test_metrics_against_hand_computed_values():
   y = np.array([1, 1, 0, 0, 1, 0])
   p = np.array([1, 0, 0, 1, 1, 0])
@@ -267,6 +285,24 @@ def test_evaluate_run_table_read_only_and_curve(tiny_teacher, tiny_corpus, tmp_p
   assert "nsp" not in curve[4]  # the curve fine-tunes only when asked
   for name in ("curve.json", "curve.png"):
     assert os.path.isfile(os.path.join(w, "eval", name))
+
+
+def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_path, site):
+  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "run"))
+  words = "alpha beta gamma delta omega kappa sigma theta".split()
+  rng = np.random.default_rng(0)
+  one = tmp_path / "one.txt"  # one sentence per line, no blank line: one document
+  one.write_text("\n".join(f"Line {i} says {' '.join(rng.choice(words, 5))}." for i in range(120)))
+  results = evaluate.evaluate_run(w, str(tmp_path / "out"), text=str(one), protocol=TINY, baselines=False,
+                                  package_roots=site, log=lambda m: None)
+  for row in results.values():
+    assert row["nsp"]["n"] == 32 and row["nsp"]["n_train"] == 40 and 0 <= row["nsp"]["value"] <= 1
+  short = tmp_path / "short.txt"
+  short.write_text("\n".join(f"Line {i} says {' '.join(rng.choice(words, 5))}." for i in range(21)))
+  with pytest.raises(ValueError, match="next-sentence pairs"):  # before any model is evaluated
+    evaluate.evaluate_run(w, str(tmp_path / "out2"), text=str(short), protocol=TINY, baselines=False,
+                          package_roots=site, log=lambda m: None)
+  assert not os.path.exists(tmp_path / "out2")
 
 
 def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
