@@ -250,6 +250,9 @@ def _lines(path: str, start: int, end: int) -> Iterator[Tuple[int, str]]:
       raw = f.readline()
       if not raw:
         return
+      if pos == 0 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a byte-order mark (Windows editors write one) is not text
+        pos = 3
       try:
         yield pos, raw.decode("utf-8")
       except UnicodeDecodeError:

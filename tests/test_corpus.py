@@ -247,6 +247,18 @@ def test_hub_errors_are_one_line(monkeypatch):
     corpus.pieces("nobody/nothing")
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+  # Windows editors start UTF-8 files with one; json.loads refuses it and it is no part of a document.
+  docs = random_docs(random.Random(2), 50)
+  t = tmp_path / "c.txt"
+  t.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(docs).encode())
+  j = tmp_path / "c.jsonl"
+  j.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+  for f in (t, j):
+    assert corpus.load_texts(str(f)) == [d.strip() for d in docs]
+    assert read_all(corpus.pieces(str(f), piece_bytes=200)) == [d.strip() for d in docs]
+
+
 def test_bad_utf8_and_bad_json_name_the_file(tmp_path):
   p = tmp_path / "c.txt"
   p.write_bytes(b"fine\n\n\xff\xfe broken\n")
