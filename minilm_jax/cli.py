@@ -158,6 +158,8 @@ def eval_main(argv=None):
   p.add_argument("--out", help="output folder (default WORKDIR/eval; required with several runs)")
   p.add_argument("--text", help="held-out text for the probes, anything the trainer's data.source takes "
                  "(a .txt/.jsonl/.parquet file or folder); default: the stdlib corpus's held-out split")
+  p.add_argument("--text-field", default="text", help="the field or column that holds the text in a "
+                 "--text of .jsonl or .parquet files (default: text), as the trainer's data.text_field")
   p.add_argument("--task", action="append", default=[], help="extra fine-tuning tasks beside nsp and "
                  "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
                  "FILE.csv|.jsonl:text_a[,text_b],label")
@@ -187,7 +189,8 @@ def eval_main(argv=None):
     if a.curve and len(a.workdir) > 1:
       raise ValueError("--curve evaluates the checkpoints of one run: give one --workdir")
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
-    kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages)
+    kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages,
+              text_field=a.text_field)
     evaluate.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
                           **kw)
     if a.curve:

@@ -2,8 +2,9 @@
 with a dev split and several seeds, for the students of one or several runs next to one set of
 undistilled baselines. Every number comes with its standard error or its spread over seeds.
 
-  minilm-eval --workdir A [--workdir B ...] [--out DIR] [--text SOURCE] [--seeds 3] [--no-finetune]
-              [--task glue:sst2] [--task FILE.csv:text_a,text_b,label] [--lr 1e-4 --lr 3e-4] [--epochs 3]
+  minilm-eval --workdir A [--workdir B ...] [--out DIR] [--text SOURCE [--text-field F]] [--seeds 3]
+              [--no-finetune] [--task glue:sst2] [--task FILE.csv:text_a,text_b,label]
+              [--lr 1e-4 --lr 3e-4] [--epochs 3]
               [--site-packages DIR] [--no-baselines] [--curve [--curve-finetune]]
 
 Models: the teacher, the assistant (a chain), each run's student, and the student's architecture without
@@ -125,9 +126,10 @@ def _sentences(doc: str) -> List[str]:
   return [s.strip() for s in re.split(r"(?<=[.!?])\s+", doc.replace("\n", " ")) if len(s.split()) >= 4]
 
 
-def heldout_docs(text=None) -> List[str]:
-  """The probes' text: the stdlib corpus's held-out split, or all of `text` (any corpus.load_texts source)."""
-  return corpus.load_texts("stdlib", split="heldout") if text is None else corpus.load_texts(text)
+def heldout_docs(text=None, text_field: str = "text") -> List[str]:
+  """The probes' text: the stdlib corpus's held-out split, or all of `text` (any corpus.load_texts source;
+  `text_field` names the text of a .jsonl/.parquet one)."""
+  return corpus.load_texts("stdlib", split="heldout") if text is None else corpus.load_texts(text, text_field)
 
 
 @dataclasses.dataclass
@@ -670,8 +672,8 @@ class Bench:
 
 
 def make_bench(cfg, tok, teacher, teacher_dir, protocol: Protocol, text=None, tasks=("nsp", "package"),
-               package_roots: Sequence[str] = ()) -> Bench:
-  docs = heldout_docs(text)
+               package_roots: Sequence[str] = (), text_field: str = "text") -> Bench:
+  docs = heldout_docs(text, text_field)
   p = protocol
   pkg = package_task(package_roots, p.package_classes, p.package_per_class, p.seed)
   loaded = {t: pkg if t == "package" else load_task(t, p.seed, docs, p, package_roots) for t in tasks}
@@ -742,7 +744,7 @@ def _metrics(results: dict) -> List[str]:
 
 def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                  protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = True, baselines: bool = True,
-                 package_roots: Sequence[str] = (), log=print) -> dict:
+                 package_roots: Sequence[str] = (), text_field: str = "text", log=print) -> dict:
   """Every model of the runs (one teacher, the runs' students, one set of baselines) on every probe.
   Fine-tuning tasks: nsp, package and `tasks`. Writes OUT/results.{json,md,png}; OUT defaults to
   WORKDIR/eval for one run and must be given for several."""
@@ -759,7 +761,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
   t0 = time.time()
-  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
+  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field)
   results = {}
   for name, (mcfg, params) in models.items():
     t = time.time()
@@ -772,7 +774,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
         f" ({row['eval_seconds']:.0f}s)")
     results[name] = row
   os.makedirs(out, exist_ok=True)
-  settings = _settings(protocol, text, ft, package_roots)
+  settings = _settings(protocol, text, ft, package_roots, text_field)
   hf._write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(b.pooling), "settings": settings,
       "package_labels": b.package.labels, "seconds": time.time() - t0, "results": results})
@@ -781,15 +783,15 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   return results
 
 
-def _settings(protocol: Protocol, text, tasks, package_roots) -> dict:
+def _settings(protocol: Protocol, text, tasks, package_roots, text_field: str = "text") -> dict:
   return json.loads(json.dumps({"protocol": dataclasses.asdict(protocol), "tasks": list(tasks),
                                 "text": text if text is None or isinstance(text, str) else "in-memory",
-                                "package_roots": list(package_roots)}))
+                                "text_field": text_field, "package_roots": list(package_roots)}))
 
 
 def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                    protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = False,
-                   package_roots: Sequence[str] = (), log=print) -> dict:
+                   package_roots: Sequence[str] = (), text_field: str = "text", log=print) -> dict:
   """Quality against compute: the student of every kept checkpoint on the cheap probes (held-out
   relation loss, retrieval, agreement, package linear probe; fine-tuning with `finetune_too`), beside the
   flat lines of OUT/results.json (run `evaluate_run` first, with the same settings). Writes
@@ -804,9 +806,10 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   with open(table) as f:
     flat = json.load(f)
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
-  want = _settings(protocol, text, ft, package_roots)
+  want = _settings(protocol, text, ft, package_roots, text_field)
   mine = {k: v for k, v in want.items() if k != "tasks"}
-  if {k: v for k, v in flat["settings"].items() if k != "tasks"} != mine or \
+  made = {"text_field": "text", **flat["settings"]}  # tables from before text_field read "text"
+  if {k: v for k, v in made.items() if k != "tasks"} != mine or \
      not set(ft) <= set(flat["settings"]["tasks"]):
     raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
                      "the same settings, or evaluate the run again")
@@ -814,7 +817,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   name = student_name(workdir)
   student_config = models[name][0]
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdir))
-  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots)
+  b = make_bench(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field)
   mngr = read_run(workdir)[2]
   curve = {}
   for step in mngr.all_steps():

@@ -303,6 +303,18 @@ def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_p
     evaluate.evaluate_run(w, str(tmp_path / "out2"), text=str(short), protocol=TINY, baselines=False,
                           package_roots=site, log=lambda m: None)
   assert not os.path.exists(tmp_path / "out2")
+  # The same text as JSON Lines under another field: --text-field names it, as data.text_field does.
+  js = tmp_path / "one.jsonl"
+  js.write_text(json.dumps({"content": one.read_text()}) + "\n")
+  common = ["--workdir", w, "--text", str(js), "--no-finetune", "--no-baselines", "--site-packages", *site]
+  r = eval_cli(*common, "--out", str(tmp_path / "out3"))
+  assert r.returncode == 2 and "no text field 'text'" in r.stderr and not os.path.exists(tmp_path / "out3")
+  r = eval_cli(*common, "--text-field", "content", "--out", str(tmp_path / "out4"))
+  assert r.returncode == 0, r.stderr
+  saved = json.load(open(tmp_path / "out4" / "results.json"))
+  assert saved["settings"]["text_field"] == "content"
+  assert saved["results"]["teacher"]["retrieval_mrr"]["value"] == pytest.approx(
+      results["teacher"]["retrieval_mrr"]["value"], rel=1e-6)  # the same text, the same probe
 
 
 def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
