@@ -675,10 +675,12 @@ def make_bench(cfg, tok, teacher, teacher_dir, protocol: Protocol, text=None, ta
                package_roots: Sequence[str] = (), text_field: str = "text") -> Bench:
   docs = heldout_docs(text, text_field)
   p = protocol
+  # What the text can refuse first: parsing the package task's site-packages takes minutes.
+  probe = probe_text(docs, p.queries, p.pairs, p.seed)
+  loaded = {t: load_task(t, p.seed, docs, p, package_roots) for t in tasks if t != "package"}
   pkg = package_task(package_roots, p.package_classes, p.package_per_class, p.seed)
-  loaded = {t: pkg if t == "package" else load_task(t, p.seed, docs, p, package_roots) for t in tasks}
-  b = Bench(cfg, tok, hf.sentence_pooling(teacher_dir) or ("mean", False), teacher,
-            probe_text(docs, p.queries, p.pairs, p.seed),
+  loaded = {t: pkg if t == "package" else loaded[t] for t in tasks}
+  b = Bench(cfg, tok, hf.sentence_pooling(teacher_dir) or ("mean", False), teacher, probe,
             data.tokenize_and_pack(docs[:2000], tok, cfg.data.max_len), pkg, loaded, p)
   b.teacher_e = embed(*teacher, tok, b.probe.sentences, b.pooling, p.sentence_len)
   return b
