@@ -294,12 +294,14 @@ def _nsp_pairs(sents: List[List[str]], seed: int, far: int = 8) -> Tuple[List[st
 def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_size: int = 1000,
              min_pairs: int = 20) -> Task:
   """Pairs from the first half of the held-out documents for training (and dev), from the other half for
-  testing, so the probe is scored on text it was not tuned on; a text of one document is halved at its
-  middle sentence. Fewer than `min_pairs` pairs in either half is a ValueError."""
+  testing, so the probe is scored on text it was not tuned on; a text of one document (one with
+  sentences: a title beside it does not count) is halved at its middle sentence. Fewer than `min_pairs`
+  pairs in either half is a ValueError."""
   sents = [_sentences(d) for d in docs]
-  if len(sents) == 1:
-    mid = len(sents[0]) // 2
-    halves = [sents[0][:mid]], [sents[0][mid:]]
+  texts = [ss for ss in sents if ss]
+  if len(texts) == 1:  # the same condition as _nsp_pairs's `alone`, so both treat a text alike
+    mid = len(texts[0]) // 2
+    halves = [texts[0][:mid]], [texts[0][mid:]]
   else:
     halves = sents[:len(sents) // 2], sents[len(sents) // 2:]
   tr, te = _nsp_pairs(halves[0], seed), _nsp_pairs(halves[1], seed + 1)

@@ -150,6 +150,8 @@ def test_nsp_in_a_text_of_one_document_takes_far_negatives_and_halves_at_the_mid
   t = evaluate.nsp_task([" ".join(sents)], seed=0)
   assert {num(s) for s in t.train[0] + t.train[1]} <= set(range(30))
   assert {num(s) for s in t.test[0] + t.test[1]} <= set(range(30, 60))  # the test half never trained on
+  titled = evaluate.nsp_task(["Chapter one", " ".join(sents)], seed=0)  # a title is not a second document
+  assert titled.train[:2] == t.train[:2] and titled.test[:2] == t.test[:2]
   # A document whose only neighbour has no sentence (a title) is alone too; too short to have a sentence
   # 9 places away, it has no pairs, and too few pairs is a ValueError, not a probe on a handful.
   assert len(evaluate.nsp_pairs(["Chapter one", " ".join(sents[:9])], seed=0)[2]) == 0
