@@ -166,3 +166,47 @@ def prefetch(make_batch, start_step: int, end_step: int, depth: int = 2) -> Iter
     # Wait for the worker (at most one batch and 0.1 s): a daemon thread still inside numpy when the
     # interpreter exits is killed there, which aborts the process (seen after a SIGTERM stop).
     thread.join()
+
+
+def sentence_pairs(batch: Dict[str, np.ndarray], frac: float, key: Sequence[int], cls_id: int, sep_id: int,
+                   pad_id: int, end_ids: Sequence[int]) -> Dict[str, np.ndarray]:
+  """The batch with a fraction `frac` of its rows (drawn per row) made into BERT sentence pairs
+  `[CLS] a [SEP] b [SEP]`, and `token_type_ids` [B, T] (1 on `b [SEP]`, else 0), so the teacher's
+  relations and embedding are matched on the inputs a sentence-pair task feeds the student.
+
+  A row is cut at a sentence start (a token after one of `end_ids` or after [SEP]) in the middle half of its tokens,
+  or at its middle if it has none; `b` is its own continuation or, for half the pairs, the second part
+  of another row of the batch (a negative, as in BERT's next-sentence inputs). A pair keeps at most T
+  tokens (its end dropped). Rows under 8 tokens stay as they are. A pure function of (batch, frac,
+  key): the trainer's key is (seed, step, host), so a resume sees the same pairs.
+  """
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  B, T = ids.shape
+  rng = np.random.default_rng(list(key))
+  lengths = mask.sum(1).astype(np.int64)
+  chosen = (rng.random(B) < frac) & (lengths >= 8)
+  negative = rng.random(B) < 0.5
+  u = rng.random(B)
+  shift = int(rng.integers(1, B)) if B > 1 else 0  # partner i+shift: always another row
+  ends = np.isin(ids, np.asarray([*end_ids, sep_id], ids.dtype))  # a document's end is a sentence's
+  cuts = np.empty(B, np.int64)
+  for i, n in enumerate(lengths):
+    lo, hi = max(2, n // 4), max(2, (3 * n) // 4)
+    starts = lo + np.flatnonzero(ends[i, lo - 1:hi])  # p such that token p-1 ends a sentence
+    cuts[i] = starts[int(u[i] * len(starts))] if len(starts) else max(2, n // 2)
+  out_ids, out_mask = ids.copy(), mask.copy()
+  types = np.zeros_like(ids)
+  for i in np.flatnonzero(chosen):
+    j = (i + shift) % B if negative[i] and shift and lengths[(i + shift) % B] >= 8 else i
+    a, b = ids[i, 1:cuts[i]], ids[j, cuts[j]:lengths[j]]
+    a = a[:-1] if len(a) > 1 and a[-1] == sep_id else a  # a document's own [SEP] (packing) is the cut's
+    b = b[1:] if len(b) > 1 and b[0] == sep_id else b
+    row = np.concatenate([[cls_id], a, [sep_id], b])[:T - 1]
+    row = row if row[-1] == sep_id else np.concatenate([row, [sep_id]])
+    n = len(row)
+    out_ids[i] = pad_id
+    out_ids[i, :n] = row
+    out_mask[i] = 0
+    out_mask[i, :n] = 1
+    types[i, len(a) + 2:n] = 1
+  return {**batch, "input_ids": out_ids, "attention_mask": out_mask, "token_type_ids": types}

@@ -289,3 +289,101 @@ def test_prefetch_leaves_no_worker_behind_once_closed():
     return [t for t in set(threading.enumerate()) - before if not isinstance(t, threading.Timer)]
 
   assert run_with_timeout(consume) == []
+
+
+# --- sentence_pairs -----------------------------------------------------------------------------------
+
+
+def traced_rows(rng, b, t, short=()):
+  """Rows whose tokens name their row and position (1000·(row+1) + position) after [CLS], right padded,
+  and the tokens that end a sentence (a few per row); rows in `short` get 6 tokens."""
+  ids = np.full((b, t), PAD, np.int64)
+  lengths = np.where(np.isin(np.arange(b), short), 6, rng.integers(t // 2, t + 1, size=b))
+  ends = []
+  for r, n in enumerate(lengths):
+    ids[r, 0] = CLS
+    ids[r, 1:n] = 1000 * (r + 1) + np.arange(1, n)
+    ends += list(ids[r, rng.choice(np.arange(1, n), size=rng.integers(0, 4), replace=False)])
+  return {"input_ids": ids, "attention_mask": data.mask_of(lengths, t)}, ends
+
+
+def pairs_of(batch, ends, frac=1.0, key=(0, 1, 0)):
+  return data.sentence_pairs(batch, frac, key, CLS, SEP, PAD, ends)
+
+
+def split_pair(row, types, n):
+  """[CLS] a [SEP] b [SEP] -> (a, b), checking the layout and the token types."""
+  assert row[0] == CLS and row[n - 1] == SEP and np.all(row[n:] == PAD)
+  first = int(np.flatnonzero(types)[0])  # b's first position
+  assert row[first - 1] == SEP and np.sum(row[:n] == SEP) == 2
+  np.testing.assert_array_equal(types[:first], 0)
+  np.testing.assert_array_equal(types[first:n], 1)
+  np.testing.assert_array_equal(types[n:], 0)
+  return row[1:first - 1], row[first:n - 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sentence_pairs_cut_rows_at_a_sentence_start_into_a_and_b(seed):
+  rng = np.random.default_rng(seed)
+  T = 40
+  batch, ends = traced_rows(rng, 16, T, short=(5,))
+  ids, lengths = batch["input_ids"], batch["attention_mask"].sum(1)
+  out = pairs_of(batch, ends)
+  negatives = 0
+  for i in range(16):
+    n = int(out["attention_mask"][i].sum())
+    np.testing.assert_array_equal(out["attention_mask"][i], np.arange(T) < n)
+    if i == 5:  # too short to cut: unchanged, one segment
+      np.testing.assert_array_equal(out["input_ids"][i], ids[i])
+      np.testing.assert_array_equal(out["token_type_ids"][i], 0)
+      continue
+    a, b = split_pair(out["input_ids"][i], out["token_type_ids"][i], n)
+    np.testing.assert_array_equal(a, ids[i, 1:1 + len(a)])  # a: the row's start
+    j, p = int(b[0] // 1000) - 1, int(b[0] % 1000)  # b: row j from position p on
+    m = int(lengths[j])
+    np.testing.assert_array_equal(b, ids[j, p:p + len(b)])
+    assert n == min(T, len(a) + len(b) + 3) and (n == T or p + len(b) == m)  # cut only by the row's end
+    window = range(max(2, m // 4), max(2, 3 * m // 4) + 1)
+    starts = [q for q in window if ids[j, q - 1] in ends]  # the sentence starts of the middle half
+    assert p in starts if starts else p == max(2, m // 2)
+    if j == i:
+      assert p == 1 + len(a)  # its own continuation, nothing lost between
+    else:
+      negatives += 1
+      assert m >= 8
+      a_end = 1 + len(a)  # row i's own cut follows the same rule
+      i_starts = [q for q in range(max(2, lengths[i] // 4), max(2, 3 * lengths[i] // 4) + 1)
+                  if ids[i, q - 1] in ends]
+      assert a_end in i_starts if i_starts else a_end == max(2, lengths[i] // 2)
+  assert 3 <= negatives <= 12  # about half of the 15 pairs
+
+
+def test_sentence_pairs_cut_after_a_document_end_without_a_second_sep():
+  # [CLS] 11 12 13 14 END [SEP] 21 ... 28: the sentence starts in the middle half are 6 ([SEP]) and 7.
+  row = np.array([[CLS, 11, 12, 13, 14, 7, SEP, 21, 22, 23, 24, 25, 26, 27, 28, PAD]])
+  batch = {"input_ids": row, "attention_mask": (row != PAD).astype(np.int32)}
+  seen = set()
+  for step in range(20):
+    out = pairs_of(batch, [7], key=(0, step, 0))
+    n = int(out["attention_mask"][0].sum())
+    a, b = split_pair(out["input_ids"][0], out["token_type_ids"][0], n)
+    np.testing.assert_array_equal(a, [11, 12, 13, 14, 7])
+    np.testing.assert_array_equal(b, [21, 22, 23, 24, 25, 26, 27, 28])
+    seen.add(n)
+  assert seen == {16}  # the final [SEP] is new: 15 tokens become 16
+
+
+def test_sentence_pairs_take_a_fraction_and_are_a_pure_function_of_the_key():
+  batch, ends = traced_rows(np.random.default_rng(9), 400, 32)
+  none = pairs_of(batch, ends, 0.0)
+  np.testing.assert_array_equal(none["input_ids"], batch["input_ids"])
+  np.testing.assert_array_equal(none["token_type_ids"], 0)
+  some = pairs_of(batch, ends, 0.3)
+  paired = some["token_type_ids"].any(1)
+  assert 0.22 < paired.mean() < 0.38
+  np.testing.assert_array_equal(some["input_ids"][~paired], batch["input_ids"][~paired])
+  again, other = pairs_of(batch, ends, 0.3), pairs_of(batch, ends, 0.3, key=(0, 2, 0))
+  for k in some:
+    np.testing.assert_array_equal(again[k], some[k])
+  assert not np.array_equal(other["input_ids"], some["input_ids"])
+  assert some["input_ids"].dtype == batch["input_ids"].dtype
