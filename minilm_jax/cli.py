@@ -162,7 +162,7 @@ def eval_main(argv=None):
                  "--text of .jsonl or .parquet files (default: text), as the trainer's data.text_field")
   p.add_argument("--task", action="append", default=[], help="extra fine-tuning tasks beside nsp and "
                  "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
-                 "FILE.csv|.jsonl:text_a[,text_b],label")
+                 "FILE.csv|.tsv|.jsonl:text_a[,text_b],label (a header line first in a .csv or .tsv)")
   import dataclasses
   from minilm_jax import evaluate
   d = evaluate.DEFAULT_PROTOCOL

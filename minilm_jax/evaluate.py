@@ -342,34 +342,66 @@ def package_task(roots: Sequence[str] = (), classes: int = 16, per_class: int = 
   return Task("package", as_part("train"), as_part("test"), dev=as_part("dev"), labels=names)
 
 
-def _columns(rows: List[dict], cols: Sequence[str], where: str):
+def _columns(rows: List[dict], cols: Sequence[str], where: str, lines: Sequence[int]):
+  """The named columns of every row as strings; a row without one (or with it empty: a short CSV line)
+  is a one-line error naming its line."""
   for c in cols:
     if rows and c not in rows[0]:
       raise ValueError(f"{where}: no column {c!r} (columns: {sorted(rows[0])})")
+  for i, r in enumerate(rows):
+    missing = [c for c in cols if r.get(c) is None]
+    if missing:
+      raise ValueError(f"{where} line {lines[i]}: no value for {missing[0]!r}")
   return [[str(r[c]) for r in rows] for c in cols]
 
 
-def file_task(spec: str, seed: int = 0) -> Task:
-  """FILE.csv|.jsonl:text_a[,text_b],label. Without a separate test file, 20% is held out as test."""
+def _task_rows(path: str) -> Tuple[List[dict], List[int]]:
+  """The rows of a .csv/.tsv (header first) or .jsonl file, and the line each is on. A UTF-8
+  byte-order mark (a spreadsheet's export) is dropped."""
   import csv
+  kind = os.path.splitext(path)[1].lower()
+  if kind not in (".csv", ".tsv", ".jsonl"):
+    raise ValueError(f"task file {path}: use a .csv, .tsv (a header line first) or .jsonl file")
+  with open(path, newline="" if kind != ".jsonl" else None, encoding="utf-8-sig") as f:
+    if kind != ".jsonl":
+      reader = csv.DictReader(f, delimiter="," if kind == ".csv" else "\t")
+      rows, lines = [], []
+      for r in reader:
+        rows.append(r)
+        lines.append(reader.line_num)
+      return rows, lines
+    rows, lines = [], []
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except ValueError as e:
+          raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+        if not isinstance(rows[-1], dict):
+          raise ValueError(f"{path} line {n}: not a JSON object")
+        lines.append(n)
+    return rows, lines
+
+
+def file_task(spec: str, seed: int = 0) -> Task:
+  """FILE.csv|.tsv|.jsonl:text_a[,text_b],label. 20% is held out as test (its dev is carved per seed)."""
   path, _, cols = spec.rpartition(":")
   names = cols.split(",")
-  if len(names) not in (2, 3):
+  if not path or len(names) not in (2, 3):
     raise ValueError(f"task {spec!r}: use FILE:text_col,label_col or FILE:text_a,text_b,label_col")
-  if path.endswith(".csv"):
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f))
-  else:
-    with open(path) as f:
-      rows = [json.loads(l) for l in f if l.strip()]
-  texts = _columns(rows, names[:-1], path)
-  labels_raw = _columns(rows, names[-1:], path)[0]
+  rows, lines = _task_rows(path)
+  texts = _columns(rows, names[:-1], path, lines)
+  labels_raw = _columns(rows, names[-1:], path, lines)[0]
   vocab = {l: i for i, l in enumerate(sorted(set(labels_raw)))}
+  if len(vocab) < 2 or len(rows) < 10:
+    raise ValueError(f"task file {path}: {len(rows)} rows with {len(vocab)} distinct labels in "
+                     f"{names[-1]!r}; a task needs at least 10 rows and 2 labels")
   y = np.array([vocab[l] for l in labels_raw], np.int32)
   order = np.random.default_rng(seed).permutation(len(y))
   split = int(0.8 * len(y))
   whole = (texts[0], texts[1] if len(texts) == 2 else None, y)
-  return Task(os.path.basename(path), _take(whole, order[:split]), _take(whole, order[split:]))
+  return Task(os.path.basename(path), _take(whole, order[:split]), _take(whole, order[split:]),
+              labels=sorted(vocab))
 
 
 def glue_task(name: str, limit: int = 20000) -> Task:

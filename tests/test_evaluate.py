@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -234,6 +235,42 @@ def test_bad_task_file_columns(tmp_path):
   path.write_text(json.dumps({"sentence": "x", "label": 1}) + "\n")
   with pytest.raises(ValueError, match="no column 'text'"):
     evaluate.load_task(f"{path}:text,label")
+
+
+def test_task_files_from_a_spreadsheet_and_tabs(tmp_path):
+  """A CSV with a byte-order mark (as spreadsheets export it) and a TSV read the same as a plain CSV."""
+  rows = [(f"text {i}, with a comma", f"other {i}", "yes" if i % 3 else "no") for i in range(20)]
+  plain = tmp_path / "t.csv"
+  with open(plain, "w", newline="") as f:
+    csv.writer(f).writerows([("a", "b", "label"), *rows])
+  bom = tmp_path / "bom.csv"
+  bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+  tsv = tmp_path / "t.tsv"
+  tsv.write_text("a\tb\tlabel\n" + "".join("\t".join(r) + "\n" for r in rows))
+  jsonl = tmp_path / "t.jsonl"
+  jsonl.write_text("".join(json.dumps(dict(zip(("a", "b", "label"), r))) + "\n" for r in rows))
+  tasks = [evaluate.load_task(f"{p}:a,b,label") for p in (plain, bom, tsv, jsonl)]
+  for t in tasks:
+    assert t.labels == ["no", "yes"] and len(t.train[2]) == 16 and len(t.test[2]) == 4
+    for part in ("train", "test"):
+      for x, want in zip(getattr(t, part), getattr(tasks[0], part)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("short.csv", "text,label\n" + "x,a\n" * 5 + "y\n", "short.csv line 7: no value for 'label'"),
+    ("gap.jsonl", '{"text": "x", "label": 1}\n\n{"text": "y"}\n', "gap.jsonl line 3: no value for 'label'"),
+    ("bad.jsonl", '{"text": "x", "label": 1}\n{"text": y}\n', "bad.jsonl line 2: not JSON"),
+    ("list.jsonl", '["x", 1]\n', "list.jsonl line 1: not a JSON object"),
+    ("one.csv", "text,label\n" + "x,a\n" * 12, "12 rows with 1 distinct labels in 'label'; a task needs "
+                                                  "at least 10 rows and 2 labels"),
+    ("few.csv", "text,label\n" + "x,a\ny,b\n" * 2, "4 rows with 2 distinct labels"),
+    ("t.txt", "x\n", "use a .csv, .tsv (a header line first) or .jsonl file"),
+])
+def test_bad_task_files_are_one_line_errors(tmp_path, name, content, message):
+  (tmp_path / name).write_text(content)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    evaluate.load_task(f"{tmp_path / name}:text,label")
 
 
 # --- Whole runs ----------------------------------------------------------------------------------------
