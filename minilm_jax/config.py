@@ -39,10 +39,7 @@ def default_config():
   c.data = dict(source="stdlib",
                 hub_config="", text_field="text", split="train", max_len=128,
                 cache_dir="",       # token shards (shards.py): "" = WORKDIR/cache; local or gs://, shareable
-                num_proc=0,         # processes that tokenise; 0 = one per core
-                # > 0: this fraction of the rows become sentence pairs [CLS] a [SEP] b [SEP] with token
-                # types, half of them with b from another row (data.sentence_pairs); 0: the papers' rows
-                pairs=0.0)
+                num_proc=0)         # processes that tokenise; 0 = one per core
   c.batch_size = 32                 # global, over all devices and hosts
   c.grad_accum = 1
   c.steps = 1000
@@ -80,7 +77,6 @@ _RANGES = {
     "loss.block_keys": (lambda v: v >= 0, "0 (automatic) or more"),
     "data.max_len": (lambda v: v >= 8, "at least 8 (a [CLS], a [SEP] and some text)"),
     "data.num_proc": (lambda v: v >= 0, "0 (one per core) or more"),
-    "data.pairs": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "steps": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "grad_accum": (lambda v: v >= 1, "at least 1"),
@@ -144,9 +140,6 @@ def check_config(cfg, tcfg: BertConfig) -> None:
       raise ValueError(f"loss.relation_heads {l.relation_heads} does not divide the {who} {width}")
   if cfg.data.max_len > tcfg.max_len:
     raise ValueError(f"data.max_len {cfg.data.max_len} exceeds the teacher's {tcfg.max_len} positions")
-  if cfg.data.pairs and getattr(tcfg, "type_vocab_size", 0) < 2:
-    raise ValueError(f"data.pairs {cfg.data.pairs} needs a teacher with segment (token type) embeddings; "
-                     f"this {type(tcfg).__name__} has none (use data.pairs=0)")
   compute_dtype(cfg.precision)
 
 

@@ -119,7 +119,7 @@ def objective_fn(cfg, teacher, student, teacher_layer: int,
   """f(params, teacher_params, batch, rng=None) -> (total, {term: value}), all fp32 scalars.
 
   params: the student's params (plus `PROJECTION` when the widths differ); batch: input_ids and
-  attention_mask [B, T], and token_type_ids [B, T] for sentence pairs (absent: all 0); rng: the student's dropout key (None: no dropout). teacher_layer: 0-based ℓ.
+  attention_mask [B, T]; rng: the student's dropout key (None: no dropout). teacher_layer: 0-based ℓ.
   pooling: (mode, normalize) of the teacher's sentence embedding, needed by "embedding".
   terms: overrides cfg's (the evaluation takes the relations alone).
   """
@@ -134,11 +134,11 @@ def objective_fn(cfg, teacher, student, teacher_layer: int,
   t_model = _truncated(teacher, t_depth)
 
   def f(params, teacher_params, batch, rng=None):
-    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-    t = t_model.apply({"params": teacher_params}, ids, mask, types, capture_layer=teacher_layer,
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    t = t_model.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
                       stop_at_capture=not out)
     t = jax.lax.stop_gradient(t)
-    s = student.apply({"params": student_params(params)}, ids, mask, types, capture_layer=-1,
+    s = student.apply({"params": student_params(params)}, ids, mask, capture_layer=-1,
                       stop_at_capture=not out, deterministic=rng is None,
                       rngs={} if rng is None else {"dropout": rng})
     parts = {}

@@ -302,7 +302,6 @@ class _Run:
   local: str                # where metrics, events and the export are written (wd.local_dir)
   progress: bool
   log: Callable[[str], None]
-  tok: Any = None           # the teacher's tokenizer (its special ids, for data.pairs)
 
   def sync_up(self, names=(wd.METRICS, wd.EVENTS)) -> None:
     wd.sync(self.workdir, self.local, list(names))
@@ -348,7 +347,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
 
   mngr = checkpoint.make_manager(wd.join(workdir, wd.CHECKPOINTS), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)
-  run = _Run(cfg, s, rows, mngr, meta, workdir, local, progress, log, tok)
+  run = _Run(cfg, s, rows, mngr, meta, workdir, local, progress, log)
   metrics_path = os.path.join(local, wd.METRICS)
   try:
     state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s),
@@ -393,18 +392,6 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   return {**status, "student_dir": student_dir}
 
 
-def batch_fn(cfg, rows, tok=None) -> Callable[[int], dict]:
-  """step -> this host's batch: the rows of data.host_batch and, with data.pairs, some of them made into
-  sentence pairs (data.sentence_pairs, keyed by (seed, step, host) so a resume sees the same)."""
-  host = jax.process_index(), jax.process_count()
-  if not cfg.data.pairs:
-    return lambda step: data.host_batch(rows, step, cfg.batch_size, cfg.seed, *host)
-  ends = [i for i in tok.convert_tokens_to_ids([".", "!", "?"]) if i is not None and i != tok.unk_token_id]
-  return lambda step: data.sentence_pairs(
-      data.host_batch(rows, step, cfg.batch_size, cfg.seed, *host), cfg.data.pairs,
-      (cfg.seed, step, host[0]), tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, ends)
-
-
 def _loop(run: _Run, state, start: int) -> dict:
   """The steps from `start` to cfg.steps: log, checkpoint, stop cleanly on a signal or preemption."""
   cfg, s, mngr = run.cfg, run.s, run.mngr
@@ -412,7 +399,8 @@ def _loop(run: _Run, state, start: int) -> dict:
   from tqdm.auto import tqdm
   from tensorboardX import SummaryWriter
   tokens_per_step = cfg.batch_size * cfg.data.max_len
-  make_batch = batch_fn(cfg, run.rows, run.tok)
+  make_batch = lambda step: data.host_batch(run.rows, step, cfg.batch_size, cfg.seed, jax.process_index(),
+                                            jax.process_count())
   bar = tqdm(total=cfg.steps, initial=start, desc="distilling", unit="step", disable=not run.progress,
              dynamic_ncols=True)
   writer = SummaryWriter(os.path.join(run.local, wd.EVENTS), purge_step=start) \

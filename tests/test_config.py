@@ -20,8 +20,7 @@ def with_value(key, value):
 
 BAD = [("student.num_layers", 0), ("student.hidden_size", 0), ("student.num_heads", 0),
        ("student.intermediate_size", -1), ("student.dropout", 1.0), ("student.dropout", -0.1),
-       ("loss.chunk_heads", -1), ("loss.block_keys", -1), ("data.max_len", 4), ("data.num_proc", -1),
-       ("data.pairs", -0.1), ("data.pairs", 1.5), ("steps", 0), ("batch_size", 0), ("grad_accum", 0),
+       ("loss.chunk_heads", -1), ("loss.block_keys", -1), ("data.max_len", 4), ("data.num_proc", -1), ("steps", 0), ("batch_size", 0), ("grad_accum", 0),
        ("log_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("keep_every", -1),
        ("max_nonfinite_steps", -1), ("optim.lr", -1.0), ("optim.lr", 0.0), ("optim.lr", NAN),
        ("optim.lr", INF), ("optim.warmup_steps", -1), ("optim.weight_decay", -0.01),

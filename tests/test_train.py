@@ -47,39 +47,6 @@ def test_loss_falls_and_frozen_params_stay(tiny_teacher, tiny_corpus):
       assert not np.array_equal(before[path], after[path]), "/".join(path)
 
 
-def test_sentence_pairs_train_the_second_segment_and_resume_the_same(tiny_teacher, tiny_corpus, tmp_path):
-  """data.pairs: the trainer's batches hold pairs with token types, a pure function of (seed, step); the
-  student's second-segment embedding, which single segments never reach (weight decay only scales it),
-  is trained by them."""
-  from transformers import AutoTokenizer
-  tok = AutoTokenizer.from_pretrained(tiny_teacher)
-  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, **{"data.pairs": 0.5})
-  rows = data.tokenize_and_pack(corpus.load_texts(cfg.data.source), tok, cfg.data.max_len)
-  make = train.batch_fn(cfg, rows, tok)
-  b = make(3)
-  assert 0 < b["token_type_ids"].any(1).sum() < cfg.batch_size  # some rows, not all
-  for k in b:
-    np.testing.assert_array_equal(make(3)[k], b[k])
-  type_1 = lambda st: leaves(st.params)[("embeddings", "token_type_embeddings", "embedding")][1]
-  for pairs in (0.0, 0.5):
-    c = tiny_config(tiny_teacher, tiny_corpus, **{"data.pairs": pairs})
-    s = train.setup(c)
-    state0 = s.init_state()
-    before = type_1(state0)  # before the step donates the state
-    state, losses = run_steps(s, state0, [train.batch_fn(c, rows, tok)(i) for i in range(3)])
-    assert np.all(np.isfinite(losses))
-    ratio = type_1(state) / before  # weight decay alone only scales the row
-    assert (np.ptp(ratio) < 1e-5) == (pairs == 0.0), ratio
-  out = train.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False, log=lambda m: None)
-  assert out["step"] == 4 and np.isfinite(out["last"]["loss"])
-
-
-def test_sentence_pairs_need_a_teacher_with_token_types(tiny_modernbert, tiny_corpus):
-  with pytest.raises(ValueError, match=r"^data.pairs 0.5 needs a teacher with segment \(token type\) "
-                                       r"embeddings; this ModernBertConfig has none"):
-    train.setup(tiny_config(tiny_modernbert, tiny_corpus, **{"data.pairs": 0.5}))
-
-
 def test_weight_decay_only_on_kernels(tiny_teacher, tiny_corpus):
   # One step with decay on and off from the same state: only decayed tensors may differ (after one
   # step; later steps would see the decayed kernels through the gradient).
