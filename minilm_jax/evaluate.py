@@ -389,7 +389,10 @@ def file_task(spec: str, seed: int = 0) -> Task:
   names = cols.split(",")
   if not path or len(names) not in (2, 3):
     raise ValueError(f"task {spec!r}: use FILE:text_col,label_col or FILE:text_a,text_b,label_col")
-  rows, lines = _task_rows(path)
+  try:
+    rows, lines = _task_rows(path)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"task file {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
   texts = _columns(rows, names[:-1], path, lines)
   labels_raw = _columns(rows, names[-1:], path, lines)[0]
   vocab = {l: i for i, l in enumerate(sorted(set(labels_raw)))}

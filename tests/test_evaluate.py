@@ -266,9 +266,10 @@ def test_task_files_from_a_spreadsheet_and_tabs(tmp_path):
                                                   "at least 10 rows and 2 labels"),
     ("few.csv", "text,label\n" + "x,a\ny,b\n" * 2, "4 rows with 2 distinct labels"),
     ("t.txt", "x\n", "use a .csv, .tsv (a header line first) or .jsonl file"),
+    ("latin1.csv", "text,label\ncaf\xe9,a\n".encode("latin-1"), "latin1.csv: not UTF-8 text (invalid continuation byte"),
 ])
 def test_bad_task_files_are_one_line_errors(tmp_path, name, content, message):
-  (tmp_path / name).write_text(content)
+  (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
   with pytest.raises(ValueError, match=re.escape(message)):
     evaluate.load_task(f"{tmp_path / name}:text,label")
 
