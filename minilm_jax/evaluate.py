@@ -362,15 +362,14 @@ def _task_rows(path: str) -> Tuple[List[dict], List[int]]:
   kind = os.path.splitext(path)[1].lower()
   if kind not in (".csv", ".tsv", ".jsonl"):
     raise ValueError(f"task file {path}: use a .csv, .tsv (a header line first) or .jsonl file")
+  rows, lines = [], []
   with open(path, newline="" if kind != ".jsonl" else None, encoding="utf-8-sig") as f:
     if kind != ".jsonl":
       reader = csv.DictReader(f, delimiter="," if kind == ".csv" else "\t")
-      rows, lines = [], []
       for r in reader:
         rows.append(r)
         lines.append(reader.line_num)
       return rows, lines
-    rows, lines = [], []
     for n, line in enumerate(f, 1):
       if line.strip():
         try:
