@@ -122,8 +122,18 @@ def split_dev(task: Task, seed: int, frac: float = 0.2) -> Task:
 
 # --- Held-out text ----------------------------------------------------------------------------------------
 
+# Scripts written without spaces between words (Han, kana, Thai): their sentences end at a full-width
+# stop with no space after it, and their length is counted in characters, since split() sees one word.
+_UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])(?![」』）”’\"'])\s*")
+
+
 def _sentences(doc: str) -> List[str]:
-  return [s.strip() for s in re.split(r"(?<=[.!?])\s+", doc.replace("\n", " ")) if len(s.split()) >= 4]
+  """The sentences of `doc` with at least 4 words (8 characters of a script without spaces). A sentence
+  ends at . ! ? followed by whitespace, or at 。！？ not followed by a closing quote (a stop inside a
+  quotation does not end the sentence that quotes it)."""
+  parts = (s.strip() for s in _SENTENCE_END.split(doc.replace("\n", " ")))
+  return [s for s in parts if len(s.split()) >= 4 or len(re.findall(f"[{_UNSPACED}]", s)) >= 8]
 
 
 def heldout_docs(text=None, text_field: str = "text") -> List[str]:

@@ -140,6 +140,25 @@ def test_nsp_task_tests_on_other_documents_and_caps_at_what_the_text_has():
   assert doc_of(t.train) <= set(range(15)) and doc_of(t.test) <= set(range(15, 30))  # no shared text
 
 
+def test_sentences_of_spaced_and_unspaced_scripts():
+  # Spaced scripts: a stop and whitespace end a sentence; under 4 words is dropped; a stop inside a
+  # quotation is not followed by whitespace, so it does not end the sentence that quotes it.
+  assert evaluate._sentences('It printed "Hello, world!" to the screen. Short one. The next one\nruns on.') \
+      == ['It printed "Hello, world!" to the screen.', "The next one runs on."]
+  # Chinese and Japanese: no space after 。！？, and split() sees one word, so length is in characters.
+  zh = "Rust 是一种系统编程语言。它注重安全、速度和并发性！你想学它吗？它的编译器会检查内存安全。"
+  assert evaluate._sentences(zh) == ["Rust 是一种系统编程语言。", "它注重安全、速度和并发性！",
+                                     "它的编译器会检查内存安全。"]   # 你想学它吗: 5 characters, too short
+  ja = "「こんにちは、元気ですか。」と彼は言いました。それから二人は駅まで歩きました。"
+  assert evaluate._sentences(ja) == ["「こんにちは、元気ですか。」と彼は言いました。", "それから二人は駅まで歩きました。"]
+  # A text in such a script gives the probes their pairs (it gave none: every probe refused it).
+  docs = [f"第{d}章的第一句话在这里写着。第{d}章的第二句话在这里写着。第{d}章的第三句话在这里写着。" for d in range(30)]
+  a, b, y = evaluate.nsp_pairs(docs, seed=0)
+  assert len(y) == 120 and y.mean() == 0.5
+  p = evaluate.probe_text(docs, queries=50, pairs=40, seed=0)
+  assert len(p.query_N) == 50 and all("第一句" in p.sentences[q] or "第二句" in p.sentences[q] for q in p.query_N)
+
+
 def test_nsp_in_a_text_of_one_document_takes_far_negatives_and_halves_at_the_middle():
   # A .txt without blank lines is one document: no other document to draw negatives from (this hung).
   sents = [f"Sentence {i} of the only document here." for i in range(60)]
