@@ -778,8 +778,20 @@ def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str) -> N
     cells = [_fmt(row[m]) if m in row else "" for m in metrics]
     size = f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params"
     lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
+  edge = last_epoch_everywhere(results)
+  if edge:
+    lines += ["", "Every seed chose the last epoch of its fine-tuning grid (dev was still rising, so the score "
+              "may be short of what the model can reach; a larger --epochs tells): " + "; ".join(edge) + "."]
   with open(md, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def last_epoch_everywhere(results: dict) -> List[str]:
+  """'model: task' for each fine-tuning result in which every seed's best dev score came at the last
+  epoch of its grid: the protocol may have stopped before the model's best."""
+  return [f"{name}: {m}" for name, row in results.items() for m, v in row.items()
+          if isinstance(v, dict) and v.get("seeds") and
+          all(s["epoch"] == max(g["epoch"] for g in s["dev_grid"]) for s in v["seeds"])]
 
 
 def _is_finetune(metric: str) -> bool:

@@ -249,6 +249,23 @@ def test_finetune_chooses_on_dev_and_reads_test_once_per_seed(tiny_teacher, tmp_
   assert r["value"] > 0.9
 
 
+def test_the_table_says_when_every_seed_chose_the_last_epoch(tmp_path):
+  grid = lambda best: [{"lr": 2e-4, "epoch": e, "dev": 0.5 + 0.1 * (e == best)} for e in (1, 2, 3)]
+  ft = lambda *best: {"value": 0.7, "spread": 0.01, "se": 0.006, "n": 10,
+                      "seeds": [{"seed": i, "lr": 2e-4, "epoch": b, "dev": 0.6, "test": 0.7, "dev_grid": grid(b)}
+                                for i, b in enumerate(best)]}
+  row = lambda nsp, package: {"layers": 3, "hidden": 8, "params_M": 1.0, "retrieval_mrr": {"value": 0.2, "se": 0.01},
+                              "nsp": nsp, "package": package}
+  results = {"teacher": row(ft(3, 3, 3), ft(3, 2, 3)), "student": row(ft(2, 3, 3), ft(3, 3, 3))}
+  assert evaluate.last_epoch_everywhere(results) == ["teacher: nsp", "student: package"]
+  md = tmp_path / "results.md"
+  evaluate.write_table(results, evaluate._metrics(results), 3, str(md))
+  assert md.read_text().strip().endswith("a larger --epochs tells): teacher: nsp; student: package.")
+  results["teacher"]["nsp"], results["student"]["package"] = ft(3, 2, 3), ft(1, 3, 3)
+  evaluate.write_table(results, evaluate._metrics(results), 3, str(md))
+  assert "last epoch" not in md.read_text()
+
+
 def test_bad_task_file_columns(tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_text(json.dumps({"sentence": "x", "label": 1}) + "\n")
