@@ -1,0 +1,60 @@
+"""The next-sentence fine-tuning probe of `minilm-eval` for named models of a finished run's table (the
+teacher, the run's student, the undistilled baselines), with another lr × epochs grid than the
+evaluation's own: the README's check that the Rust book's next-sentence gap is not an artefact of the
+default 2-epoch grid uses it.
+
+  python benchmarks/nsp_models.py --workdir workdirs/quality_l3 --text /tmp/book.txt --epochs 4 \
+      --model teacher --model "student: quality_l3" --model "baseline: first teacher layers"
+
+Everything else is the evaluation's protocol (3 seeds, the dev split carved from the training pairs, the
+(lr, epoch) chosen on dev, test scored once). About 10 minutes per 3×384 model at 4 epochs on this
+project's 2 cores (the 6-layer teacher twice that). Prints one JSON line per model: mean, sd over
+seeds, each seed's test score and chosen (lr, epoch).
+"""
+
+import argparse
+import json
+
+from transformers import AutoTokenizer
+
+from minilm_jax import evaluate as ev
+from minilm_jax import hf
+from minilm_jax import workdir as wd
+
+
+def main():
+  d = ev.DEFAULT_PROTOCOL
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a finished run (its student is exported)")
+  p.add_argument("--text", help="held-out text, as minilm-eval --text (default: the stdlib's held-out split)")
+  p.add_argument("--model", action="append", required=True,
+                 help="a row name of the run's table, as minilm-eval prints it (repeat for several)")
+  p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of the grid (default {d.epochs})")
+  p.add_argument("--lr", type=float, action="append", help=f"lrs of the grid, repeat (default {d.lrs})")
+  a = p.parse_args()
+  if a.epochs < 1:
+    p.error(f"--epochs must be at least 1, not {a.epochs}")
+  # The names are known before any model is built (the baselines take a minute): refuse a typo at once.
+  names = ["teacher", ev.student_name(a.workdir), "baseline: random init", "baseline: first teacher layers",
+           "baseline: every k-th teacher layer"]
+  if wd.exists(wd.join(a.workdir, wd.ASSISTANT)):  # a chain's table has its teaching assistant too
+    names.insert(1, "assistant")
+  for m in a.model:
+    if m not in names:
+      p.error(f"no model {m!r} in {a.workdir}'s table; one of: {', '.join(repr(n) for n in names)}")
+  lrs = tuple(a.lr) if a.lr else d.lrs
+  baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
+  _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
+  pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
+  tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
+  task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
+  for m in a.model:
+    config, params = models[m]
+    r = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len, pooling, print)
+    print(json.dumps({"workdir": a.workdir, "model": m, "text": a.text, "epochs": a.epochs, "lrs": lrs,
+                      "nsp": r["value"], "sd": r["spread"], "seeds": [s["test"] for s in r["seeds"]],
+                      "chosen": [(s["lr"], s["epoch"]) for s in r["seeds"]]}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
