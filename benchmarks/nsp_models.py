@@ -7,8 +7,8 @@ default 2-epoch grid uses it.
       --model teacher --model "student: quality_l3" --model "baseline: first teacher layers"
 
 Everything else is the evaluation's protocol (3 seeds, the dev split carved from the training pairs, the
-(lr, epoch) chosen on dev, test scored once). About 10 minutes per 3×384 model at 4 epochs on this
-project's 2 cores (the 6-layer teacher twice that). Prints one JSON line per model: mean, sd over
+(lr, epoch) chosen on dev, test scored once); its cost grows with --epochs from the evaluation's (see
+evaluate.DEFAULT_PROTOCOL). Prints one JSON line per model: mean, sd over
 seeds, each seed's test score and chosen (lr, epoch).
 """
 
