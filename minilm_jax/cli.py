@@ -147,7 +147,7 @@ def prepare_main(argv=None):
 
 def eval_main(argv=None):
   """`minilm-eval --workdir DIR [--workdir DIR2 ...] [--out OUT] [--text SOURCE] [--seeds N]
-  [--no-finetune] [--task glue:NAME|FILE:cols] [--lr X ...] [--epochs N] [--curve]`."""
+  [--no-finetune] [--task glue:NAME|FILE:cols] [--lr X ...] [--epochs N] [--curve] [--teacher DIR]`."""
   import argparse
   p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate minilm-distill runs of one "
                               "teacher and student shape: the teacher, each run's student and undistilled "
@@ -176,6 +176,9 @@ def eval_main(argv=None):
   p.add_argument("--site-packages", action="append", default=[], help="where the package task's "
                  "packages are (default: this Python's site-packages)")
   p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--teacher", help="the run's teacher (folder, gs:// folder or hub id), where it is no "
+                 "longer at the path the run recorded and the run's config.teacher is not found here "
+                 "(a run distilled on another machine); checked against the run's recorded sha256")
   p.add_argument("--curve", action="store_true", help="then the student of every kept checkpoint (one "
                  "run) on the cheap probes, against steps, the others as flat lines (curve.png)")
   p.add_argument("--curve-finetune", action="store_true", help="fine-tune at every checkpoint too")
@@ -190,7 +193,7 @@ def eval_main(argv=None):
       raise ValueError("--curve evaluates the checkpoints of one run: give one --workdir")
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
     kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages,
-              text_field=a.text_field)
+              text_field=a.text_field, teacher=a.teacher)
     evaluate.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
                           **kw)
     if a.curve:

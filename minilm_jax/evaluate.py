@@ -56,6 +56,7 @@ import optax
 
 from minilm_jax import corpus, data, hf, losses, objective
 from minilm_jax import workdir as wd
+from minilm_jax.config import teacher_identity
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
 from minilm_jax.student import init_student, teacher_layer_index
 from minilm_jax.model import BertConfig, encoder_for
@@ -638,14 +639,43 @@ def read_run(workdir: str):
   return ml_collections.ConfigDict(meta["config"]), meta, mngr, step
 
 
+def run_teacher_dir(meta: dict, workdir: str, teacher: Optional[str] = None) -> str:
+  """The local folder of the teacher a run recorded in its checkpoint `meta`: `teacher` when given
+  (minilm-eval --teacher), else the path where the run found it, else the run's config.teacher resolved
+  on this machine (a hub id, the packaged copy, a gs:// folder), so that a run distilled on a TPU VM or
+  a GPU box can be evaluated where its teacher lives elsewhere. Whichever it is must hold the recorded
+  teacher (sha256 of config and weights, and of the tokenizer where recorded): another is a ValueError,
+  since a table against another teacher would be wrong without saying so. FileNotFoundError if none."""
+  rec, named = meta["teacher"], meta["config"].get("teacher", "")
+  if teacher is None and os.path.isdir(rec["path"]):
+    folder = rec["path"]
+  else:
+    try:
+      folder = hf.resolve(teacher if teacher is not None else named)
+    except FileNotFoundError as e:
+      if teacher is not None:
+        raise
+      also = "" if os.path.abspath(named) == rec["path"] else \
+          f", and its config's teacher {named!r} is not found here either ({e})"
+      raise FileNotFoundError(f"{workdir} was distilled from the teacher at {rec['path']}, which is not on "
+                              f"this machine{also}: give its folder with --teacher DIR") from None
+  got = teacher_identity(folder, hf.load_config(folder))
+  tok_differs = rec.get("tokenizer_sha256") not in (None, got["tokenizer_sha256"])
+  if got["sha256"] != rec["sha256"] or tok_differs:
+    what = "tokenizer" if got["sha256"] == rec["sha256"] else "config or weights"
+    raise ValueError(f"{folder} is not the teacher {workdir} was distilled from: its {what} differ from "
+                     f"the run's (recorded from {rec['path']}); give the run's teacher with --teacher DIR")
+  return folder
+
+
 def student_name(workdir: str) -> str:
   return f"student: {os.path.basename(os.path.normpath(workdir))}"
 
 
-def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
+def models_of_runs(workdirs: Sequence[str], baselines: bool = True, teacher: Optional[str] = None):
   """(cfg, {name: (config, params)}, teacher_dir) for the teacher, the assistant (if a chain), each run's
   student and the undistilled baselines of the students' architecture (once). The runs must share the
-  teacher and the student config. cfg is the first run's."""
+  teacher and the student config. cfg is the first run's. `teacher`: see run_teacher_dir."""
   import ml_collections
   from minilm_jax import checkpoint
   runs = [read_run(w) for w in workdirs]
@@ -659,16 +689,18 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True):
                     if m["student_config"].get(k) != meta["student_config"].get(k))
       raise ValueError(f"{w} has another student shape than {workdirs[0]} ({', '.join(diff)} differ); "
                        "compare runs of one student shape")
-  teacher_dir = meta["teacher"]["path"]
   models = {}
-  a_mngr = open_checkpoints(wd.join(workdirs[0], wd.ASSISTANT))
+  a_dir = wd.join(workdirs[0], wd.ASSISTANT)
+  a_mngr = open_checkpoints(a_dir)
   if a_mngr is not None and a_mngr.latest_step() is not None:  # a chain: the teacher is the assistant's
     a_meta = checkpoint.read_meta(a_mngr, a_mngr.latest_step())
-    models["teacher"] = hf.load_pretrained(a_meta["teacher"]["path"])
-    models["assistant"] = hf.load_pretrained(teacher_dir)
+    teacher_dir = run_teacher_dir(a_meta, a_dir, teacher)
+    models["teacher"] = hf.load_pretrained(teacher_dir)
+    # The student stage's teacher is the chain's own assistant, exported in WORKDIR/assistant.
+    models["assistant"] = hf.load_pretrained(run_teacher_dir(meta, workdirs[0], wd.local_student(a_dir)))
     cfg.loss.teacher_layer = a_meta["config"]["loss"]["teacher_layer"]
-    teacher_dir = a_meta["teacher"]["path"]
   else:
+    teacher_dir = run_teacher_dir(meta, workdirs[0], teacher)
     models["teacher"] = hf.load_pretrained(teacher_dir)
   names = [student_name(w) for w in workdirs]
   if len(set(names)) < len(names):
@@ -804,10 +836,11 @@ def _metrics(results: dict) -> List[str]:
 
 def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                  protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = True, baselines: bool = True,
-                 package_roots: Sequence[str] = (), text_field: str = "text", log=print) -> dict:
+                 package_roots: Sequence[str] = (), text_field: str = "text", log=print,
+                 teacher: Optional[str] = None) -> dict:
   """Every model of the runs (one teacher, the runs' students, one set of baselines) on every probe.
   Fine-tuning tasks: nsp, package and `tasks`. Writes OUT/results.{json,md,png}; OUT defaults to
-  WORKDIR/eval for one run and must be given for several."""
+  WORKDIR/eval for one run and must be given for several. `teacher`: see run_teacher_dir."""
   from transformers import AutoTokenizer
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   if not workdirs:
@@ -817,7 +850,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
       raise ValueError("several runs: give --out DIR for the shared table")
     out = wd.eval_dir(workdirs[0])
   check_out(out, workdirs)
-  cfg, models, teacher_dir = models_of_runs(workdirs, baselines)
+  cfg, models, teacher_dir = models_of_runs(workdirs, baselines, teacher)
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
   t0 = time.time()
@@ -851,7 +884,8 @@ def _settings(protocol: Protocol, text, tasks, package_roots, text_field: str = 
 
 def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                    protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = False,
-                   package_roots: Sequence[str] = (), text_field: str = "text", log=print) -> dict:
+                   package_roots: Sequence[str] = (), text_field: str = "text", log=print,
+                   teacher: Optional[str] = None) -> dict:
   """Quality against compute: the student of every kept checkpoint on the cheap probes (held-out
   relation loss, retrieval, agreement, package linear probe; fine-tuning with `finetune_too`), beside the
   flat lines of OUT/results.json (run `evaluate_run` first, with the same settings). Writes
@@ -873,7 +907,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
      not set(ft) <= set(flat["settings"]["tasks"]):
     raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
                      "the same settings, or evaluate the run again")
-  cfg, models, teacher_dir = models_of_runs([workdir], baselines=False)
+  cfg, models, teacher_dir = models_of_runs([workdir], baselines=False, teacher=teacher)
   name = student_name(workdir)
   student_config = models[name][0]
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdir))

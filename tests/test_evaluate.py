@@ -432,6 +432,70 @@ def test_a_remote_run_is_read_in_place_and_its_results_go_to_the_local_mirror(ti
   assert os.path.isfile(os.path.join(wd.eval_dir(bucket), "results.md"))
 
 
+def test_a_run_whose_teacher_is_elsewhere_here(tiny_teacher, tiny_corpus, tmp_path, site, monkeypatch):
+  """A run distilled on another machine records its teacher's path there. minilm-eval then takes the
+  run's config.teacher as resolved here (a hub id's packaged copy at another site-packages, say), or
+  --teacher; either is checked against the recorded sha256, and nothing is written on an error."""
+  import shutil
+  there, here = tmp_path / "there" / "teacher", tmp_path / "here" / "teacher"
+  shutil.copytree(tiny_teacher, there)
+  monkeypatch.setitem(hf._PACKAGED, "org/tiny", "no_such_module")
+  monkeypatch.setattr(hf, "packaged_teacher_path", lambda: str(there))
+  w = train_run("org/tiny", tiny_corpus, str(tmp_path / "run"))
+  shutil.move(there, here)  # the teacher's packaged copy lives elsewhere on this machine
+
+  def not_installed():
+    raise FileNotFoundError("the packaged teacher is not installed")
+  monkeypatch.setattr(hf, "packaged_teacher_path", not_installed)
+  run = lambda **kw: evaluate.evaluate_run(w, str(tmp_path / "out"), protocol=TINY, finetune_too=False,
+                                           baselines=False, package_roots=site, log=lambda m: None, **kw)
+  with pytest.raises(FileNotFoundError, match=f"teacher at {there}, which is not on this machine, and its "
+                     "config's teacher 'org/tiny' is not found here either .*give its folder with --teacher"):
+    run()
+  assert not os.path.exists(tmp_path / "out")
+  monkeypatch.setattr(hf, "packaged_teacher_path", lambda: str(here))
+  results = run()
+  assert set(results) == {"teacher", "student: run"}
+  assert json.load(open(tmp_path / "out" / "results.json"))["teacher"] == str(here)
+
+  # --teacher names it directly; a folder with other weights or another tokenizer is refused.
+  other, tok = tmp_path / "other", tmp_path / "tok"
+  shutil.copytree(here, other)
+  config = json.load(open(other / "config.json"))
+  json.dump({**config, "layer_norm_eps": 1e-6}, open(other / "config.json", "w"))
+  shutil.copytree(here, tok)
+  with open(tok / "tokenizer_config.json", "a") as f:
+    f.write("\n")
+  shutil.rmtree(tmp_path / "out")
+  for folder, what in ((other, "config or weights"), (tok, "tokenizer")):
+    with pytest.raises(ValueError, match=f"{folder} is not the teacher {w} was distilled from: its {what} "
+                       "differ"):
+      run(teacher=str(folder))
+    assert not os.path.exists(tmp_path / "out")
+  r = eval_cli("--workdir", w, "--teacher", str(tmp_path / "nowhere"), "--no-finetune", "--out",
+               str(tmp_path / "out"))
+  assert r.returncode == 2 and r.stderr.strip() == f"minilm-eval: error: {tmp_path / 'nowhere'}: no such folder"
+  again = run(teacher=str(here))["student: run"]
+  for m in ("retrieval_mrr", "agreement", "package_linear", "heldout_relation_loss"):
+    assert again[m] == results["student: run"][m], m
+
+
+def test_a_chain_is_evaluated_with_its_assistant_also_after_the_run_moved(tiny_teacher, tiny_corpus,
+                                                                          tmp_path, site):
+  """A teaching-assistant chain's table has the assistant's row; the assistant is read from the run's own
+  assistant/ folder (checked against the sha256 the student stage recorded), so a moved run still reads."""
+  import shutil
+  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "chain"),
+                **{"assistant.enabled": True, "assistant.steps": 2})
+  moved = str(tmp_path / "moved")
+  shutil.move(w, moved)
+  results = evaluate.evaluate_run(moved, str(tmp_path / "out"), protocol=TINY, finetune_too=False,
+                                  baselines=False, package_roots=site, log=lambda m: None)
+  assert list(results) == ["teacher", "assistant", "student: moved"]
+  assert (results["assistant"]["layers"], results["assistant"]["hidden"]) == (2, 16)
+  assert results["teacher"]["hidden"] == 32 and results["teacher"]["agreement"]["value"] == 1.0
+
+
 def eval_cli(*args):
   return subprocess.run([sys.executable, "-c", "from minilm_jax.cli import eval_main; eval_main()", *args],
                         capture_output=True, text=True, timeout=120)
