@@ -164,6 +164,16 @@ def teacher_identity(teacher_dir: str, tcfg: BertConfig) -> dict:
           "tokenizer_sha256": _hash_files(hashlib.sha256(), teacher_dir, hf.tokenizer_files(teacher_dir))}
 
 
+def teacher_differs(saved: dict, now: dict) -> str:
+  """What differs between two teacher_identity dicts: "config or weights", "tokenizer" or ""
+  (the same teacher). Runs saved before the tokenizer was part of the identity have no tokenizer_sha256:
+  nothing to compare there."""
+  if saved["sha256"] != now["sha256"]:
+    return "config or weights"
+  was_tok, now_tok = saved.get("tokenizer_sha256"), now.get("tokenizer_sha256")
+  return "tokenizer" if was_tok and now_tok and was_tok != now_tok else ""
+
+
 # Config keys whose change would make a resumed run differ from an uninterrupted one; and keys inside
 # them that do not (where the shards are kept and how many processes made them).
 _RESUME_KEYS = ("student", "loss", "data", "batch_size", "grad_accum", "seed", "precision")
@@ -172,14 +182,13 @@ _RESUME_FREE = {"data": ("cache_dir", "num_proc")}
 
 def check_resume(saved: dict, now: dict) -> None:
   """Refuse to resume with a different teacher or an incompatible student/data/loss setup."""
-  if saved["teacher"]["sha256"] != now["teacher"]["sha256"]:
+  differs = teacher_differs(saved["teacher"], now["teacher"])
+  if differs == "config or weights":
     raise ValueError(f"this workdir was trained with teacher {saved['teacher']['path']} "
                      f"(sha256 {saved['teacher']['sha256'][:12]}), but the config names "
                      f"{now['teacher']['path']} (sha256 {now['teacher']['sha256'][:12]}); "
                      "use a new workdir")
-  # Runs saved before the tokenizer was part of the identity have no tokenizer_sha256: nothing to compare.
-  was_tok, now_tok = saved["teacher"].get("tokenizer_sha256"), now["teacher"].get("tokenizer_sha256")
-  if was_tok and now_tok and was_tok != now_tok:
+  if differs == "tokenizer":
     raise ValueError(f"this workdir was trained with the tokenizer of {saved['teacher']['path']}, and "
                      f"the tokenizer files in {now['teacher']['path']} differ (its token ids would not "
                      "match the run's); use a new workdir")

@@ -56,7 +56,7 @@ import optax
 
 from minilm_jax import corpus, data, hf, losses, objective
 from minilm_jax import workdir as wd
-from minilm_jax.config import teacher_identity
+from minilm_jax.config import teacher_differs, teacher_identity
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
 from minilm_jax.student import init_student, teacher_layer_index
 from minilm_jax.model import BertConfig, encoder_for
@@ -659,11 +659,9 @@ def run_teacher_dir(meta: dict, workdir: str, teacher: Optional[str] = None) -> 
           f", and its config's teacher {named!r} is not found here either ({e})"
       raise FileNotFoundError(f"{workdir} was distilled from the teacher at {rec['path']}, which is not on "
                               f"this machine{also}: give its folder with --teacher DIR") from None
-  got = teacher_identity(folder, hf.load_config(folder))
-  tok_differs = rec.get("tokenizer_sha256") not in (None, got["tokenizer_sha256"])
-  if got["sha256"] != rec["sha256"] or tok_differs:
-    what = "tokenizer" if got["sha256"] == rec["sha256"] else "config or weights"
-    raise ValueError(f"{folder} is not the teacher {workdir} was distilled from: its {what} differ from "
+  differs = teacher_differs(rec, teacher_identity(folder, hf.load_config(folder)))
+  if differs:
+    raise ValueError(f"{folder} is not the teacher {workdir} was distilled from: its {differs} differ from "
                      f"the run's (recorded from {rec['path']}); give the run's teacher with --teacher DIR")
   return folder
 
