@@ -32,8 +32,12 @@ spread (sd over seeds) and SE (sd/sqrt(seeds)).
 Cost measured on this machine's 2 shared CPU cores (another run training beside it): see
 DEFAULT_PROTOCOL's comment.
 
-Writes OUT/results.json (every raw number: per-seed scores, chosen lr/epoch, dev grids), results.md and
-results.png; with --curve also curve.json and curve.png (the student of every kept checkpoint).
+Differences: each student against every other model, and the teacher against each baseline, paired over
+the same items (queries, pairs, docstrings, test pairs), with the SE of the difference (paired_difference):
+what "ahead by k standard errors" is read from.
+
+Writes OUT/results.json (every raw number: per-item scores and predictions, per-seed scores, chosen
+lr/epoch, dev grids, the differences), results.md (the table, then the differences) and results.png; with --curve also curve.json and curve.png (the student of every kept checkpoint).
 Checkpoints are opened read-only: evaluation writes nothing but OUT.
 """
 
@@ -73,7 +77,7 @@ class Protocol:
   """Every setting that changes a number; recorded in results.json (a curve must use the same)."""
   queries: int = 1000            # retrieval queries (candidates: their successors)
   pairs: int = 2000              # agreement pairs
-  bootstrap: int = 200           # agreement bootstrap resamples
+  bootstrap: int = 200           # bootstrap resamples: agreement, and the paired differences
   sentence_len: int = 128        # max tokens when embedding a sentence or docstring
   package_classes: int = 16
   package_per_class: int = 50    # docstrings per class (balanced: the smallest chosen class may cap it)
@@ -193,6 +197,67 @@ def bootstrap_se(stat, x_N: np.ndarray, y_N: np.ndarray, reps: int, seed: int) -
   return float(np.std([stat(x_N[i], y_N[i]) for i in idx_RN], ddof=1))
 
 
+def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], reps: int, seed: int
+                      ) -> Optional[dict]:
+  """a − b for one metric of two models scored on the same items, with the SE of that difference over
+  the items (paired: what both models find hard cancels), or None when either lacks its items.
+  - a mean over items (retrieval, the linear probe, the held-out loss): SE of the mean per-item difference;
+  - agreement (a Spearman correlation with the teacher's cosines, `teacher`'s items): by bootstrap over
+    the pairs, both models on the same resample;
+  - fine-tuning: by bootstrap over the test items of the seed-averaged score difference, plus each model's
+    spread over seeds (sd²/seeds), which the items do not see. That counts the item-by-seed noise twice,
+    so the SE errs large; the seeds alone, the table's ± sd, ignore that the test items are a sample."""
+  if "seeds" in a and "seeds" in b:
+    if "test_labels" not in a or "test_labels" not in b:
+      return None
+    y_N = np.asarray(a["test_labels"])
+    pa_SN = np.array([s["test_pred"] for s in a["seeds"]])
+    pb_SN = np.array([s["test_pred"] for s in b["seeds"]])
+    mean_score = lambda p_SN, i: np.mean([score(a["metric"], y_N[i], p[i]) for p in p_SN])
+    diff = lambda i: mean_score(pa_SN, i) - mean_score(pb_SN, i)
+    idx_RN = np.random.default_rng(seed).integers(0, len(y_N), (reps, len(y_N)))
+    items_var = float(np.var([diff(i) for i in idx_RN], ddof=1))
+    seed_var = sum(x["spread"] ** 2 / len(x["seeds"]) for x in (a, b))
+    return _difference(a["value"] - b["value"], math.sqrt(items_var + seed_var), len(y_N))
+  if "items" not in a or "items" not in b or len(a["items"]) != len(b["items"]):
+    return None
+  xa_N, xb_N = np.asarray(a["items"], np.float64), np.asarray(b["items"], np.float64)
+  if metric == "agreement":
+    if teacher is None or "items" not in teacher:
+      return None
+    t_N = np.asarray(teacher["items"], np.float64)
+    diff = lambda i: spearman(xa_N[i], t_N[i]) - spearman(xb_N[i], t_N[i])
+    idx_RN = np.random.default_rng(seed).integers(0, len(t_N), (reps, len(t_N)))
+    return _difference(a["value"] - b["value"], float(np.std([diff(i) for i in idx_RN], ddof=1)), len(t_N))
+  d_N = xa_N - xb_N
+  return _difference(float(d_N.mean()), float(d_N.std(ddof=1) / np.sqrt(len(d_N))), len(d_N))
+
+
+def _difference(d: float, se: float, n: int) -> dict:
+  return {"value": d, "se": se, "n": n, "z": d / se if se > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))}
+
+
+def comparisons(results: dict, reps: int, seed: int) -> Dict[str, Dict[str, dict]]:
+  """{"A − B": {metric: difference}} for each student against every other model, and for the teacher
+  (and the assistant) against each baseline: what a claim that one model beats another rests on."""
+  names = list(results)
+  students = [n for n in names if n.startswith("student")]
+  baselines = [n for n in names if n.startswith("baseline")]
+  pairs = [(s, o) for s in students for o in names if o != s]
+  pairs += [(t, bl) for t in names if t in ("teacher", "assistant") for bl in baselines]
+  teacher = results.get("teacher", {}).get("agreement")
+  out = {}
+  for a, b in pairs:
+    row = {}
+    for m in _metrics(results):
+      if m in results[a] and m in results[b]:
+        d = paired_difference(m, results[a][m], results[b][m], teacher, reps, seed)
+        if d is not None:
+          row[m] = d
+    out[f"{a} − {b}"] = row
+  return out
+
+
 def cosines(a_ND: np.ndarray, b_MD: np.ndarray) -> np.ndarray:
   unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
   return unit(a_ND) @ unit(b_MD).T
@@ -213,8 +278,11 @@ def reciprocal_ranks(q_ND: np.ndarray, c_MD: np.ndarray, target_N: np.ndarray,
 
 
 def _mean_se(x_N) -> dict:
+  """Mean and SE of per-item values, kept as "items" so that two models scored on the same items can be
+  compared pairwise (paired_difference)."""
   x_N = np.asarray(x_N, np.float64)
-  return {"value": float(x_N.mean()), "se": float(x_N.std(ddof=1) / np.sqrt(len(x_N))), "n": len(x_N)}
+  return {"value": float(x_N.mean()), "se": float(x_N.std(ddof=1) / np.sqrt(len(x_N))), "n": len(x_N),
+          "items": x_N.tolist()}
 
 
 # --- Sentence embeddings ---------------------------------------------------------------------------------
@@ -263,7 +331,8 @@ def pair_cosines(e_ND: np.ndarray, pairs_P2: np.ndarray) -> np.ndarray:
 def agreement(e_ND: np.ndarray, t_ND: np.ndarray, p: ProbeText, reps: int, seed: int) -> dict:
   """Spearman correlation of the model's and the teacher's cosines over the pairs; bootstrap SE."""
   m_P, t_P = pair_cosines(e_ND, p.pairs_P2), pair_cosines(t_ND, p.pairs_P2)
-  return {"value": spearman(m_P, t_P), "se": bootstrap_se(spearman, m_P, t_P, reps, seed), "n": len(m_P)}
+  return {"value": spearman(m_P, t_P), "se": bootstrap_se(spearman, m_P, t_P, reps, seed), "n": len(m_P),
+          "items": m_P.tolist()}  # the model's cosines: the teacher's are the teacher row's
 
 
 # --- Tasks ------------------------------------------------------------------------------------------------
@@ -481,12 +550,13 @@ def linear_probe(train_e: Tuple[np.ndarray, np.ndarray], dev_e: Tuple[np.ndarray
     return jax.lax.fori_loop(0, steps, body, (w, tx.init(w)))[0]
 
   w = jax.jit(jax.vmap(fit))(jnp.asarray(l2s, jnp.float32))
-  acc = lambda x, y: np.asarray(((z(x) @ w["W"] + w["b"][:, None]).argmax(-1) == y).mean(-1))
-  dev_acc = acc(x_dev, y_dev)
+  right = lambda x, y: np.asarray((z(x) @ w["W"] + w["b"][:, None]).argmax(-1) == y)  # [L2s, N]
+  dev_acc = right(x_dev, y_dev).mean(-1)
   best = int(np.argmax(dev_acc))  # the first of equals: the weakest penalty
-  p = float(acc(x_te, y_te)[best])
+  right_N = right(x_te, y_te)[best].astype(np.float64)
+  p = float(right_N.mean())
   return {"value": p, "se": math.sqrt(p * (1 - p) / len(y_te)), "n": len(y_te), "l2": float(l2s[best]),
-          "dev": [float(a) for a in dev_acc]}
+          "dev": [float(a) for a in dev_acc], "items": right_N.tolist()}
 
 
 # --- Fine-tuning ----------------------------------------------------------------------------------------
@@ -579,13 +649,16 @@ def finetune(config: BertConfig, params, tok, task: Task, lrs: Sequence[float] =
         if best is None or dev > best[0]:  # strictly better: the first of equals is kept
           best = (dev, lr, ep, jax.device_get(v))
     dev, lr, ep, v = best
-    test = score(task.metric, task.test[2], run(v, xte, len(task.test[2])))  # the one test read
-    per_seed.append({"seed": seed, "lr": lr, "epoch": ep, "dev": dev, "test": test, "dev_grid": grid})
+    pred = run(v, xte, len(task.test[2]))  # the one test read
+    test = score(task.metric, task.test[2], pred)
+    per_seed.append({"seed": seed, "lr": lr, "epoch": ep, "dev": dev, "test": test, "dev_grid": grid,
+                     "test_pred": pred.tolist()})
     log(f"  {task.name} seed {seed}: lr {lr:g}, epoch {ep}: dev {dev:.3f}, test {test:.3f}")
   tests = np.array([s["test"] for s in per_seed])
   spread = float(tests.std(ddof=1)) if seeds > 1 else 0.0
   return {"value": float(tests.mean()), "spread": spread, "se": spread / math.sqrt(seeds),
-          "n": len(task.test[2]), "n_train": len(task.train[2]), "seeds": per_seed}
+          "n": len(task.test[2]), "n_train": len(task.train[2]), "metric": task.metric,
+          "test_labels": task.test[2].tolist(), "seeds": per_seed}
 
 
 # --- Held-out relation loss -------------------------------------------------------------------------------
@@ -603,7 +676,7 @@ def heldout_relation_loss(cfg, teacher: Tuple[BertConfig, dict], student: Tuple[
   vals = [float(loss(sparams, tparams, {k: v[i * batch:(i + 1) * batch] for k, v in rows.items()}))
           for i in range(n)]
   return {"value": float(np.mean(vals)), "se": float(np.std(vals, ddof=1) / np.sqrt(n)) if n > 1 else
-          float("nan"), "n": n}
+          float("nan"), "n": n, "items": vals}
 
 
 # --- Runs, read-only -------------------------------------------------------------------------------------
@@ -773,7 +846,8 @@ def quality(b: Bench, model: Tuple[BertConfig, dict], is_teacher: bool = False, 
   e_ND = b.teacher_e if is_teacher else embed(mcfg, params, b.tok, b.probe.sentences, b.pooling,
                                               p.sentence_len)
   row["retrieval_mrr"] = retrieval(e_ND, b.probe)
-  row["agreement"] = {"value": 1.0, "se": 0.0, "n": len(b.probe.pairs_P2)} if is_teacher else \
+  row["agreement"] = {"value": 1.0, "se": 0.0, "n": len(b.probe.pairs_P2),
+                      "items": pair_cosines(e_ND, b.probe.pairs_P2).tolist()} if is_teacher else \
       agreement(e_ND, b.teacher_e, b.probe, p.bootstrap, p.seed)
   pk = b.package
   parts = [embed(mcfg, params, b.tok, t[0], b.pooling, p.sentence_len) for t in (pk.train, pk.dev, pk.test)]
@@ -800,7 +874,12 @@ def _fmt(m: dict) -> str:
   return f"{m['value']:.{d}f} ± {err if err is not None and np.isfinite(err) else float('nan'):.{d}f}"
 
 
-def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str) -> None:
+def _fmt_difference(d: dict) -> str:
+  return f"{'+' if d['value'] >= 0 else ''}{_fmt(d)} ({d['z']:+.1f} SE)"
+
+
+def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str,
+                differences: Optional[Dict[str, Dict[str, dict]]] = None) -> None:
   head = [LABELS.get(m, f"{m}: fine-tune") + (f" (± sd, {seeds} seeds)" if _is_finetune(m) else " (± SE)")
           for m in metrics]
   lines = ["| model | size | " + " | ".join(head) + " |", "| --- " * (len(metrics) + 2) + "|"]
@@ -812,6 +891,15 @@ def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str) -> N
   if edge:
     lines += ["", "Every seed chose the last epoch of its fine-tuning grid (dev was still rising, so the score "
               "may be short of what the model can reach; a larger --epochs tells): " + "; ".join(edge) + "."]
+  if differences:
+    cols = [m for m in metrics if any(m in row for row in differences.values())]
+    lines += ["", "Differences, paired over the same items (± their SE; in SE). Fine-tuning: the SE counts "
+              "the test items as a sample and the seeds' spread (see evaluate.paired_difference).", "",
+              "| difference | " + " | ".join(LABELS.get(m, f"{m}: fine-tune") for m in cols) + " |",
+              "| --- " * (len(cols) + 1) + "|"]
+    for name, row in differences.items():
+      lines.append(f"| {name} | " + " | ".join(_fmt_difference(row[m]) if m in row else "" for m in cols)
+                   + " |")
   with open(md, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -866,10 +954,12 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
     results[name] = row
   os.makedirs(out, exist_ok=True)
   settings = _settings(protocol, text, ft, package_roots, text_field)
+  diffs = comparisons(results, protocol.bootstrap, protocol.seed)
   hf._write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(b.pooling), "settings": settings,
-      "package_labels": b.package.labels, "seconds": time.time() - t0, "results": results})
-  write_table(results, _metrics(results), protocol.seeds, os.path.join(out, "results.md"))
+      "package_labels": b.package.labels, "seconds": time.time() - t0, "results": results,
+      "differences": diffs})
+  write_table(results, _metrics(results), protocol.seeds, os.path.join(out, "results.md"), diffs)
   _bar_chart(results, _metrics(results), os.path.join(out, "results.png"))
   return results
 

@@ -119,6 +119,80 @@ def test_agreement_is_one_with_itself_and_its_se_shrinks_with_n():
 
 # --- Tasks ----------------------------------------------------------------------------------------------
 
+def test_paired_difference_of_means_is_the_paired_t_statistic():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  hard_N = rng.normal(0, 1, 400)  # what both models find hard: pairing cancels it
+  a, b = 0.1 + hard_N + rng.normal(0, 0.2, 400), hard_N + rng.normal(0, 0.2, 400)
+  d = evaluate.paired_difference("retrieval_mrr", evaluate._mean_se(a), evaluate._mean_se(b), None, 50, 0)
+  assert d["value"] == pytest.approx(a.mean() - b.mean(), abs=1e-12)
+  assert d["z"] == pytest.approx(stats.ttest_rel(a, b).statistic, rel=1e-9)
+  unpaired = np.hypot(evaluate._mean_se(a)["se"], evaluate._mean_se(b)["se"])
+  assert d["se"] < unpaired / 3
+  # Items of another length (another evaluation's probe) are not compared.
+  assert evaluate.paired_difference("retrieval_mrr", evaluate._mean_se(a[:-1]), evaluate._mean_se(b), None,
+                                    50, 0) is None
+
+
+def test_paired_difference_of_agreement_against_the_teacher():
+  rng = np.random.default_rng(1)
+  t_P = rng.normal(size=600)
+  m_P = t_P + rng.normal(0, 1.0, 600)
+  teacher = {"value": 1.0, "se": 0.0, "items": t_P.tolist()}
+  student = {"value": evaluate.spearman(m_P, t_P), "items": m_P.tolist()}
+  d = evaluate.paired_difference("agreement", student, teacher, teacher, 400, 0)
+  # The teacher agrees with itself on every resample: the difference's SE is the student's own.
+  assert d["value"] == pytest.approx(student["value"] - 1)
+  assert d["se"] == pytest.approx(evaluate.bootstrap_se(evaluate.spearman, m_P, t_P, 400, 0), rel=1e-9)
+  assert evaluate.paired_difference("agreement", student, teacher, None, 400, 0) is None
+
+
+def finetune_result(pred_SN, y_N, metric="accuracy"):
+  tests = [evaluate.score(metric, y_N, p) for p in pred_SN]
+  spread = float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0
+  return {"value": float(np.mean(tests)), "spread": spread, "metric": metric, "test_labels": y_N.tolist(),
+          "seeds": [{"test": t, "test_pred": p.tolist()} for t, p in zip(tests, pred_SN)]}
+
+
+def test_paired_difference_of_fine_tuning_counts_items_and_seeds():
+  rng = np.random.default_rng(2)
+  y_N = rng.integers(0, 2, 1000)
+  flip = lambda p, q: np.where(rng.random(len(p)) < q, 1 - p, p)
+  base_N = flip(y_N, 0.25)                       # a model right on 75% of the items
+  a = finetune_result(np.array([flip(base_N, 0.02)]), y_N)   # one seed: no spread
+  b = finetune_result(np.array([flip(base_N, 0.10)]), y_N)
+  d = evaluate.paired_difference("nsp", a, b, None, 2000, 0)
+  right_a, right_b = (np.array(a["seeds"][0]["test_pred"]) == y_N), (np.array(b["seeds"][0]["test_pred"]) == y_N)
+  analytic = np.std(right_a * 1.0 - right_b, ddof=1) / np.sqrt(len(y_N))  # the paired SE of a mean
+  assert d["value"] == pytest.approx(right_a.mean() - right_b.mean())
+  assert d["se"] == pytest.approx(analytic, rel=0.1)
+  # Seeds that disagree add their spread: sd²/seeds of each model on top of the items' part.
+  a3 = finetune_result(np.array([flip(base_N, q) for q in (0.0, 0.05, 0.2)]), y_N)
+  d3 = evaluate.paired_difference("nsp", a3, b, None, 2000, 0)
+  items_only = evaluate.paired_difference("nsp", {**a3, "spread": 0.0}, b, None, 2000, 0)
+  assert d3["se"] ** 2 == pytest.approx(items_only["se"] ** 2 + a3["spread"] ** 2 / 3, rel=1e-9)
+  # Another metric is recomputed on each resample (F1 is not a mean over items).
+  f = evaluate.paired_difference("x", finetune_result(np.array([base_N]), y_N, "f1"),
+                                 finetune_result(np.array([flip(base_N, 0.1)]), y_N, "f1"), None, 200, 0)
+  assert 0 < f["se"] < 0.05 and np.isfinite(f["z"])
+  # Equal models: a difference of 0 with SE 0 reads as 0 SE, not nan.
+  assert evaluate.paired_difference("nsp", a, a, None, 50, 0)["z"] == 0.0
+
+
+def test_comparisons_pair_each_student_with_every_model_and_the_teacher_with_the_baselines():
+  row = lambda v: {"retrieval_mrr": evaluate._mean_se(np.full(10, v) + np.arange(10) / 100)}
+  results = {"teacher": row(0.5), "student: a": row(0.4), "student: b": row(0.3),
+             "baseline: random init": row(0.1), "baseline: first teacher layers": row(0.2)}
+  c = evaluate.comparisons(results, 10, 0)
+  assert list(c) == ["student: a − teacher", "student: a − student: b", "student: a − baseline: random init",
+                     "student: a − baseline: first teacher layers", "student: b − teacher",
+                     "student: b − student: a", "student: b − baseline: random init",
+                     "student: b − baseline: first teacher layers", "teacher − baseline: random init",
+                     "teacher − baseline: first teacher layers"]
+  assert c["student: a − baseline: random init"]["retrieval_mrr"]["value"] == pytest.approx(0.3)
+  assert c["student: a − baseline: random init"]["retrieval_mrr"]["z"] > 1e6  # the items' noise cancels
+
+
 def test_nsp_pairs_are_balanced_and_honest():
   docs = [f"Doc {d} sentence one is here. Doc {d} sentence two is here. Doc {d} sentence three is here."
           for d in range(30)]
@@ -341,13 +415,24 @@ def test_evaluate_run_table_read_only_and_curve(tiny_teacher, tiny_corpus, tmp_p
   assert np.isfinite(loss["value"]) and loss["value"] > 0 and loss["se"] > 0
   for name in ("results.json", "results.md", "results.png"):
     assert os.path.isfile(os.path.join(w, "eval", name))
-  table = open(os.path.join(w, "eval", "results.md")).read().splitlines()
+  text = open(os.path.join(w, "eval", "results.md")).read()
+  table, differences = text.split("\n\nDifferences, paired")
+  table = table.splitlines()
   assert "(± sd, 2 seeds)" in table[0] and "(± SE)" in table[0]
   for line in table[2:]:  # every number has its ± next to it
     cells = [c.strip() for c in line.strip("|").split("|")[2:]]
     assert all(c == "" or " ± " in c for c in cells), line
   saved = json.load(open(os.path.join(w, "eval", "results.json")))
   assert saved["settings"]["protocol"]["seeds"] == 2 and len(saved["package_labels"]) == 12
+  # The student against the teacher, paired over the same items, for every metric both have.
+  d = saved["differences"]["student: run − teacher"]
+  assert set(d) == {"retrieval_mrr", "agreement", "package_linear", "nsp", "package"}
+  for m, v in d.items():
+    assert v["value"] == pytest.approx(results["student: run"][m]["value"] - results["teacher"][m]["value"])
+    assert v["se"] >= 0 and (v["se"] == 0 or v["z"] == pytest.approx(v["value"] / v["se"])), m
+  row = next(line for line in differences.splitlines() if line.startswith("| student: run − teacher |"))
+  assert all(re.fullmatch(r"[+-]\d\.\d+ ± \d\.\d+ \([+-]\d+\.\d SE\)", c.strip())
+             for c in row.strip("|").split("|")[1:]), row
 
   with pytest.raises(ValueError, match="same settings"):
     evaluate.evaluate_curve(w, protocol=evaluate.Protocol(), package_roots=site, log=lambda m: None)
@@ -407,8 +492,9 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
                            "baseline: first teacher layers", "baseline: every k-th teacher layer"]
   assert results["student: a"]["heldout_relation_loss"] != results["student: b"]["heldout_relation_loss"]
   assert all("nsp" not in row for row in results.values())
-  table = open(os.path.join(out, "results.md")).read()
+  table, differences = open(os.path.join(out, "results.md")).read().split("\n\nDifferences, paired")
   assert table.count("baseline: random init") == 1 and "student: a" in table and "student: b" in table
+  assert "| student: a − student: b |" in differences and "| student: b − student: a |" in differences
   assert not os.path.exists(os.path.join(a, "eval"))
   c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
   with pytest.raises(ValueError, match="another student shape.*hidden_size"):
