@@ -9,7 +9,8 @@ default 2-epoch grid uses it.
 Everything else is the evaluation's protocol (3 seeds, the dev split carved from the training pairs, the
 (lr, epoch) chosen on dev, test scored once). The command above took about 30 minutes alone on this
 project's 2 cores (measured 2026-12-04; the teacher about half of it). Prints one JSON line per model:
-mean, sd over seeds, each seed's test score and chosen (lr, epoch).
+mean, sd over seeds, each seed's test score and chosen (lr, epoch); then one per pair of models: their
+difference paired over the test pairs, with its SE (minilm-eval's evaluate.paired_difference).
 """
 
 import argparse
@@ -48,12 +49,20 @@ def main():
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
+  done = {}
   for m in a.model:
     config, params = models[m]
-    r = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len, pooling, print)
+    r = done[m] = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len,
+                              pooling, print)
     print(json.dumps({"workdir": a.workdir, "model": m, "text": a.text, "epochs": a.epochs, "lrs": lrs,
                       "nsp": r["value"], "sd": r["spread"], "seeds": [s["test"] for s in r["seeds"]],
                       "chosen": [(s["lr"], s["epoch"]) for s in r["seeds"]]}), flush=True)
+  names = list(done)
+  for i, x in enumerate(names):
+    for y in names[i + 1:]:
+      diff = ev.paired_difference("nsp", done[x], done[y], None, d.bootstrap, d.seed)
+      print(json.dumps({"difference": f"{x} − {y}", "nsp": diff["value"], "se": diff["se"],
+                        "z": diff["z"]}, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":
