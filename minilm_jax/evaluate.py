@@ -37,7 +37,8 @@ the same items (queries, pairs, docstrings, test pairs), with the SE of the diff
 what "ahead by k standard errors" is read from.
 
 Writes OUT/results.json (every raw number: per-item scores and predictions, per-seed scores, chosen
-lr/epoch, dev grids, the differences), results.md (the table, then the differences) and results.png; with --curve also curve.json and curve.png (the student of every kept checkpoint).
+lr/epoch, dev grids, the differences), results.md (the table, then the differences) and results.png;
+with --curve also curve.json and curve.png (the student of every kept checkpoint).
 Checkpoints are opened read-only: evaluation writes nothing but OUT.
 """
 
@@ -208,8 +209,8 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
     spread over seeds (sd²/seeds), which the items do not see. That counts the item-by-seed noise twice,
     so the SE errs large; the seeds alone, the table's ± sd, ignore that the test items are a sample."""
   if "seeds" in a and "seeds" in b:
-    if "test_labels" not in a or "test_labels" not in b:
-      return None
+    if "test_labels" not in a or a.get("test_labels") != b.get("test_labels"):
+      return None  # not scored on the same test items
     y_N = np.asarray(a["test_labels"])
     pa_SN = np.array([s["test_pred"] for s in a["seeds"]])
     pb_SN = np.array([s["test_pred"] for s in b["seeds"]])
@@ -234,7 +235,8 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
 
 
 def _difference(d: float, se: float, n: int) -> dict:
-  return {"value": d, "se": se, "n": n, "z": d / se if se > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))}
+  z = d / se if se > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
+  return {"value": d, "se": se, "n": n, "z": z}
 
 
 def comparisons(results: dict, reps: int, seed: int) -> Dict[str, Dict[str, dict]]:

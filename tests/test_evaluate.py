@@ -175,6 +175,9 @@ def test_paired_difference_of_fine_tuning_counts_items_and_seeds():
   f = evaluate.paired_difference("x", finetune_result(np.array([base_N]), y_N, "f1"),
                                  finetune_result(np.array([flip(base_N, 0.1)]), y_N, "f1"), None, 200, 0)
   assert 0 < f["se"] < 0.05 and np.isfinite(f["z"])
+  # Scored on other test items (another text's probe): not compared.
+  other = finetune_result(np.array([base_N[:-1]]), y_N[:-1])
+  assert evaluate.paired_difference("nsp", a, other, None, 50, 0) is None
   # Equal models: a difference of 0 with SE 0 reads as 0 SE, not nan.
   assert evaluate.paired_difference("nsp", a, a, None, 50, 0)["z"] == 0.0
 
