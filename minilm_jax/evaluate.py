@@ -194,8 +194,13 @@ def spearman(x_N: np.ndarray, y_N: np.ndarray) -> float:
 
 def bootstrap_se(stat, x_N: np.ndarray, y_N: np.ndarray, reps: int, seed: int) -> float:
   """Standard error of stat(x, y) by resampling the N pairs with replacement `reps` times."""
-  idx_RN = np.random.default_rng(seed).integers(0, len(x_N), (reps, len(x_N)))
-  return float(np.std([stat(x_N[i], y_N[i]) for i in idx_RN], ddof=1))
+  return _bootstrap(lambda i: stat(x_N[i], y_N[i]), len(x_N), reps, seed)
+
+
+def _bootstrap(stat_of, n: int, reps: int, seed: int) -> float:
+  """sd of stat_of(idx_N) over `reps` resamples idx_N of range(n) with replacement."""
+  idx_RN = np.random.default_rng(seed).integers(0, n, (reps, n))
+  return float(np.std([stat_of(i) for i in idx_RN], ddof=1))
 
 
 def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], reps: int, seed: int
@@ -209,17 +214,15 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
     spread over seeds (sd²/seeds), which the items do not see. That counts the item-by-seed noise twice,
     so the SE errs large; the seeds alone, the table's ± sd, ignore that the test items are a sample."""
   if "seeds" in a and "seeds" in b:
-    if "test_labels" not in a or a.get("test_labels") != b.get("test_labels"):
+    if a.get("test_labels") is None or a["test_labels"] != b.get("test_labels"):
       return None  # not scored on the same test items
     y_N = np.asarray(a["test_labels"])
     pa_SN = np.array([s["test_pred"] for s in a["seeds"]])
     pb_SN = np.array([s["test_pred"] for s in b["seeds"]])
     mean_score = lambda p_SN, i: np.mean([score(a["metric"], y_N[i], p[i]) for p in p_SN])
-    diff = lambda i: mean_score(pa_SN, i) - mean_score(pb_SN, i)
-    idx_RN = np.random.default_rng(seed).integers(0, len(y_N), (reps, len(y_N)))
-    items_var = float(np.var([diff(i) for i in idx_RN], ddof=1))
+    items_se = _bootstrap(lambda i: mean_score(pa_SN, i) - mean_score(pb_SN, i), len(y_N), reps, seed)
     seed_var = sum(x["spread"] ** 2 / len(x["seeds"]) for x in (a, b))
-    return _difference(a["value"] - b["value"], math.sqrt(items_var + seed_var), len(y_N))
+    return _difference(a["value"] - b["value"], math.sqrt(items_se ** 2 + seed_var), len(y_N))
   if "items" not in a or "items" not in b or len(a["items"]) != len(b["items"]):
     return None
   xa_N, xb_N = np.asarray(a["items"], np.float64), np.asarray(b["items"], np.float64)
@@ -228,8 +231,7 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
       return None
     t_N = np.asarray(teacher["items"], np.float64)
     diff = lambda i: spearman(xa_N[i], t_N[i]) - spearman(xb_N[i], t_N[i])
-    idx_RN = np.random.default_rng(seed).integers(0, len(t_N), (reps, len(t_N)))
-    return _difference(a["value"] - b["value"], float(np.std([diff(i) for i in idx_RN], ddof=1)), len(t_N))
+    return _difference(a["value"] - b["value"], _bootstrap(diff, len(t_N), reps, seed), len(t_N))
   d_N = xa_N - xb_N
   return _difference(float(d_N.mean()), float(d_N.std(ddof=1) / np.sqrt(len(d_N))), len(d_N))
 
