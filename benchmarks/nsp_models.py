@@ -1,7 +1,9 @@
 """The next-sentence fine-tuning probe of `minilm-eval` for named models of a finished run's table (the
 teacher, the run's student, the undistilled baselines), with another lr × epochs grid than the
 evaluation's own: the README's check that the Rust book's next-sentence gap is not an artefact of the
-default 2-epoch grid uses it.
+default 2-epoch grid uses it. `--teacher-layers` adds students made of other teacher layers (the first
+4, or 3 that skip one), as the baselines are made of theirs: where on this text the teacher's pair skill
+lies.
 
   python benchmarks/nsp_models.py --workdir workdirs/quality_l3 --text /tmp/book.txt --epochs 4 \
       --model teacher --model "student: quality_l3" --model "baseline: first teacher layers"
@@ -14,12 +16,16 @@ difference paired over the test pairs, with its SE (minilm-eval's evaluate.paire
 """
 
 import argparse
+import dataclasses
 import json
+
+import jax
 
 from transformers import AutoTokenizer
 
 from minilm_jax import evaluate as ev
 from minilm_jax import hf
+from minilm_jax import student
 from minilm_jax import workdir as wd
 
 
@@ -30,6 +36,9 @@ def main():
   p.add_argument("--text", help="held-out text, as minilm-eval --text (default: the stdlib's held-out split)")
   p.add_argument("--model", action="append", required=True,
                  help="a row name of the run's table, as minilm-eval prints it (repeat for several)")
+  p.add_argument("--teacher-layers", action="append", default=[], metavar="I,J,...",
+                 help="also a student of the run's width made of these teacher layers (0-based), as the "
+                      "baselines are of theirs, e.g. 0,1,2,3 for the first 4 (repeat for several)")
   p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of the grid (default {d.epochs})")
   p.add_argument("--lr", type=float, action="append", help=f"lrs of the grid, repeat (default {d.lrs})")
   a = p.parse_args()
@@ -43,14 +52,27 @@ def main():
   for m in a.model:
     if m not in names:
       p.error(f"no model {m!r} in {a.workdir}'s table; one of: {', '.join(repr(n) for n in names)}")
+  try:
+    subsets = [[int(i) for i in x.split(",")] for x in a.teacher_layers]
+  except ValueError:
+    p.error(f"--teacher-layers takes 0-based layer numbers joined by commas, not {a.teacher_layers}")
   lrs = tuple(a.lr) if a.lr else d.lrs
   baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
   _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
+  tcfg, tparams = models["teacher"]
+  config = models[ev.student_name(a.workdir)][0]
+  for layers in subsets:
+    c = dataclasses.replace(config, num_hidden_layers=len(layers))
+    try:
+      models[f"teacher layers {','.join(map(str, layers))}"] = (
+          c, jax.device_get(student.copy_teacher_layers(c, tparams, layers, jax.random.key(0))))
+    except ValueError as e:
+      p.error(str(e))
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
   done = {}
-  for m in a.model:
+  for m in a.model + [n for n in models if n.startswith("teacher layers")]:
     config, params = models[m]
     r = done[m] = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len,
                               pooling, print)

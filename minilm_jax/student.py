@@ -57,10 +57,23 @@ def _slice_to(path, t, s, fused):
 
 def init_student(cfg, scfg, teacher_params: Any, teacher_layers: int, rng) -> Any:
   """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns)."""
-  params = encoder_for(scfg).init_params(rng)
   if cfg.student.init == "random":
-    return params
+    return encoder_for(scfg).init_params(rng)
   layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers)
+  return copy_teacher_layers(scfg, teacher_params, layers, rng)
+
+
+def copy_teacher_layers(scfg, teacher_params: Any, layers, rng) -> Any:
+  """A student of config `scfg` whose layer i is teacher layer layers[i] (0-based; len(layers) ==
+  scfg.num_hidden_layers), and whose embeddings are the teacher's, each sliced to the student's width.
+  `rng` initialises what has no teacher counterpart."""
+  if len(layers) != scfg.num_hidden_layers:
+    raise ValueError(f"{len(layers)} teacher layers for a {scfg.num_hidden_layers}-layer student")
+  have = _subtree(teacher_params, scfg.LAYERS)
+  missing = [t for t in layers if str(t) not in have]
+  if missing:
+    raise ValueError(f"the teacher has no layer {missing[0]} (0-based; it has {len(have)})")
+  params = encoder_for(scfg).init_params(rng)
   cut = lambda tree_t, tree_s: jax.tree_util.tree_map_with_path(
       lambda path, t, s: _slice_to(path, t, s, scfg.FUSED), tree_t, tree_s)
   top = scfg.LAYERS[0]
