@@ -12,7 +12,6 @@ model's values, and each difference "merged − row" as value ± SE (z).
 """
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -48,10 +47,10 @@ def main():
   with open(path) as f:
     table = json.load(f)
   d = ev.DEFAULT_PROTOCOL
-  if table["settings"]["text"] != a.text or table["settings"]["protocol"] != json.loads(json.dumps(
-      dataclasses.asdict(d))):
-    p.error(f"{path} was made with text {table['settings']['text']!r} and its own protocol; give --text as "
-            "it was, or evaluate the run again")
+  tasks = table["settings"]["tasks"]
+  if not ev.made_with(table["settings"], ev.settings_of(d, a.text, tasks, ())):
+    p.error(f"{path} was made with other settings ({table['settings']}); give --text as it was, or "
+            "evaluate the run again")
   cfg, models, teacher_dir = ev.models_of_runs([a.workdir])
   if cfg.student.init not in START_ROW:
     p.error(f"{a.workdir} started from {cfg.student.init!r}: only a start from the teacher's layers "
@@ -59,7 +58,6 @@ def main():
   config, student = models[ev.student_name(a.workdir)]
   start = models[START_ROW[cfg.student.init]][1]
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
-  tasks = table["settings"]["tasks"]
   b = ev.make_bench(cfg, tok, models["teacher"], teacher_dir, d, a.text, tasks)
   rows = table["results"]
   for alpha in alphas:

@@ -60,19 +60,20 @@ def main():
   baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
   _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
-  tcfg, tparams = models["teacher"]
-  config = models[ev.student_name(a.workdir)][0]
+  tparams = models["teacher"][1]
+  scfg = models[ev.student_name(a.workdir)][0]
+  made = []
   for layers in subsets:
-    c = dataclasses.replace(config, num_hidden_layers=len(layers))
+    c = dataclasses.replace(scfg, num_hidden_layers=len(layers))
+    made.append(f"teacher layers {','.join(map(str, layers))}")
     try:
-      models[f"teacher layers {','.join(map(str, layers))}"] = (
-          c, jax.device_get(student.copy_teacher_layers(c, tparams, layers, jax.random.key(0))))
+      models[made[-1]] = (c, jax.device_get(student.copy_teacher_layers(c, tparams, layers, jax.random.key(0))))
     except ValueError as e:
       p.error(str(e))
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
   done = {}
-  for m in a.model + [n for n in models if n.startswith("teacher layers")]:
+  for m in a.model + made:
     config, params = models[m]
     r = done[m] = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len,
                               pooling, print)

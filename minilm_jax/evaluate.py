@@ -957,7 +957,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
         f" ({row['eval_seconds']:.0f}s)")
     results[name] = row
   os.makedirs(out, exist_ok=True)
-  settings = _settings(protocol, text, ft, package_roots, text_field)
+  settings = settings_of(protocol, text, ft, package_roots, text_field)
   diffs = comparisons(results, protocol.bootstrap, protocol.seed)
   hf._write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(b.pooling), "settings": settings,
@@ -968,10 +968,19 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   return results
 
 
-def _settings(protocol: Protocol, text, tasks, package_roots, text_field: str = "text") -> dict:
+def settings_of(protocol: Protocol, text, tasks, package_roots, text_field: str = "text") -> dict:
+  """What a table records of how it was evaluated (results.json's "settings"), as JSON would read it."""
   return json.loads(json.dumps({"protocol": dataclasses.asdict(protocol), "tasks": list(tasks),
                                 "text": text if text is None or isinstance(text, str) else "in-memory",
                                 "text_field": text_field, "package_roots": list(package_roots)}))
+
+
+def made_with(made: dict, want: dict) -> bool:
+  """Whether a table whose results.json has settings `made` was evaluated as `want` asks (the same text,
+  protocol and package roots) on at least `want`'s tasks; both as `settings_of` gives them."""
+  made = {"text_field": "text", **made}  # tables from before text_field read "text"
+  but_tasks = lambda s: {k: v for k, v in s.items() if k != "tasks"}
+  return but_tasks(made) == but_tasks(want) and set(want["tasks"]) <= set(made["tasks"])
 
 
 def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
@@ -992,11 +1001,8 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   with open(table) as f:
     flat = json.load(f)
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
-  want = _settings(protocol, text, ft, package_roots, text_field)
-  mine = {k: v for k, v in want.items() if k != "tasks"}
-  made = {"text_field": "text", **flat["settings"]}  # tables from before text_field read "text"
-  if {k: v for k, v in made.items() if k != "tasks"} != mine or \
-     not set(ft) <= set(flat["settings"]["tasks"]):
+  want = settings_of(protocol, text, ft, package_roots, text_field)
+  if not made_with(flat["settings"], want):
     raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
                      "the same settings, or evaluate the run again")
   cfg, models, teacher_dir = models_of_runs([workdir], baselines=False, teacher=teacher)

@@ -621,3 +621,13 @@ def test_a_modernbert_run_is_evaluated_with_its_baselines(tiny_modernbert, tiny_
   # The baselines are the student's architecture without distillation, so their relation loss differs.
   losses_ = {n: r["heldout_relation_loss"]["value"] for n, r in results.items() if n != "teacher"}
   assert len(set(losses_.values())) == 4 and all(np.isfinite(v) for v in losses_.values())
+
+
+def test_made_with_reads_the_text_protocol_and_tasks():
+  want = evaluate.settings_of(TINY, "book.txt", ["nsp"], ())
+  assert evaluate.made_with(evaluate.settings_of(TINY, "book.txt", ["nsp", "package"], ()), want)
+  old = {k: v for k, v in evaluate.settings_of(TINY, "book.txt", ["nsp"], ()).items() if k != "text_field"}
+  assert evaluate.made_with(old, want)  # a table from before text_field read "text"
+  assert not evaluate.made_with(evaluate.settings_of(TINY, None, ["nsp"], ()), want)
+  assert not evaluate.made_with(evaluate.settings_of(TINY, "book.txt", ["package"], ()), want)
+  assert not evaluate.made_with(evaluate.settings_of(evaluate.Protocol(), "book.txt", ["nsp"], ()), want)
