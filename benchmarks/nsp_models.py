@@ -3,7 +3,8 @@ teacher, the run's student, the undistilled baselines), with another lr × epoch
 evaluation's own: the README's check that the Rust book's next-sentence gap is not an artefact of the
 default 2-epoch grid uses it. `--teacher-layers` adds students made of other teacher layers (the first
 4, or 3 that skip one), as the baselines are made of theirs: where on this text the teacher's pair skill
-lies.
+lies; `--checkpoint DIR@STEP` adds the student of another run's checkpoint (a screen, of any depth),
+paired with the rest.
 
   python benchmarks/nsp_models.py --workdir workdirs/quality_l3 --text /tmp/book.txt --epochs 4 \
       --model teacher --model "student: quality_l3" --model "baseline: first teacher layers"
@@ -39,6 +40,9 @@ def main():
   p.add_argument("--teacher-layers", action="append", default=[], metavar="I,J,...",
                  help="also a student of the run's width made of these teacher layers (0-based), as the "
                       "baselines are of theirs, e.g. 0,1,2,3 for the first 4 (repeat for several)")
+  p.add_argument("--checkpoint", action="append", default=[], metavar="DIR@STEP",
+                 help="also the student of a run's checkpoint (any depth or width, the run may still be "
+                      "training; it must share the teacher), e.g. workdirs/screen_d4@500 (repeat for several)")
   p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs of the grid (default {d.epochs})")
   p.add_argument("--lr", type=float, action="append", help=f"lrs of the grid, repeat (default {d.lrs})")
   a = p.parse_args()
@@ -69,6 +73,18 @@ def main():
     try:
       models[made[-1]] = (c, jax.device_get(student.copy_teacher_layers(c, tparams, layers, jax.random.key(0))))
     except ValueError as e:
+      p.error(str(e))
+  sha = ev.read_run(a.workdir)[1]["teacher"]["sha256"]
+  for spec in a.checkpoint:
+    run, _, step = spec.rpartition("@")
+    if not run or not step.isdigit():
+      p.error(f"--checkpoint takes DIR@STEP, not {spec!r}")
+    if ev.read_run(run)[1]["teacher"]["sha256"] != sha:
+      p.error(f"{run} was distilled from another teacher than {a.workdir}")
+    made.append(f"{ev.student_name(run)} at step {step}")
+    try:
+      models[made[-1]] = ev.checkpoint_student(run, int(step))
+    except FileNotFoundError as e:
       p.error(str(e))
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)

@@ -716,6 +716,19 @@ def read_run(workdir: str):
   return ml_collections.ConfigDict(meta["config"]), meta, mngr, step
 
 
+def checkpoint_student(workdir: str, step: int):
+  """(config, params) of the student saved at `step` of a run, also one still training (no exported
+  student yet): the config from the checkpoint's own record, so any depth or width the run had."""
+  from minilm_jax import checkpoint
+  from minilm_jax.model import config_from_dict
+  _, meta, mngr, _ = read_run(workdir)
+  if step not in mngr.all_steps():
+    raise FileNotFoundError(f"{workdir} has no checkpoint at step {step} (it has {sorted(mngr.all_steps())})")
+  meta = checkpoint.read_meta(mngr, step)
+  return (config_from_dict(meta["student_config"]),
+          objective.student_params(checkpoint.restore_params(mngr, step)))
+
+
 def run_teacher_dir(meta: dict, workdir: str, teacher: Optional[str] = None) -> str:
   """The local folder of the teacher a run recorded in its checkpoint `meta`: `teacher` when given
   (minilm-eval --teacher), else the path where the run found it, else the run's config.teacher resolved

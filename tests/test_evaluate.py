@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -502,6 +503,21 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
   with pytest.raises(ValueError, match="another student shape.*hidden_size"):
     evaluate.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)
+
+
+def test_checkpoint_student_reads_any_kept_step_with_the_run_s_own_shape(tiny_teacher, tiny_corpus, tmp_path):
+  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "deep"), **{"student.num_layers": 2})
+  encoder, exported = hf.load_student(w)
+  config, last = evaluate.checkpoint_student(w, 4)
+  assert config == encoder.config and config.num_hidden_layers == 2   # not the tiny default's 1 layer
+  flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
+  assert flat(last).keys() == flat(exported).keys()                    # the projection left out
+  for k, v in flat(last).items():
+    np.testing.assert_array_equal(v, flat(exported)[k])
+  _, early = evaluate.checkpoint_student(w, 2)                         # kept by keep_every
+  assert any(not np.array_equal(e, flat(last)[k]) for k, e in flat(early).items())
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
+    evaluate.checkpoint_student(w, 3)
 
 
 def test_a_remote_run_is_read_in_place_and_its_results_go_to_the_local_mirror(tiny_teacher, tiny_corpus,
