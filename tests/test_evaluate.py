@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from minilm_jax import evaluate, hf, train
+from minilm_jax import checkpoint, evaluate, hf, objective, train
 from conftest import tiny_config
 
 # Small enough for tiny models in seconds; the protocol is the same as the default's.
@@ -506,12 +506,15 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
 
 
 def test_checkpoint_student_reads_any_kept_step_with_the_run_s_own_shape(tiny_teacher, tiny_corpus, tmp_path):
-  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "deep"), **{"student.num_layers": 2})
+  w = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "deep"),
+                **{"student.num_layers": 2, "loss.terms": "relations,hidden"})  # 16 wide: a projection
   encoder, exported = hf.load_student(w)
   config, last = evaluate.checkpoint_student(w, 4)
   assert config == encoder.config and config.num_hidden_layers == 2   # not the tiny default's 1 layer
+  _, _, mngr, _ = evaluate.read_run(w)
+  assert objective.PROJECTION in checkpoint.restore_params(mngr, 4) and objective.PROJECTION not in last
   flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
-  assert flat(last).keys() == flat(exported).keys()                    # the projection left out
+  assert flat(last).keys() == flat(exported).keys()
   for k, v in flat(last).items():
     np.testing.assert_array_equal(v, flat(exported)[k])
   _, early = evaluate.checkpoint_student(w, 2)                         # kept by keep_every
