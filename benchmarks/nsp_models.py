@@ -60,6 +60,18 @@ def main():
     subsets = [[int(i) for i in x.split(",")] for x in a.teacher_layers]
   except ValueError:
     p.error(f"--teacher-layers takes 0-based layer numbers joined by commas, not {a.teacher_layers}")
+  # A checkpoint loads in seconds: read them before the models, so that a bad one is refused at once too.
+  sha, checkpoints = ev.read_run(a.workdir)[1]["teacher"]["sha256"], {}
+  for spec in a.checkpoint:
+    run, _, step = spec.rpartition("@")
+    if not run or not step.isdigit():
+      p.error(f"--checkpoint takes DIR@STEP, not {spec!r}")
+    if ev.read_run(run)[1]["teacher"]["sha256"] != sha:
+      p.error(f"{run} was distilled from another teacher than {a.workdir}")
+    try:
+      checkpoints[f"{ev.student_name(run)} at step {step}"] = ev.checkpoint_student(run, int(step))
+    except FileNotFoundError as e:
+      p.error(str(e))
   lrs = tuple(a.lr) if a.lr else d.lrs
   baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
   _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
@@ -74,18 +86,8 @@ def main():
       models[made[-1]] = (c, jax.device_get(student.copy_teacher_layers(c, tparams, layers, jax.random.key(0))))
     except ValueError as e:
       p.error(str(e))
-  sha = ev.read_run(a.workdir)[1]["teacher"]["sha256"]
-  for spec in a.checkpoint:
-    run, _, step = spec.rpartition("@")
-    if not run or not step.isdigit():
-      p.error(f"--checkpoint takes DIR@STEP, not {spec!r}")
-    if ev.read_run(run)[1]["teacher"]["sha256"] != sha:
-      p.error(f"{run} was distilled from another teacher than {a.workdir}")
-    made.append(f"{ev.student_name(run)} at step {step}")
-    try:
-      models[made[-1]] = ev.checkpoint_student(run, int(step))
-    except FileNotFoundError as e:
-      p.error(str(e))
+  models.update(checkpoints)
+  made += list(checkpoints)
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
   done = {}
