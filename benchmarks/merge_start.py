@@ -22,9 +22,6 @@ from transformers import AutoTokenizer
 from minilm_jax import evaluate as ev
 from minilm_jax import workdir as wd
 
-START_ROW = {"teacher_first": "baseline: first teacher layers", "teacher": "baseline: every k-th teacher layer"}
-
-
 def merge(student, start, alpha: float):
   """α·student + (1−α)·start, leaf by leaf (same trees), computed in float64, kept in each leaf's dtype."""
   return jax.tree.map(lambda s, b: (alpha * np.asarray(s, np.float64) + (1 - alpha) * np.asarray(b, np.float64)
@@ -52,11 +49,13 @@ def main():
     p.error(f"{path} was made with other settings ({table['settings']}); give --text as it was, or "
             "evaluate the run again")
   cfg, models, teacher_dir = ev.models_of_runs([a.workdir])
-  if cfg.student.init not in START_ROW:
+  starts = ("teacher_first", "teacher")
+  if cfg.student.init not in starts:
     p.error(f"{a.workdir} started from {cfg.student.init!r}: only a start from the teacher's layers "
-            f"({', '.join(START_ROW)}) is a baseline of the table to merge with")
+            f"({', '.join(starts)}) is a baseline of the table to merge with")
   config, student = models[ev.student_name(a.workdir)]
-  start = models[START_ROW[cfg.student.init]][1]
+  # Where every k-th layer is the first n (k = 1), the table has that start as the first layers' row.
+  start = models.get(ev.BASELINE_NAMES[cfg.student.init], models[ev.BASELINE_NAMES["teacher_first"]])[1]
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
   b = ev.make_bench(cfg, tok, models["teacher"], teacher_dir, d, a.text, tasks)
   rows = table["results"]

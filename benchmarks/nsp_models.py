@@ -49,8 +49,7 @@ def main():
   if a.epochs < 1:
     p.error(f"--epochs must be at least 1, not {a.epochs}")
   # The names are known before any model is built (the baselines take a minute): refuse a typo at once.
-  names = ["teacher", ev.student_name(a.workdir), "baseline: random init", "baseline: first teacher layers",
-           "baseline: every k-th teacher layer"]
+  names = ["teacher", ev.student_name(a.workdir), *ev.BASELINE_NAMES.values()]
   if wd.exists(wd.join(a.workdir, wd.ASSISTANT)):  # a chain's table has its teaching assistant too
     names.insert(1, "assistant")
   for m in a.model:
@@ -75,6 +74,9 @@ def main():
   lrs = tuple(a.lr) if a.lr else d.lrs
   baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
   _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
+  for m in a.model:
+    if m not in models:  # every k-th layer where k = 1: the first teacher layers' row is that model
+      p.error(f"{m!r} is {ev.BASELINE_NAMES['teacher_first']!r} for this run's depth: ask for that one")
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
   tparams = models["teacher"][1]
   scfg = models[ev.student_name(a.workdir)][0]

@@ -8,7 +8,8 @@ undistilled baselines. Every number comes with its standard error or its spread 
               [--site-packages DIR] [--no-baselines] [--curve [--curve-finetune]]
 
 Models: the teacher, the assistant (a chain), each run's student, and the student's architecture without
-distillation (random init, the first n teacher layers, every k-th teacher layer). Every model embeds
+distillation (random init, the first n teacher layers, every k-th teacher layer where that is not the
+first n). Every model embeds
 sentences the same way: its encoder, then the teacher's sentence-transformers pooling (mean when the
 teacher is a plain BERT folder). Probes, on held-out text (the stdlib corpus's held-out split, or all of
 --text) that no run trained on when it trained on the demo corpora's train split:
@@ -63,7 +64,7 @@ from minilm_jax import corpus, data, hf, losses, objective
 from minilm_jax import workdir as wd
 from minilm_jax.config import teacher_differs, teacher_identity
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
-from minilm_jax.student import init_student, teacher_layer_index
+from minilm_jax.student import init_student, teacher_init_layers, teacher_layer_index
 from minilm_jax.model import BertConfig, encoder_for
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
@@ -760,6 +761,18 @@ def student_name(workdir: str) -> str:
   return f"student: {os.path.basename(os.path.normpath(workdir))}"
 
 
+BASELINE_NAMES = {"random": "baseline: random init", "teacher_first": "baseline: first teacher layers",
+                  "teacher": "baseline: every k-th teacher layer"}
+
+
+def baseline_inits(teacher_layers: int, student_layers: int) -> List[str]:
+  """The student inits that make the undistilled baselines. Every k-th layer is left out where it is the
+  first n layers (k = 1: 6 → 4 layers, 12 → 8): the same model, scored once."""
+  same = teacher_init_layers("teacher", teacher_layers, student_layers) == \
+      teacher_init_layers("teacher_first", teacher_layers, student_layers)
+  return ["random", "teacher_first"] + ([] if same else ["teacher"])
+
+
 def models_of_runs(workdirs: Sequence[str], baselines: bool = True, teacher: Optional[str] = None):
   """(cfg, {name: (config, params)}, teacher_dir) for the teacher, the assistant (if a chain), each run's
   student and the undistilled baselines of the students' architecture (once). The runs must share the
@@ -798,11 +811,10 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True, teacher: Opt
     models[name] = (encoder.config, objective.student_params(sparams))
   if baselines:
     tcfg, tparams = models["teacher"]
-    for init in ("random", "teacher_first", "teacher"):
+    for init in baseline_inits(tcfg.num_hidden_layers, cfg.student.num_layers):
       c = ml_collections.ConfigDict(cfg.to_dict())
       c.student.init = init
-      name = {"random": "baseline: random init", "teacher_first": "baseline: first teacher layers",
-              "teacher": "baseline: every k-th teacher layer"}[init]
+      name = BASELINE_NAMES[init]
       p = init_student(c, encoder.config, jax.tree.map(jnp.asarray, tparams),
                              tcfg.num_hidden_layers, jax.random.key(cfg.seed))
       models[name] = (encoder.config, jax.device_get(p))

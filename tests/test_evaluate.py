@@ -484,6 +484,15 @@ def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_p
   assert not os.path.exists(tmp_path / "out2")
 
 
+def test_every_kth_layer_is_a_baseline_only_where_it_is_not_the_first_n_layers():
+  three = ["random", "teacher_first", "teacher"]
+  assert evaluate.baseline_inits(6, 3) == three           # layers 0, 2, 4 against 0, 1, 2
+  assert evaluate.baseline_inits(24, 6) == three
+  assert evaluate.baseline_inits(6, 4) == three[:2]       # k = 1: every layer from the first is the first 4
+  assert evaluate.baseline_inits(12, 8) == three[:2]
+  assert evaluate.baseline_inits(2, 1) == three[:2]       # k = 2, but one layer: layer 0 either way
+
+
 def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
   a = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "a"))
   b = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "b"), seed=1, **{"optim.lr": 1e-3})
@@ -492,8 +501,9 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   out = str(tmp_path / "both")
   results = evaluate.evaluate_run([a, b], out, protocol=TINY, finetune_too=False, package_roots=site,
                                   log=lambda m: None)
+  # 1 of the teacher's 2 layers: every 2nd layer is the first, one baseline (baseline_inits).
   assert list(results) == ["teacher", "student: a", "student: b", "baseline: random init",
-                           "baseline: first teacher layers", "baseline: every k-th teacher layer"]
+                           "baseline: first teacher layers"]
   assert results["student: a"]["heldout_relation_loss"] != results["student: b"]["heldout_relation_loss"]
   assert all("nsp" not in row for row in results.values())
   table, differences = open(os.path.join(out, "results.md")).read().split("\n\nDifferences, paired")
