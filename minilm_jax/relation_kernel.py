@@ -1,0 +1,453 @@
+"""The MiniLM relation KL (losses.py's module docstring) as Pallas TPU kernels that never write a
+[B, C, T, T] tensor to HBM.
+
+kl_rows(ta, tb, sa, sb, mask, seg) gives KL_t [B, C, T] for every query row of every head: the numbers
+losses._blockwise_kl_rows gives, from the same heads-major, pre-scaled fp32 inputs. Forward: one kernel,
+an online log-sum-exp over key blocks (as flash attention does) that keeps per-row statistics in VMEM.
+Backward (custom VJP): from the per-row residuals lse_T, lse_S, c alone, two kernels that recompute the
+logits block by block: one over query blocks for d_ta, d_sa, one over key blocks for d_tb, d_sb.
+
+Layout. The kernels read the token-major [B, T, C·d] layout the model produces (the wrapper undoes the
+heads-major transpose; inside a caller's jit the two transposes cancel): a [T, 16] head block would fill
+16 of a vreg's 128 lanes and pad 8x in HBM and VMEM. A grid step holds `hc` heads (hc·d and hc·e lanes,
+whole multiples of 128) of one batch row, one query block and one key block. Head h is read as the
+128-lane window that contains it with the other heads' lanes zeroed, so every matmul contracts over an
+aligned 128 lanes (the MXU's depth; a 16-wide contraction costs it the same). Logits are computed
+transposed, z[s, t] with keys on sublanes and queries on lanes, so the reductions over keys give the
+per-row statistics as lane-dense rows [1, bq], stored as [hc, bq] tiles.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+# Masked logits (losses.py uses the same): finite so that exp() underflows to exactly 0 and no
+# inf − inf = NaN can appear in the forward or backward pass; far below any real logit.
+MASK_VALUE = -1e30
+_LANES = 128
+# Block sizes tried from the largest: 512 x 512 keeps a grid step's work (hc heads of 512² pairs) far
+# above the ~0.35 µs step overhead and re-reads the keys T/512 times; MiniLMv2's 16 + 8 lane heads
+# need ~12 MiB of VMEM at 512 (compiled for v5e), so wider heads step down (_vmem_bytes).
+_BLOCKS = (512, 384, 256, 128)
+# The loss is fp32 (config.precision: "the loss stays fp32"); a logit of size 10 from bf16-rounded
+# inputs is off by ~0.04, which moves the softmax visibly. The price: several bf16 MXU passes per matmul
+# where Precision.DEFAULT (what XLA gives losses.py's einsums on TPU) takes one.
+_PRECISION = jax.lax.Precision.HIGHEST
+# VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it (v5p: 64 MiB, v5e and
+# v6e: 128 MiB).
+_VMEM_BUDGET = 16 * 2**20
+
+
+class _Plan(NamedTuple):
+  """Static shapes of one kl_rows call (hashable: the custom VJP's non-differentiable argument)."""
+  batch: int
+  heads: int   # C
+  tp: int      # T padded to a multiple of the blocks
+  dt: int      # teacher head width, padded to divide 128 (or to a multiple of 128)
+  ds: int      # student head width, likewise
+  hc: int      # heads per grid step
+  bq: int
+  bk: int
+  interpret: bool
+
+  @property
+  def groups(self):
+    return self.heads // self.hc
+
+  @property
+  def nq(self):
+    return self.tp // self.bq
+
+  @property
+  def nk(self):
+    return self.tp // self.bk
+
+  @property
+  def win_t(self):
+    return _window_width(self.dt, self.hc)
+
+  @property
+  def win_s(self):
+    return _window_width(self.ds, self.hc)
+
+  @property
+  def vmem_bytes(self):
+    return _vmem_bytes(self.bq, self.bk, self.hc * self.dt, self.hc * self.ds, self.win_t, self.win_s)
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def _lane_width(d):
+  """d padded with zero lanes (zeros leave dot products alone) to divide 128 or be a multiple of it."""
+  if d >= _LANES:
+    return -(-d // _LANES) * _LANES
+  return 1 << (d - 1).bit_length()
+
+
+def _heads_per_step(heads, dt, ds):
+  """Fewest heads whose teacher and student lanes both fill whole 128-lane tiles; all heads if none do
+  (a block as wide as the array needs no alignment)."""
+  for hc in range(1, heads):
+    if heads % hc == 0 and hc * dt % _LANES == 0 and hc * ds % _LANES == 0:
+      return hc
+  return heads
+
+
+def _window_width(width, hc):
+  """Lanes each head's matmuls contract over: its own whole tiles, else the 128-lane window holding it
+  (the whole step's lanes when they are fewer)."""
+  return width if width >= _LANES else min(_LANES, hc * width)
+
+
+def _vmem_bytes(bq, bk, wt, ws, win_t, win_s):
+  """VMEM of the largest of the three kernels, from above: double-buffered input blocks, the gradient
+  accumulator and its double-buffered output, ~8 fp32 [bk, bq] temporaries and the gradient matmuls'
+  results. Fitted to Mosaic's own figures for v5e (11.8 MiB measured for 15.3 estimated at 512, 16 + 8
+  lane heads; 22.2 for 25.8 with 64 + 8)."""
+  w, b = wt + ws, max(bq, bk)
+  return 8 * (bq + bk) * w + 12 * b * w + 32 * bq * bk + 16 * b * (win_t + win_s)
+
+
+def _auto_block(t, vmem_bytes=lambda b: 0):
+  """Largest block of _BLOCKS that pads T no further than 128-alignment does and whose kernels fit
+  _VMEM_BUDGET (vmem_bytes(block)); 128 at the least."""
+  t128 = -(-t // _LANES) * _LANES
+  return next(b for b in _BLOCKS
+              if (-(-t // b) * b == t128 and vmem_bytes(b) <= _VMEM_BUDGET) or b == _LANES)
+
+
+def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret):
+  dt, ds = _lane_width(d), _lane_width(e)
+  hc = _heads_per_step(heads, dt, ds)
+  vmem = lambda b: _vmem_bytes(b, b, hc * dt, hc * ds, _window_width(dt, hc), _window_width(ds, hc))
+  bq = _auto_block(t, vmem) if block_q is None else int(block_q)
+  bk = _auto_block(t, vmem) if block_k is None else int(block_k)
+  for name, b in (("block_q", bq), ("block_k", bk)):
+    if b < 1 or b % _LANES:
+      raise ValueError(f"{name} must be a positive multiple of {_LANES}, got {b}")
+  lcm = bq * bk // math.gcd(bq, bk)
+  return _Plan(batch, heads, -(-t // lcm) * lcm, dt, ds, hc, bq, bk, bool(interpret))
+
+
+# ----------------------------------------------------------------------------------------- layout
+
+
+def _token_major(x_BCTd, plan, width):
+  """[B, C, T, d] -> [B, Tp, C·width]: zero lanes pad each head, zero rows pad T."""
+  b, c, t, d = x_BCTd.shape
+  x_BCTw = jnp.pad(x_BCTd, ((0, 0), (0, 0), (0, plan.tp - t), (0, width - d)))
+  return jnp.swapaxes(x_BCTw, 1, 2).reshape(b, plan.tp, c * width)
+
+
+def _key_info(mask_BT, seg_BT, plan):
+  """[B, 2, Tp] int32 rows (visible, segment id) of the keys; padding keys are invisible."""
+  pad = ((0, 0), (0, plan.tp - mask_BT.shape[1]))
+  return jnp.stack([jnp.pad(mask_BT.astype(jnp.int32), pad), jnp.pad(seg_BT.astype(jnp.int32), pad)], 1)
+
+
+# ----------------------------------------------------------------------------------- kernel parts
+
+
+def _window(ref, h, width, zero_others):
+  """Head h (traced) of a [rows, W] block: the lane window that holds it [rows, win], aligned to 128
+  lanes (or the whole block when narrower), with the other heads' lanes zeroed if asked; and the
+  window's lanes (a pl.ds) to accumulate its gradient into."""
+  win = _window_width(width, ref.shape[-1] // width)
+  if width >= _LANES:  # whole tiles of its own
+    start = pl.multiple_of(h * width, _LANES)
+  elif win < _LANES:  # one narrow block holds every head
+    start = 0
+  else:
+    # lax.div, not //: Pallas lowers floor division through sign(), whose rule asks the local device
+    # for its TPU generation, so it fails when compiling for a TPU from a CPU host.
+    start = pl.multiple_of(jax.lax.div(h * width, _LANES) * _LANES, _LANES)
+  lanes = pl.ds(start, win)
+  x = ref[:, lanes]
+  if zero_others and win > width:
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, win), 1)
+    lo = h * width - start
+    x = jnp.where((lane >= lo) & (lane < lo + width), x, 0.0)
+  return x, lanes
+
+
+def _for_heads(plan, body):
+  """body(h) for the hc heads of the grid step: a loop, not unrolled, so that Mosaic compiles one copy
+  of the [bk, bq] work (16 unrolled heads took 38 s to compile at 512 x 512 blocks)."""
+  def step(h, carry):
+    body(h)
+    return carry
+  jax.lax.fori_loop(0, plan.hc, step, 0)
+
+
+def _dot(x, y, contract):
+  return jax.lax.dot_general(x, y, (contract, ((), ())), precision=_PRECISION,
+                             preferred_element_type=jnp.float32)
+
+
+def _logits_KQ(k_Kw, q_Qw, valid_KQ):
+  """Masked logits z[s, t] [bk, bq]: keys on sublanes, queries on lanes."""
+  return jnp.where(valid_KQ, _dot(k_Kw, q_Qw, ((1,), (1,))), MASK_VALUE)
+
+
+def _validity_KQ(kinfo_ref, qseg_ref):
+  """[bk, bq] bool: key s visible from query t (key visible and the same segment)."""
+  info_K2 = kinfo_ref[...].T  # the key rows become columns, to broadcast along the query lanes
+  return (info_K2[:, 0:1] != 0) & (info_K2[:, 1:2] == qseg_ref[...])
+
+
+def _dz(zt_KQ, zs_KQ, valid_KQ, g_1Q, lse_t_1Q, lse_s_1Q, c_1Q):
+  """∂(g·KL)/∂z_T and ∂(g·KL)/∂z_S [bk, bq] (losses.py, above _key_blocks)."""
+  # where(): a row with no visible key has lse ≈ MASK_VALUE, and exp(z − lse) = 1 on its masked keys.
+  pt = jnp.where(valid_KQ, jnp.exp(zt_KQ - lse_t_1Q), 0.0)
+  ps = jnp.where(valid_KQ, jnp.exp(zs_KQ - lse_s_1Q), 0.0)
+  return g_1Q * pt * ((zt_KQ - zs_KQ) - c_1Q), g_1Q * (ps - pt)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def _forward_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, *refs, plan, residuals):
+  """Grid (b, group, query block, key block): online log-sum-exp of both models over key blocks."""
+  n_out = 4 if residuals else 1
+  out_refs, (m_t, l_t, m_s, l_s, acc) = refs[:n_out], refs[n_out:]
+  j = pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    for ref, v in ((m_t, MASK_VALUE), (l_t, 0.0), (m_s, MASK_VALUE), (l_s, 0.0), (acc, 0.0)):
+      ref[...] = jnp.full(ref.shape, v, jnp.float32)
+
+  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
+
+  def head(h):
+    row = pl.ds(h, 1)
+    zt = _logits_KQ(_window(tb_ref, h, plan.dt, False)[0], _window(ta_ref, h, plan.dt, True)[0], valid_KQ)
+    zs = _logits_KQ(_window(sb_ref, h, plan.ds, False)[0], _window(sa_ref, h, plan.ds, True)[0], valid_KQ)
+    mt_old, ms_old = m_t[row, :], m_s[row, :]
+    mt_new = jnp.maximum(mt_old, zt.max(0, keepdims=True))
+    ms_new = jnp.maximum(ms_old, zs.max(0, keepdims=True))
+    et = jnp.exp(zt - mt_new)
+    rescale_t = jnp.exp(mt_old - mt_new)
+    l_t[row, :] = l_t[row, :] * rescale_t + et.sum(0, keepdims=True)
+    # Masked keys hold MASK_VALUE in both logits, so zt − zs = 0 there: no where() needed.
+    acc[row, :] = acc[row, :] * rescale_t + (et * (zt - zs)).sum(0, keepdims=True)
+    l_s[row, :] = l_s[row, :] * jnp.exp(ms_old - ms_new) + jnp.exp(zs - ms_new).sum(0, keepdims=True)
+    m_t[row, :] = mt_new
+    m_s[row, :] = ms_new
+
+  _for_heads(plan, head)
+
+  @pl.when(j == plan.nk - 1)
+  def _finish():
+    lse_t = m_t[...] + jnp.log(l_t[...])
+    lse_s = m_s[...] + jnp.log(l_s[...])
+    c = acc[...] / l_t[...]
+    out_refs[0][...] = c - lse_t + lse_s
+    if residuals:
+      out_refs[1][...], out_refs[2][...], out_refs[3][...] = lse_t, lse_s, c
+
+
+def _grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse_t_ref, lse_s_ref, c_ref,
+                 d_t_ref, d_s_ref, acc_t, acc_s, *, plan, keys_outer):
+  """Gradients of one block, summed over the inner grid axis. keys_outer False: grid (b, group, query
+  block, key block), gives d_ta, d_sa = dzᵀ k; True: grid (b, group, key block, query block), gives
+  d_tb, d_sb = dz q (dz [bk, bq] keys × queries)."""
+  inner = pl.program_id(3)
+
+  @pl.when(inner == 0)
+  def _init():
+    acc_t[...] = jnp.zeros(acc_t.shape, jnp.float32)
+    acc_s[...] = jnp.zeros(acc_s.shape, jnp.float32)
+
+  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
+  # The side that multiplies dz (the keys for d_ta, the queries for d_tb) has the other heads' lanes
+  # zeroed: the logits are then head h's, and its gradient lands only in head h's lanes of the window.
+  mult = (tb_ref, sb_ref) if not keys_outer else (ta_ref, sa_ref)
+  other = (ta_ref, sa_ref) if not keys_outer else (tb_ref, sb_ref)
+  contract = ((1,), (0,)) if keys_outer else ((0,), (0,))
+
+  def head(h):
+    row = pl.ds(h, 1)
+    (xt, lanes_t), (xs, lanes_s) = _window(mult[0], h, plan.dt, True), _window(mult[1], h, plan.ds, True)
+    yt, ys = _window(other[0], h, plan.dt, False)[0], _window(other[1], h, plan.ds, False)[0]
+    k_t, q_t = (yt, xt) if keys_outer else (xt, yt)
+    k_s, q_s = (ys, xs) if keys_outer else (xs, ys)
+    zt, zs = _logits_KQ(k_t, q_t, valid_KQ), _logits_KQ(k_s, q_s, valid_KQ)
+    dzt, dzs = _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :], c_ref[row, :])
+    acc_t[:, lanes_t] += _dot(dzt, xt, contract)
+    acc_s[:, lanes_s] += _dot(dzs, xs, contract)
+
+  _for_heads(plan, head)
+
+  @pl.when(inner == pl.num_programs(3) - 1)
+  def _finish():
+    d_t_ref[...], d_s_ref[...] = acc_t[...], acc_s[...]
+
+
+# -------------------------------------------------------------------------------------- pallas_call
+
+
+def _specs(plan, keys_outer):
+  """BlockSpecs of (kinfo, qseg, ta, tb, sa, sb, rows): grid (b, group, i, j), or (b, group, j, i) when
+  the key blocks are the outer loop. `rows` is a [B, G, hc, Tp] per-row array (kl, lse, c, g)."""
+  qk = (lambda i, j: (j, i)) if keys_outer else (lambda i, j: (i, j))
+
+  def spec(shape, index):
+    return pl.BlockSpec(shape, lambda b, g, x, y: index(b, g, *qk(x, y)))
+
+  wt, ws = plan.hc * plan.dt, plan.hc * plan.ds
+  return dict(
+      kinfo=spec((None, 2, plan.bk), lambda b, g, i, j: (b, 0, j)),
+      qseg=spec((None, 1, plan.bq), lambda b, g, i, j: (b, 0, i)),
+      ta=spec((None, plan.bq, wt), lambda b, g, i, j: (b, i, g)),
+      tb=spec((None, plan.bk, wt), lambda b, g, i, j: (b, j, g)),
+      sa=spec((None, plan.bq, ws), lambda b, g, i, j: (b, i, g)),
+      sb=spec((None, plan.bk, ws), lambda b, g, i, j: (b, j, g)),
+      rows=spec((None, None, plan.hc, plan.bq), lambda b, g, i, j: (b, g, 0, i)),
+  )
+
+
+def _grid(plan, keys_outer):
+  inner = (plan.nk, plan.nq) if keys_outer else (plan.nq, plan.nk)
+  return (plan.batch, plan.groups) + inner
+
+
+def _params(plan):
+  # The last grid axis carries the VMEM accumulators; the others are independent (v4/v5p megacore
+  # splits them across the two TensorCores). Blocks chosen by hand may need more than the budget: ask
+  # for it (a v4 then fails to compile rather than spill).
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                              vmem_limit_bytes=max(_VMEM_BUDGET, plan.vmem_bytes * 5 // 4))
+
+
+def _cost(plan, kind, n_out=1):
+  """CostEstimate of one pass ("forward", "dq" or "dk"). Flops count the MXU work issued (each head
+  contracts over its whole lane window: 128 lanes for d < 128) and the elementwise work per (query, key)
+  pair; bytes count every block DMA'd: the outer side's blocks once, the inner side's once per outer
+  block (once in all when there is a single inner block, as Pallas skips an unchanged block)."""
+  b, c, tp = plan.batch, plan.heads, plan.tp
+  pairs, rows = b * c * tp * tp, b * c * tp
+  mxu = 2 * (plan.win_t + plan.win_s)             # logits of both models, per pair
+  side = b * tp * c * (plan.dt + plan.ds) * 4     # all of one side (a or b) of teacher and student
+  kinfo, qseg = plan.groups * b * 2 * tp * 4, plan.groups * b * tp * 4
+  outer, inner = (plan.nk, plan.nq) if kind == "dk" else (plan.nq, plan.nk)
+  reps = outer if inner > 1 else 1
+  if kind == "forward":
+    return pl.CostEstimate(
+        flops=pairs * (mxu + 12) + rows * plan.nk * 8,
+        transcendentals=2 * pairs + rows * (2 * plan.nk + 2),
+        bytes_accessed=side + side * reps + reps * kinfo + qseg + n_out * rows * 4)
+  # g, lse_t, lse_s, c are per query row: read with the query blocks.
+  rows_in = 4 * rows * 4
+  if kind == "dq":
+    inputs = side + rows_in + reps * (side + kinfo) + qseg
+  else:
+    inputs = side + kinfo + reps * (side + rows_in + qseg)
+  return pl.CostEstimate(flops=pairs * (2 * mxu + 16), transcendentals=2 * pairs,
+                         bytes_accessed=inputs + side)  # + the gradients written
+
+
+def _rows_shape(plan):
+  return jax.ShapeDtypeStruct((plan.batch, plan.groups, plan.hc, plan.tp), jnp.float32)
+
+
+def _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals):
+  """kl [B, G, hc, Tp], and with residuals also lse_t, lse_s, c of the same shape."""
+  s = _specs(plan, keys_outer=False)
+  n_out = 4 if residuals else 1
+  row_scratch = pltpu.VMEM((plan.hc, plan.bq), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, plan=plan, residuals=residuals),
+      grid=_grid(plan, keys_outer=False),
+      in_specs=[s["kinfo"], s["qseg"], s["ta"], s["tb"], s["sa"], s["sb"]],
+      out_specs=[s["rows"]] * n_out,
+      out_shape=[_rows_shape(plan)] * n_out,
+      scratch_shapes=[row_scratch] * 5,  # m_t, l_t, m_s, l_s, acc
+      compiler_params=_params(plan),
+      cost_estimate=_cost(plan, "forward", n_out),
+      interpret=plan.interpret,
+      name="relation_kl_forward",
+  )(kinfo, qseg, ta, tb, sa, sb)
+
+
+def _backward_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c):
+  """kind "dq": (d_ta, d_sa); "dk": (d_tb, d_sb); token-major like the inputs."""
+  keys_outer = kind == "dk"
+  s = _specs(plan, keys_outer)
+  t_spec, s_spec = (s["tb"], s["sb"]) if keys_outer else (s["ta"], s["sa"])
+  rows = plan.bk if keys_outer else plan.bq
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, plan=plan, keys_outer=keys_outer),
+      grid=_grid(plan, keys_outer),
+      in_specs=[s["kinfo"], s["qseg"], s["ta"], s["tb"], s["sa"], s["sb"]] + [s["rows"]] * 4,
+      out_specs=[t_spec, s_spec],
+      out_shape=[jax.ShapeDtypeStruct(ta.shape, jnp.float32), jax.ShapeDtypeStruct(sa.shape, jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((rows, plan.hc * plan.dt), jnp.float32),
+                      pltpu.VMEM((rows, plan.hc * plan.ds), jnp.float32)],
+      compiler_params=_params(plan),
+      cost_estimate=_cost(plan, kind),
+      interpret=plan.interpret,
+      name=f"relation_kl_{kind}",
+  )(kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
+
+
+# ------------------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _kl_token_major(ta, tb, sa, sb, kinfo, qseg, plan):
+  """kl [B, G, hc, Tp] of token-major inputs [B, Tp, C·width] (_token_major)."""
+  return _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=False)[0]
+
+
+def _kl_fwd(ta, tb, sa, sb, kinfo, qseg, plan):
+  kl, lse_t, lse_s, c = _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=True)
+  return kl, (ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c)
+
+
+def _kl_bwd(plan, res, g):
+  ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c = res
+  args = (kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
+  d_ta, d_sa = _backward_call(plan, "dq", *args)
+  d_tb, d_sb = _backward_call(plan, "dk", *args)
+  return d_ta, d_tb, d_sa, d_sb, None, None
+
+
+_kl_token_major.defvjp(_kl_fwd, _kl_bwd)
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, block_q=None, block_k=None,
+            interpret=False):
+  """KL_t [B, C, T] of every query row: losses._blockwise_kl_rows's numbers, from Pallas TPU kernels.
+
+  ta, tb: the teacher's relation inputs [B, C, T, d], heads-major, ta pre-scaled by 1/sqrt(d); sa, sb:
+  the student's [B, C, T, e], likewise (d and e may differ); fp32. mask_BT: bool, which keys are real;
+  seg_BT: int32 segment ids (zeros for none): key s is visible from query t iff mask[s] and
+  seg[t] == seg[s]. A row with no visible key gives a finite value (0). block_q, block_k: multiples of
+  128 (default: up to 512 as VMEM allows, see _auto_block); T is padded to a multiple of both with
+  invisible keys. interpret: run the kernels in Pallas interpret mode (any backend). Differentiable in
+  ta, tb, sa, sb (a custom VJP that saves only lse_T, lse_S and c per row).
+  """
+  b, c, t, d = ta_BCTd.shape
+  e = sa_BCTe.shape[-1]
+  if tb_BCTd.shape != ta_BCTd.shape or sb_BCTe.shape != sa_BCTe.shape or sa_BCTe.shape[:3] != (b, c, t):
+    raise ValueError(f"kl_rows needs ta, tb [B, C, T, d] and sa, sb [B, C, T, e], got {ta_BCTd.shape}, "
+                     f"{tb_BCTd.shape}, {sa_BCTe.shape}, {sb_BCTe.shape}")
+  if mask_BT.shape != (b, t) or seg_BT.shape != (b, t):
+    raise ValueError(f"mask and seg must be [B, T] = {(b, t)}, got {mask_BT.shape} and {seg_BT.shape}")
+  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret)
+  tm = lambda x, width: _token_major(x.astype(jnp.float32), plan, width)
+  kl_BGHT = _kl_token_major(tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds),
+                            tm(sb_BCTe, plan.ds), _key_info(mask_BT, seg_BT, plan),
+                            jnp.pad(seg_BT.astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :], plan)
+  return kl_BGHT.reshape(b, c, plan.tp)[:, :, :t]

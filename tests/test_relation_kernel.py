@@ -1,0 +1,205 @@
+"""Tests for minilm_jax.relation_kernel: the Pallas relation KL (interpret mode on CPU) against a float64
+oracle, losses._blockwise_kl_rows and the direct losses._heads_kl, values and all four gradients; and a
+compile for a TPU target (no TPU needed) that must hold no [.., T, T] array."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minilm_jax import losses
+from minilm_jax import relation_kernel as rk
+
+jax.config.update("jax_enable_x64", False)
+
+RTOL = 1e-5  # fp32, as tests/test_losses.py
+ATOL = 1e-6  # entries near 0 (a KL of nearly equal rows, the gradient of a barely visible key)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _masks(kind, b, t):
+  """mask [B, T] bool and segment ids [B, T] int32 of one test case."""
+  mask, seg = np.ones((b, t), bool), np.zeros((b, t), np.int32)
+  if kind in ("padding", "segments"):
+    mask[0, t - 37:] = False  # right padding
+    mask[1, :t // 2] = False  # left padding
+    if b > 2:
+      mask[2, 1:] = False     # a single real token
+  if kind == "segments":
+    seg[0, 60:] = 1
+    seg[0, 61:] = 2             # a one-token document
+    seg[1, t // 2 + 9:] = 5
+    seg[2:, :] = 7
+  if kind == "empty":
+    mask[0, :] = False        # no key is visible from any query of row 0
+    seg[1, 5:] = 1
+    mask[1, :5] = False       # queries 0..4 of row 1 see no key (segment 0 has no real token)
+  return mask, seg
+
+
+def _inputs(seed, b, c, t, d, e):
+  rng = np.random.default_rng(seed)
+  # Scaled as kl_rows expects: the a side by 1/sqrt(width), so logits are about unit normal.
+  side = lambda w, scale: (scale * rng.standard_normal((b, c, t, w))).astype(np.float32)
+  return side(d, d**-0.5), side(d, 1.0), side(e, e**-0.5), side(e, 1.0)
+
+
+def _log_softmax(z):
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def _oracle(ta, tb, sa, sb, mask, seg):
+  """KL_t [B, C, T] in float64, one query row at a time over its visible keys only (0 if none)."""
+  b, c, t, _ = ta.shape
+  out = np.zeros((b, c, t))
+  f64 = lambda x: np.asarray(x, np.float64)
+  zt, zs = f64(ta) @ np.swapaxes(f64(tb), -1, -2), f64(sa) @ np.swapaxes(f64(sb), -1, -2)
+  for i in range(b):
+    for q in range(t):
+      keys = mask[i] & (seg[i] == seg[i, q])
+      if keys.any():
+        lt, ls = _log_softmax(zt[i, :, q][:, keys]), _log_softmax(zs[i, :, q][:, keys])  # [C, n]
+        out[i, :, q] = (np.exp(lt) * (lt - ls)).sum(-1)
+  return out
+
+
+# --------------------------------------------------------------------------- values and gradients
+
+# (name, B, C, T, d, e, masks, block_q, block_k): T not a multiple of the blocks everywhere but "exact";
+# d ≠ e; d = 12 does not divide 128 (zero-padded to 16); several key blocks (online log-sum-exp) and
+# unequal query and key blocks.
+CASES = [
+    ("padding", 3, 4, 200, 16, 8, "padding", 128, 128),
+    ("segments", 3, 2, 150, 8, 16, "segments", 128, 128),
+    ("empty_rows", 2, 3, 100, 16, 16, "empty", None, None),
+    ("exact_T_wide_heads", 2, 2, 128, 32, 64, "padding", None, None),
+    ("uneven_blocks", 2, 4, 130, 12, 8, "segments", 256, 128),
+]
+
+
+@pytest.mark.parametrize("name,b,c,t,d,e,kind,bq,bk", CASES, ids=[c[0] for c in CASES])
+def test_values_and_gradients_match_blockwise_and_oracle(name, b, c, t, d, e, kind, bq, bk):
+  ta, tb, sa, sb = _inputs(len(name), b, c, t, d, e)
+  mask, seg = _masks(kind, b, t)
+  kernel = lambda *x: rk.kl_rows(*x, mask, seg, block_q=bq, block_k=bk, interpret=True)
+  blockwise = lambda *x: losses._blockwise_kl_rows(*x, mask, seg, 64)
+
+  kl, kernel_vjp = jax.vjp(kernel, ta, tb, sa, sb)        # the forward pass that saves residuals
+  want, blockwise_vjp = jax.vjp(blockwise, ta, tb, sa, sb)
+  assert kl.shape == (b, c, t) and kl.dtype == jnp.float32
+  assert np.all(np.isfinite(kl))
+  np.testing.assert_allclose(kl, _oracle(ta, tb, sa, sb, mask, seg), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(kl, want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(jax.jit(kernel)(ta, tb, sa, sb), kl, rtol=RTOL, atol=ATOL)  # no residuals
+
+  g_BCT = np.random.default_rng(1).standard_normal((b, c, t)).astype(np.float32)
+  for got, ref, who in zip(kernel_vjp(g_BCT), blockwise_vjp(g_BCT), ("ta", "tb", "sa", "sb")):
+    assert got.shape == ref.shape, who
+    assert np.all(np.isfinite(got)), who
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL, err_msg=who)
+
+
+def test_rows_without_visible_keys_are_zero_and_finite():
+  b, c, t = 2, 3, 100
+  ta, tb, sa, sb = _inputs(7, b, c, t, 16, 8)
+  mask, seg = _masks("empty", b, t)
+  kl, vjp = jax.vjp(lambda *x: rk.kl_rows(*x, mask, seg, interpret=True), ta, tb, sa, sb)
+  np.testing.assert_array_equal(kl[0], 0.0)
+  np.testing.assert_array_equal(kl[1, :, :5], 0.0)
+  # A zero weight on those rows keeps the loss and its gradient clean (0 × NaN would not).
+  w_BCT = np.ones((b, c, t), np.float32)
+  w_BCT[0], w_BCT[1, :, :5] = 0.0, 0.0
+  for g in vjp(w_BCT):
+    assert np.all(np.isfinite(g))
+  assert np.all(np.asarray(vjp(w_BCT)[0])[0] == 0.0)
+
+
+def test_weighted_loss_matches_direct_path():
+  # The direct path (losses._heads_kl, [B, T, C, d] inputs, every [B, C, T, T] tensor at once) as
+  # losses._relation_kl_sum uses it: the same weighted sum and gradients.
+  b, c, t, d, e = 3, 4, 140, 16, 8
+  ta, tb, sa, sb = _inputs(11, b, c, t, d, e)
+  mask, seg = _masks("segments", b, t)
+  w_BT = losses._token_weights(jnp.asarray(mask), jnp.asarray(seg), c, "example", jnp.float32)
+  tokens_major = lambda x: jnp.swapaxes(x, 1, 2)
+
+  def direct(*x):
+    return losses._heads_kl(*map(tokens_major, x), losses._key_valid(jnp.asarray(mask), jnp.asarray(seg)),
+                            w_BT)
+
+  def kernel(*x):
+    return jnp.einsum("bct,bt->", rk.kl_rows(*x, mask, seg, block_q=128, block_k=128, interpret=True), w_BT)
+
+  want, g_want = jax.value_and_grad(direct, argnums=(0, 1, 2, 3))(ta, tb, sa, sb)
+  got, g_got = jax.value_and_grad(kernel, argnums=(0, 1, 2, 3))(ta, tb, sa, sb)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+  for gk, gd in zip(g_got, g_want):
+    np.testing.assert_allclose(gk, gd, rtol=RTOL, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_blocks_heads_and_widths():
+  assert [rk._auto_block(t) for t in (7, 100, 128, 200, 384, 512, 640, 1000, 8192)] == [
+      128, 128, 128, 256, 384, 512, 128, 512, 512]
+  assert rk._heads_per_step(48, 16, 8) == 16     # MiniLMv2: 256 teacher and 128 student lanes a step
+  assert rk._heads_per_step(12, 64, 32) == 4
+  assert rk._heads_per_step(4, 8, 8) == 4        # narrower than 128 lanes in all: one step, all heads
+  assert [rk._lane_width(d) for d in (8, 12, 16, 48, 64, 96, 128, 200)] == [8, 16, 16, 64, 64, 128, 128,
+                                                                          256]
+  plan = rk._make_plan(2, 4, 130, 12, 8, 256, 128, True)
+  assert (plan.tp, plan.nq, plan.nk, plan.dt, plan.ds) == (256, 1, 2, 16, 8)
+  # VMEM decides too: 1024 + 128 lanes a step do not fit 512-blocks in v4's 16 MiB.
+  assert rk._make_plan(1, 48, 1024, 16, 8, None, None, False).bq == 512
+  assert rk._make_plan(1, 48, 1024, 64, 8, None, None, False).bq == 256
+
+
+def test_bad_blocks_and_shapes_raise():
+  ta, tb, sa, sb = _inputs(0, 1, 2, 16, 8, 8)
+  mask, seg = np.ones((1, 16), bool), np.zeros((1, 16), np.int32)
+  with pytest.raises(ValueError, match="block_q"):
+    rk.kl_rows(ta, tb, sa, sb, mask, seg, block_q=100, interpret=True)
+  with pytest.raises(ValueError, match="mask"):
+    rk.kl_rows(ta, tb, sa, sb, mask[:, :8], seg, interpret=True)
+  with pytest.raises(ValueError, match="kl_rows needs"):
+    rk.kl_rows(ta, tb[:, :1], sa, sb, mask, seg, interpret=True)
+
+
+# --------------------------------------------------------------------------------- TPU compilation
+
+
+def test_compiles_for_tpu_without_a_t_by_t_array(monkeypatch):
+  """XLA:TPU and Mosaic compile the forward and the gradient for a v5e (compile-only topology)."""
+  pytest.importorskip("libtpu")
+  # Compile-only: no TPU is opened, so a second process compiling at the same time may load libtpu too.
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from minilm_jax import targets
+
+  devices = targets.devices(targets.parse("v5e-4"))
+  sharding = NamedSharding(Mesh(np.array(devices[:1]), ("d",)), P())
+  b, c, t, d, e = 2, 48, 256, 16, 8  # MiniLMv2 relation heads of a 768-wide teacher, 384-wide student
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  # The model's [B, T, C·d] layout, split into heads as losses._blockwise_heads_kl does.
+  args = [spec((b, t, c * d))] * 2 + [spec((b, t, c * e))] * 2 + [spec((b, t), jnp.bool_),
+                                                                  spec((b, t), jnp.int32)]
+  heads_major = lambda x: jnp.swapaxes(x.reshape(b, t, c, -1), 1, 2)
+
+  def loss(ta, tb, sa, sb, mask, seg):
+    return rk.kl_rows(*map(heads_major, (ta, tb, sa, sb)), mask, seg).sum()
+
+  t_by_t = re.compile(rf"\[(?:\d+,)*{t},{t}\]")
+  for f in (loss, jax.grad(loss, argnums=(0, 1, 2, 3))):
+    compiled = jax.jit(f).lower(*args).compile()
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo
+    assert not t_by_t.findall(hlo), t_by_t.findall(hlo)[:3]
+    # The kernels' CostEstimates reached XLA's cost model (it counts an XLA-internal ConcatBitcast as
+    # -1 s, which heads-major parameters can bring in; this layout has none).
+    assert compiled.cost_analysis()["optimal_seconds"] > 0
