@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import layers
+
 # Families whose weights share BERT's layout. RoBERTa/XLM-R differ only in how position ids are made.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {
@@ -129,7 +131,7 @@ _init = nn.initializers.normal(stddev=0.02)  # HF's initializer_range.
 
 
 def _dense(features, cfg_dtype, param_dtype, name):
-  return nn.Dense(features, dtype=cfg_dtype, param_dtype=param_dtype, kernel_init=_init, name=name)
+  return layers.Dense(features, dtype=cfg_dtype, param_dtype=param_dtype, kernel_init=_init, name=name)
 
 
 def _layer_norm(config, dtype, param_dtype, name):
@@ -160,15 +162,26 @@ def _fused_bits_apply(key) -> bool:
 
 
 def dropout(x, rate: float, key):
-  """Dropout drawing 16 random bits per element: each 32-bit word of jax.random.bits(key,
-  x.shape[:-1] + (⌈last/2⌉,), uint32) masks two neighbouring elements (its low half the first). The
-  rate is exact to 1/65536. With the default threefry key the words are hashed inside the fusion that
-  applies the mask (_threefry2x32, one hash per word), with the same bits as jax.random.bits: on CPU
-  that is ~9× cheaper than materialising them."""
+  """Dropout drawing 16 random bits per element, the rate exact to 1/65536.
+
+  On CPU each 32-bit word of jax.random.bits(key, x.shape[:-1] + (⌈last/2⌉,), uint32) masks two
+  neighbouring elements (its low half the first); with the default threefry key the words are hashed
+  inside the fusion that applies the mask (_threefry2x32, one hash per word), with the same bits as
+  jax.random.bits: ~9× cheaper on CPU than materialising them. Elsewhere (TPU, GPU) each element takes
+  its own jax.random.bits(key, x.shape, uint16), which XLA fuses into the mask there, where the word
+  layout above makes XLA:TPU write the words to HBM (4× the step's bytes for the attention's dropout,
+  by its cost model). So a mask is a function of (key, shape) on each platform, not across them."""
   threshold = round(rate * 65536)
   keep_prob = 1.0 - threshold / 65536
-  last = x.shape[-1]
-  words_shape = x.shape[:-1] + (-(-last // 2),)
+  apply = lambda u16: jnp.where(u16 >= threshold, x / keep_prob, 0).astype(x.dtype)
+  return jax.lax.platform_dependent(key, cpu=lambda k: apply(_cpu_bits16(k, x.shape)),
+                                    default=lambda k: apply(jax.random.bits(k, x.shape, jnp.uint16)))
+
+
+def _cpu_bits16(key, shape):
+  """16 random bits per element of `shape`, two to a 32-bit word of jax.random.bits (see dropout)."""
+  last = shape[-1]
+  words_shape = shape[:-1] + (-(-last // 2),)
   n_words = math.prod(words_shape)
   if last % 2 == 0 and n_words < 2 ** 32 and _fused_bits_apply(key):
     k = jax.random.key_data(key)
@@ -177,12 +190,9 @@ def dropout(x, rate: float, key):
     counter = jax.lax.iota(jnp.uint32, n_words).reshape(*words_shape, 1)
     x0, x1 = _threefry2x32(k[0], k[1], jnp.zeros_like(counter), counter)
     half = jax.lax.broadcasted_iota(jnp.uint32, (1,) * len(words_shape) + (2,), len(words_shape))
-    u16 = ((x0 ^ x1) >> (half * jnp.uint32(16))) & jnp.uint32(0xFFFF)
-    x2 = x.reshape(*words_shape, 2)
-    return jnp.where(u16 >= threshold, x2 / keep_prob, 0).astype(x.dtype).reshape(x.shape)
+    return (((x0 ^ x1) >> (half * jnp.uint32(16))) & jnp.uint32(0xFFFF)).reshape(shape)
   words = jax.random.bits(key, words_shape, jnp.uint32)
-  u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
-  return jnp.where(u16 >= threshold, x / keep_prob, 0).astype(x.dtype)
+  return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], -1)[..., :last]
 
 
 class Dropout(nn.Module):
@@ -212,12 +222,18 @@ class Embeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids_BT, token_type_ids_BT, deterministic):
+    """token_type_ids_BT None: all type 0. Only the words are gathered: BERT's positions and a batch's
+    token types come as broadcasts and a one-hot matmul, whose gradients are sums (layers.py)."""
     c = self.config
-    embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=_init, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
-    x_BTH = (embed(c.vocab_size, "word_embeddings")(input_ids_BT)
-             + embed(c.max_position_embeddings, "position_embeddings")(position_ids(c, input_ids_BT))
-             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BT))
+    embed = lambda n, name: layers.Embed(n, c.hidden_size, embedding_init=_init, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, name=name)
+    positions, types = embed(c.max_position_embeddings, "position_embeddings"), \
+        embed(c.type_vocab_size, "token_type_embeddings")
+    x_BTH = embed(c.vocab_size, "word_embeddings")(input_ids_BT)
+    x_BTH = x_BTH + (positions.first_rows(input_ids_BT.shape) if c.model_type == "bert"
+                     else positions(position_ids(c, input_ids_BT)))
+    x_BTH = x_BTH + (types.row(0, input_ids_BT.shape) if token_type_ids_BT is None
+                     else types.one_hot(token_type_ids_BT))
     x_BTH = _layer_norm(c, self.dtype, self.param_dtype, "LayerNorm")(x_BTH)
     return Dropout(c.hidden_dropout_prob)(x_BTH, deterministic=deterministic)
 
@@ -254,12 +270,18 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, dropout=None):
   return ctx_BNTK.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
-def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation: str,
+def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation,
                     window: Optional[int] = None):
   """`attention` through jax.nn.dot_product_attention ("cudnn": cuDNN's fused kernel on GPU; "xla": the
-  same call on any backend, which the tests compare with `attention`). Padding is given as sequence
-  lengths, not a dense mask, so rows must be right-padded (the trainer's packed rows are); `window`:
-  ±window keys. No dropout on the probabilities: used where that dropout is 0 (the frozen teacher)."""
+  same call on any backend, which the tests compare with `attention`), or through `implementation` itself
+  when it is a function attend(q_BTD, k_BTD, v_BTD, mask_BT, num_heads) (tpu_flash_attention under
+  shard_map: the trainer's on TPU; no `window`). Padding is given as sequence lengths, not a dense
+  mask, so rows must be right-padded (the trainer's packed rows are); `window`: ±window keys. No dropout
+  on the probabilities: used where that dropout is 0 (the frozen teacher)."""
+  if callable(implementation):
+    if window is not None:
+      raise ValueError("a local window needs implementation 'cudnn' or 'xla'")
+    return implementation(q_BTD, k_BTD, v_BTD, mask_BT, num_heads)
   b, t, d = q_BTD.shape
   split = lambda x: x.reshape(b, t, num_heads, d // num_heads)
   lengths_B = jnp.sum(mask_BT > 0, axis=-1).astype(jnp.int32)
@@ -268,6 +290,21 @@ def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation: str
                                      local_window_size=None if window is None else (window, window),
                                      implementation=implementation)
   return ctx.reshape(b, t, d)
+
+
+def tpu_flash_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads):
+  """`attention` (no dropout) through Pallas's TPU flash attention: the [T, T] scores stay in VMEM.
+  Padding is a segment id (1 token, 0 pad), so a token's context is `attention`'s; a pad's differs
+  (it attends the pads), which no token ever reads: its key is masked everywhere else. q, k, v:
+  [B, T, D]; under jit over several devices, run it per device (sharding.per_device)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  b, t, d = q_BTD.shape
+  heads = lambda x: x.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
+  seg_BT = (mask_BT > 0).astype(jnp.int32)
+  ctx = fa.flash_attention(heads(q_BTD), heads(k_BTD), heads(v_BTD),
+                           segment_ids=fa.SegmentIds(q=seg_BT, kv=seg_BT),
+                           sm_scale=1.0 / math.sqrt(d // num_heads))
+  return ctx.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
 class AddNorm(nn.Module):
@@ -288,7 +325,7 @@ class Attention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None  # see BertEncoder
+  attention_implementation: Any = None  # see BertEncoder
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -311,7 +348,7 @@ class Layer(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -340,7 +377,7 @@ class _LayerCollection(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
@@ -361,7 +398,7 @@ class _Encoder(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, *args):
@@ -382,9 +419,9 @@ class BertEncoder(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  # None: the reference attention (attention()); "cudnn" (or "xla"): fused_attention() wherever no
-  # dropout applies to the probabilities. Needs right-padded rows.
-  attention_implementation: Optional[str] = None
+  # None: the reference attention (attention()); "cudnn" (or "xla", or a function, see fused_attention):
+  # fused_attention() wherever no dropout applies to the probabilities. Needs right-padded rows.
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, capture_layer=-1,
@@ -395,8 +432,6 @@ class BertEncoder(nn.Module):
       raise ValueError(f"capture_layer {capture_layer} is out of range for {n} layers")
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
     x_BTH = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(
         input_ids, token_type_ids, deterministic)
     h_BTH, qkv, captured_BTH = _Encoder(c, self.dtype, self.param_dtype, self.attention_implementation,

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import layers
 from minilm_jax.model import _ACTIVATIONS, EncoderOutput, dropout, fused_attention
 
 MODEL_TYPE = "modernbert"
@@ -264,8 +265,8 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads: int, window: Optional[int
 
 def _linear(features, use_bias, dtype, param_dtype, name, std=0.02):
   init = nn.initializers.truncated_normal(stddev=std, lower=-2.0, upper=2.0)  # HF's cutoff: 2 std
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
-                  name=name)
+  return layers.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+                      name=name)
 
 
 def _norm(c: ModernBertConfig, dtype, param_dtype, name):
@@ -278,7 +279,7 @@ class _Attention(nn.Module):
   layer: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -295,7 +296,8 @@ class _Attention(nn.Module):
       return None, (q, k, v)
     rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
     window = c.local_attention // 2 if local else None
-    if self.attention_implementation is not None and rng is None:
+    if self.attention_implementation is not None and rng is None and not (
+        window is not None and callable(self.attention_implementation)):  # TPU kernel: no windows
       ctx = fused_attention(q, k, v, mask_BT, c.num_attention_heads, self.attention_implementation, window)
     else:
       ctx = attention(q, k, v, mask_BT, c.num_attention_heads, window, c.attention_dropout, rng)
@@ -327,7 +329,7 @@ class _Layer(nn.Module):
   layer: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, qkv_only=False):
@@ -346,7 +348,7 @@ class _Layers(nn.Module):
   config: ModernBertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None
+  attention_implementation: Any = None
 
   @nn.compact
   def __call__(self, x_BTH, mask_BT, deterministic, capture_layer, stop_at_capture):
@@ -379,7 +381,7 @@ class ModernBertEncoder(nn.Module):
   config: ModernBertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: Optional[str] = None  # as BertEncoder's
+  attention_implementation: Any = None  # as BertEncoder's
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, capture_layer=-1,
@@ -415,7 +417,7 @@ class _Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, deterministic):
     c = self.config
-    x = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = layers.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                  embedding_init=nn.initializers.truncated_normal(0.02, lower=-2.0, upper=2.0),
                  name="tok_embeddings")(input_ids)
     x = _norm(c, self.dtype, self.param_dtype, "norm")(x)
