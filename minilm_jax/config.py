@@ -30,6 +30,8 @@ def default_config():
                 weights=(),         # per-relation weights (v1: 2, v2: 3); () = all 1
                 chunk_heads=0,      # 0 = automatic; n = relation KL n heads at a time (n = heads: direct)
                 block_keys=0,       # 0 = automatic (128 above 128 tokens); n = relation KL n keys at a time
+                implementation="auto",  # relation KL: "auto" (Pallas kernels on TPU, XLA elsewhere) | "xla"
+                                        # | "pallas" (TPU only; chunk_heads and block_keys do not apply)
                 # What the student matches (objective.py): "relations" (the papers), "hidden" (the
                 # teacher's states at the output of teacher_layer), "embedding" (its sentence embedding)
                 terms="relations",
@@ -177,7 +179,7 @@ def teacher_differs(saved: dict, now: dict) -> str:
 # Config keys whose change would make a resumed run differ from an uninterrupted one; and keys inside
 # them that do not (where the shards are kept and how many processes made them).
 _RESUME_KEYS = ("student", "loss", "data", "batch_size", "grad_accum", "seed", "precision")
-_RESUME_FREE = {"data": ("cache_dir", "num_proc")}
+_RESUME_FREE = {"data": ("cache_dir", "num_proc"), "loss": ("implementation",)}
 
 
 def check_resume(saved: dict, now: dict) -> None:

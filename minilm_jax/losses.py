@@ -14,7 +14,8 @@ real tokens, so a packed row equals its documents computed alone. reduction="tok
 v1 = R(Q,K) + R(V,V) with A = the attention heads; v2 = R(Q,Q) + R(K,K) + R(V,V) with A = A_r.
 Three paths, one value: direct (the [B, A, T, T] tensors at once); chunk_heads=C, a group of C heads at
 a time (lax.map + jax.checkpoint); block_keys=K, K keys at a time with an online log-sum-exp and a custom
-VJP (memory O(B·A·T·K)). By default sequences longer than 128 go blockwise (K = 128), shorter ones
+VJP (memory O(B·A·T·K)). A fourth for TPUs, implementation="pallas": the blockwise computation as Pallas
+kernels (relation_kernel.py) that keep every [T, T] block in VMEM, so nothing of size T² reaches HBM. By default sequences longer than 128 go blockwise (K = 128), shorter ones
 direct, or in head chunks when [B, A, T, T] would exceed 2^26 elements; chunk_heads = A forces direct.
 """
 
@@ -27,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Masked logits: finite so that exp() underflows to exactly 0 and no inf - inf = NaN can appear in
-# the forward or backward pass; far below any real logit, well inside the float32 range.
-_MASK_VALUE = -1e30
+from minilm_jax import relation_kernel
+
+# Masked logits (relation_kernel.py's, the same in every path): finite, far below any real logit.
+_MASK_VALUE = relation_kernel.MASK_VALUE
 
 # The direct path materialises a few [B, A, T, T] tensors; above this many elements per tensor we chunk.
 _DIRECT_MAX_ELEMENTS = 2**26
@@ -295,11 +297,27 @@ def _auto_chunk_heads(batch, num_heads, seq_len):
   return 1
 
 
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
+
+
+def _kl_rows_of(implementation):
+  """The kl_rows function of a Pallas implementation: a name, or a callable standing in for
+  relation_kernel.kl_rows (the trainer's, run per device under shard_map)."""
+  if callable(implementation):
+    return implementation
+  return functools.partial(relation_kernel.kl_rows, interpret=implementation == "pallas_interpret")
+
+
 def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads, chunk_heads,
-                     block_keys=None):
+                     block_keys=None, implementation="xla"):
   """Weighted KL sum over all heads; inputs already checked. keys: _prepare's."""
   batch, seq_len = teacher_a.shape[:2]
   w_BT = keys.w
+  if not callable(implementation) and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation {implementation!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+  if implementation != "xla":
+    return _pallas_heads_kl(teacher_a, teacher_b, student_a, student_b, keys, num_heads,
+                            _kl_rows_of(implementation))
   if block_keys is not None and (_as_int(block_keys) is None or block_keys < 1):
     raise ValueError(f"block_keys must be a positive int, got {block_keys!r}")
   if block_keys is None and chunk_heads is None:  # automatic: blockwise for long sequences
@@ -346,6 +364,21 @@ def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads
   return jax.lax.map(group_kl, xs).sum()
 
 
+def _pallas_heads_kl(teacher_a, teacher_b, student_a, student_b, keys, num_heads, kl_rows):
+  """The weighted KL sum through relation_kernel.kl_rows (its heads-major, pre-scaled fp32 inputs)."""
+  batch, seq_len = teacher_a.shape[:2]
+
+  def heads(x_BTD, scale):
+    d = x_BTD.shape[-1] // num_heads
+    x = x_BTD.astype(keys.w.dtype).reshape(batch, seq_len, num_heads, d).transpose(0, 2, 1, 3)
+    return x * (1.0 / math.sqrt(d)) if scale else x
+
+  seg_BT = jnp.zeros(keys.mask.shape, jnp.int32) if keys.seg is None else keys.seg.astype(jnp.int32)
+  kl_BAT = kl_rows(heads(teacher_a, True), heads(teacher_b, False), heads(student_a, True),
+                   heads(student_b, False), keys.mask, seg_BT)
+  return jnp.einsum("bat,bt->", kl_BAT, keys.w)
+
+
 class _Keys(NamedTuple):
   w: jax.Array       # [B, T] token weights (_token_weights)
   mask: jax.Array    # [B, T] bool
@@ -383,6 +416,7 @@ def relation_kl(
     segment_ids=None,
     chunk_heads=None,
     block_keys=None,
+    implementation="xla",
 ):
   """KL(R_T || R_S) of the relations R(a, b), reduced to a scalar (see the module docstring).
 
@@ -390,6 +424,9 @@ def relation_kl(
   num_heads: relation heads A (must divide D_t and D_s). chunk_heads: a divisor of A (A: the direct
   path). block_keys: K, to compute the KL K keys at a time with a custom VJP (memory O(B·A·T·K), no
   [B, A, T, T] tensor in either pass; see _blockwise_kl_rows). Both None: automatic (module docstring).
+  implementation: "xla" (the paths above), "pallas" (TPU kernels, relation_kernel.py; fp32 only),
+  "pallas_interpret" (the same kernels interpreted, on any backend: for tests), or a function with
+  relation_kernel.kl_rows's signature (the trainer's: the kernels per device, under shard_map).
   Returns an fp32 scalar (fp64 for fp64 inputs).
   """
   _check_inputs(teacher_a, teacher_b, student_a, student_b, mask, num_heads, segment_ids)
@@ -401,10 +438,11 @@ def relation_kl(
       (teacher_a.dtype, teacher_b.dtype, student_a.dtype, student_b.dtype),
   )
   return _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads, chunk_heads,
-                          block_keys)
+                          block_keys, implementation)
 
 
-def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads, block_keys):
+def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads, block_keys,
+                        implementation="xla"):
   """Σ_i weights[i] · relation_kl(*pairs[i]); masks and token weights computed once for all pairs."""
   for args in pairs:
     _check_inputs(*args, mask, num_heads, segment_ids)
@@ -413,7 +451,8 @@ def _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids,
   for weight, args in zip(weights, pairs):
     if isinstance(weight, (int, float)) and weight == 0:
       continue  # a switched-off term costs nothing
-    total = total + weight * _relation_kl_sum(*args, keys, num_heads, chunk_heads, block_keys)
+    total = total + weight * _relation_kl_sum(*args, keys, num_heads, chunk_heads, block_keys,
+                                              implementation)
   return total
 
 
@@ -429,6 +468,7 @@ def minilm_v1_loss(
     chunk_heads=None,
     block_keys=None,
     student_num_heads=None,
+    implementation="xla",
 ):
   """MiniLM v1: weights[0]·R(Q, K) + weights[1]·R(V, V), with A = the attention heads.
 
@@ -447,7 +487,7 @@ def minilm_v1_loss(
   (tq, tk, tv), (sq, sk, sv) = teacher_qkv, student_qkv
   pairs = ((tq, tk, sq, sk), (tv, tv, sv, sv))
   return _weighted_relations(pairs, weights, mask, num_heads, reduction, segment_ids, chunk_heads,
-                             block_keys)
+                             block_keys, implementation)
 
 
 def minilm_v2_loss(
@@ -461,6 +501,7 @@ def minilm_v2_loss(
     segment_ids=None,
     chunk_heads=None,
     block_keys=None,
+    implementation="xla",
 ):
   """MiniLMv2: weights · (R(Q, Q), R(K, K), R(V, V)) with A = A_r relation heads.
 
@@ -472,7 +513,7 @@ def minilm_v2_loss(
   _check_qkv(student_qkv, "student")
   pairs = tuple((t, t, s, s) for t, s in zip(teacher_qkv, student_qkv))
   return _weighted_relations(pairs, weights, mask, num_relation_heads, reduction, segment_ids, chunk_heads,
-                             block_keys)
+                             block_keys, implementation)
 
 
 # ------------------------------------------------------------------------------ output alignment

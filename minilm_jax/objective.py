@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import losses
+from minilm_jax import losses, relation_kernel, sharding
 from minilm_jax.model import encoder_for
 
 TERMS = ("relations", "hidden", "embedding")
@@ -91,10 +91,30 @@ def student_params(params: Dict[str, Any]) -> Dict[str, Any]:
   return {k: v for k, v in params.items() if k != PROJECTION}
 
 
-def relation_loss_fn(cfg, student_heads: int) -> Callable:
-  """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss."""
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def relation_implementation(cfg, platform: str) -> str:
+  """losses.py's implementation of the relation KL for `loss.implementation` on `platform` ("tpu",
+  "gpu", "cpu"): "auto" is the Pallas kernels on a TPU (nothing of size T² in HBM) and XLA elsewhere."""
+  impl = cfg.loss.get("implementation", "auto")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"loss.implementation {impl!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+  if impl == "pallas" and platform != "tpu":
+    raise ValueError(f"loss.implementation 'pallas' is a TPU kernel, and these devices are {platform}: "
+                     "use 'auto' or 'xla'")
+  return "pallas" if impl == "pallas" or (impl == "auto" and platform == "tpu") else "xla"
+
+
+def relation_loss_fn(cfg, student_heads: int, implementation: str = "xla", mesh=None) -> Callable:
+  """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss. implementation:
+  losses.py's ("xla", "pallas"; see relation_implementation); mesh: where the batch is split (the
+  Pallas kernels then run per device)."""
   l = cfg.loss
-  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None, block_keys=l.get("block_keys") or None)
+  if implementation == "pallas" and mesh is not None:
+    implementation = sharding.per_device(mesh, relation_kernel.kl_rows)
+  kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None, block_keys=l.get("block_keys") or None,
+            implementation=implementation)
   if l.weights:
     kw["weights"] = tuple(l.weights)
   if l.version == "v1":
@@ -115,19 +135,22 @@ def _truncated(model, depth: int):
 
 def objective_fn(cfg, teacher, student, teacher_layer: int,
                  pooling: Optional[Tuple[str, bool]] = None,
-                 terms: Optional[Sequence[str]] = None) -> Callable:
+                 terms: Optional[Sequence[str]] = None, implementation: str = "xla",
+                 mesh=None) -> Callable:
   """f(params, teacher_params, batch, rng=None) -> (total, {term: value}), all fp32 scalars.
 
   params: the student's params (plus `PROJECTION` when the widths differ); batch: input_ids and
   attention_mask [B, T]; rng: the student's dropout key (None: no dropout). teacher_layer: 0-based ℓ.
   pooling: (mode, normalize) of the teacher's sentence embedding, needed by "embedding".
   terms: overrides cfg's (the evaluation takes the relations alone).
+  implementation: the relation KL's (relation_implementation); mesh: the step's (relation_loss_fn).
   """
   terms = tuple(terms) if terms is not None else terms_of(cfg)
   weights = term_weights(cfg) if terms == terms_of(cfg) else {t: 1.0 for t in terms}
   if "embedding" in terms and pooling is None:
     raise ValueError("loss term 'embedding' needs the teacher's sentence pooling")
-  relation = relation_loss_fn(cfg, student.config.num_attention_heads) if "relations" in terms else None
+  relation = relation_loss_fn(cfg, student.config.num_attention_heads, implementation, mesh) \
+      if "relations" in terms else None
   out = reaches_output(terms)
   # How far the teacher runs: Q/K/V of ℓ (relations), the output of ℓ (hidden), its end (embedding).
   t_depth = teacher.config.num_hidden_layers if "embedding" in terms else teacher_layer + 1
@@ -135,15 +158,19 @@ def objective_fn(cfg, teacher, student, teacher_layer: int,
 
   def f(params, teacher_params, batch, rng=None):
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    t = t_model.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
-                      stop_at_capture=not out)
-    t = jax.lax.stop_gradient(t)
-    s = student.apply({"params": student_params(params)}, ids, mask, capture_layer=-1,
-                      stop_at_capture=not out, deterministic=rng is None,
-                      rngs={} if rng is None else {"dropout": rng})
+    # Named scopes: a profile or the compiled HLO's metadata tells the three parts of the step apart.
+    with jax.named_scope("teacher"):
+      t = t_model.apply({"params": teacher_params}, ids, mask, capture_layer=teacher_layer,
+                        stop_at_capture=not out)
+      t = jax.lax.stop_gradient(t)
+    with jax.named_scope("student"):
+      s = student.apply({"params": student_params(params)}, ids, mask, capture_layer=-1,
+                        stop_at_capture=not out, deterministic=rng is None,
+                        rngs={} if rng is None else {"dropout": rng})
     parts = {}
     if relation is not None:
-      parts["relations"] = relation(t.qkv, s.qkv, mask)
+      with jax.named_scope("relation_loss"):
+        parts["relations"] = relation(t.qkv, s.qkv, mask)
     if out:
       h_s = s.last_hidden_state
       if PROJECTION in params:
