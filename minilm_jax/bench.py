@@ -51,13 +51,24 @@ def model_layer_flops(config, batch: int, seq: int, layer: int) -> int:
   return layer_forward_flops(batch, seq, config.hidden_size, config.intermediate_size, 3, keys)
 
 
-def step_flops(tcfg, scfg, *, batch, seq, teacher_layer, relations=3) -> int:
-  """minilm_flops_per_step for any family: per layer, so local attention and GeGLU count as they are."""
+def step_flops(tcfg, scfg, *, batch, seq, teacher_layer, relations=3, terms=("relations",)) -> int:
+  """minilm_flops_per_step for any family: per layer, so local attention and GeGLU count as they are.
+  teacher_layer: 0-based ℓ. terms (objective.py) set how far each model runs: with the relations alone
+  the teacher stops at ℓ's Q/K/V and the student at its last Q/K/V; "hidden" runs the teacher through ℓ,
+  "embedding" through its last layer, and either runs the whole student."""
   qkv = lambda h: 2 * batch * seq * 3 * h * h
-  teacher = sum(model_layer_flops(tcfg, batch, seq, i) for i in range(teacher_layer)) + qkv(tcfg.hidden_size)
-  student = sum(model_layer_flops(scfg, batch, seq, i) for i in range(scfg.num_hidden_layers - 1)) \
-      + qkv(scfg.hidden_size)
-  logits = relations * 2 * batch * seq ** 2 * (tcfg.hidden_size + 3 * scfg.hidden_size)
+  layers = lambda c, n: sum(model_layer_flops(c, batch, seq, i) for i in range(n))
+  if "embedding" in terms:
+    teacher = layers(tcfg, tcfg.num_hidden_layers)
+  elif "hidden" in terms:
+    teacher = layers(tcfg, teacher_layer + 1)
+  else:
+    teacher = layers(tcfg, teacher_layer) + qkv(tcfg.hidden_size)
+  full_student = "hidden" in terms or "embedding" in terms
+  student = layers(scfg, scfg.num_hidden_layers) if full_student \
+      else layers(scfg, scfg.num_hidden_layers - 1) + qkv(scfg.hidden_size)
+  logits = relations * 2 * batch * seq ** 2 * (tcfg.hidden_size + 3 * scfg.hidden_size) \
+      if "relations" in terms else 0
   return int(teacher + 3 * student + logits)
 
 

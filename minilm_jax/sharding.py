@@ -2,7 +2,10 @@
 
 One mesh with axes ("data", "fsdp"). The batch is split over both axes. Parameters (and the optimizer
 state that mirrors them) are replicated, or with fsdp > 1 each large tensor is split over "fsdp" along its
-largest divisible dimension (big_vision's rule). XLA inserts the all-gathers and reduce-scatters.
+largest divisible dimension (big_vision's rule). Inside the step the loss sees them gathered
+(`gathered`): XLA all-gathers each weight where it is used and reduce-scatters its gradient, and the
+batch stays split. Left to itself, the compiler's propagation had instead gathered the activations
+([B, T, 4H] at a time) onto the weights' shards.
 """
 
 from __future__ import annotations
@@ -63,6 +66,29 @@ def tree_shardings(mesh: jax.sharding.Mesh, abstract_tree: Any) -> Any:
   """NamedShardings for a tree of arrays / ShapeDtypeStructs under the fsdp rule of this mesh."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), abstract_tree)
+
+
+def gathered(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  """`tree` constrained to be whole on every device: with fsdp-sharded leaves, their all-gather (and,
+  in the backward pass, the reduce-scatter of their gradients); nothing without fsdp."""
+  if mesh.shape["fsdp"] == 1:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated(mesh)), tree)
+
+
+def split(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+  """`tree` constrained to its fsdp shardings (tree_shardings): for the gradients, which XLA then
+  reduce-scatters rather than all-reducing whole and slicing; nothing without fsdp."""
+  if mesh.shape["fsdp"] == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, tree_shardings(mesh, tree))
+
+
+def per_device(mesh: jax.sharding.Mesh, f):
+  """f run on each device's own rows of arguments and result split over the batch (dim 0 of each):
+  jax.shard_map, for kernels that XLA cannot partition (Pallas's)."""
+  spec = P(BATCH_AXES)
+  return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
 def put_batch(mesh: jax.sharding.Mesh, local_batch: dict) -> dict:
