@@ -1,7 +1,8 @@
 """`minilm-distill --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]`, `minilm-prepare` (the
-same flags: the run's token shards, made ahead of it) and `minilm-eval`.
+same flags: the run's token shards, made ahead of it), `minilm-compile` (the same config, compiled for an
+accelerator that is not here: --target v4-32, h100, ...) and `minilm-eval`.
 
-Flags only: the logic lives in train.py, shards.py and evaluate.py. Running the same command again resumes
+Flags only: the logic lives in train.py, shards.py, aot.py and evaluate.py. Running the same command again resumes
 from DIR's latest checkpoint. Errors print one line and exit non-zero; --verbose shows the traceback.
 """
 
@@ -29,6 +30,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "--process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_TARGET = flags.DEFINE_string("target", None, "minilm-compile: the accelerator to compile for, a TPU slice "
+                              "(v4-8 ... v4-2048, v5p-8 ..., v5e-1 ... v5e-256, v6e-1 ... v6e-256) or GPUs "
+                              "(h100, h200, a100; h100x8 for 8 on one host).")
 
 
 def _maybe_initialize_distributed():
@@ -137,6 +141,36 @@ def main(argv=None, prog="minilm-distill", command=None):
       raise
     _fail(prog, e)
   (command or _distill)(rest)
+
+
+def _compile(argv):
+  if len(argv) > 1:
+    _fail("minilm-compile", ValueError(f"unexpected arguments: {' '.join(argv[1:])}"))
+  if _CONFIG.value is None or not _TARGET.value:
+    _fail("minilm-compile", ValueError("--config and --target are required (see --help)"))
+  import json
+  from absl import logging
+  logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
+  from minilm_jax import aot
+  try:
+    c = aot.compile_step(_CONFIG.value, _TARGET.value)
+    r = aot.report(c)
+    print(aot.table(r))
+    print(json.dumps(r), flush=True)
+    aot.check_fits(c, r)
+  except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as e:
+    if _VERBOSE.value:
+      raise
+    _fail("minilm-compile", e)
+
+
+def compile_main(argv=None):
+  """`minilm-compile --config configs/NAME.py --target NAME [--config.KEY=VALUE ...]`: the trainer's step
+  of that config compiled for a TPU slice or a GPU that is not here (aot.py); prints a short table and,
+  last, one JSON line; exits non-zero with a one-line error when the step does not fit."""
+  # Compiling never runs anything: keep JAX off any accelerator this machine may have.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  main(argv, "minilm-compile", _compile)
 
 
 def prepare_main(argv=None):

