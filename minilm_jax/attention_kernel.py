@@ -1,0 +1,560 @@
+"""BERT self-attention with dropout on the probabilities as Pallas TPU flash-attention kernels: no
+[B, H, T, T] array (scores, probabilities, dropout mask, or their gradients) ever reaches HBM.
+
+attention(q, k, v, mask, num_heads, rate=, seeds_B=) gives model.attention(q, k, v, mask, num_heads,
+dropout) with the dropout mask keep_mask(seeds_B, num_heads, T, rate): 16 bits of a counter-based hash
+of (seeds_B[b], h, t, s) (two rounds of murmur3's fmix32 on int32, one 32-bit hash for two heads), which
+the kernels compute block by block on the vector units, so the backward pass regenerates the forward's
+mask and no mask exists in HBM. The counter t·T + s is unique for T < 65536.
+
+Forward: one kernel, grid (b, head group, query block, key block), an online softmax over key blocks
+with queries on sublanes (scores s[t, s]); saves the output and lse per query row. Backward (custom
+VJP): one kernel, grid (b, head group, key block, query block), that recomputes the scores transposed,
+sT[s, t] (keys on sublanes, queries on lanes), so that lse and D_t = rowsum(dO ∘ O) broadcast as
+lane-dense rows [1, bq]; dK, dV accumulate over the query blocks in VMEM, and dQ of the whole sequence
+of one (b, head group) stays in VMEM too ([Tp, W] fp32: 1 MiB at T = 2048), so each score block is
+recomputed once, not once for dQ and again for dK, dV.
+
+Layout (as relation_kernel.py's). The kernels read the model's token-major [B, T, H·d] layout directly:
+a grid step holds `hc` heads of one batch row, the fewest whose lanes fill whole 128-lane tiles (4 heads
+of 32, 2 of 64), so no transpose to heads-major is needed and no [T, 32] block pads 4x in VMEM. Head h's
+matmuls contract over the step's W = hc·d lanes with the other heads' lanes zeroed on one side (a
+32-deep contraction costs the 128-deep MXU as much as a 128-deep one); its P·V product then lands in head h's lanes only, so the heads'
+contexts and gradients add up in one [rows, W] accumulator.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+# Masked scores: finite, so exp() underflows to exactly 0 and no inf − inf = NaN appears (a batch row
+# without any real key attends all keys uniformly: finite, as model.attention's).
+MASK_VALUE = -1e30
+_LANES = 128
+# Block sizes tried from the largest (relation_kernel.py's reasoning): 512 x 512 keeps a grid step's work
+# (hc heads of 512² pairs) far above the ~0.35 µs step overhead and re-reads K, V (forward) or Q, dO
+# (backward) T/512 times.
+_BLOCKS = (512, 384, 256, 128)
+# VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it.
+_VMEM_BUDGET = 16 * 2**20
+# murmur3's fmix32 multipliers and the golden ratio, as int32 (the hash runs on int32 with wrapping
+# multiplies and logical shifts: Mosaic's vector units and XLA give the same bits).
+_as_i32 = lambda c: c - (1 << 32) if c >= 1 << 31 else c
+_FMIX1, _FMIX2, _GOLDEN = _as_i32(0x85EBCA6B), _as_i32(0xC2B2AE35), _as_i32(0x9E3779B9)
+
+
+class _Plan(NamedTuple):
+  """Static shapes of one attention call (hashable: the custom VJP's non-differentiable argument)."""
+  batch: int
+  heads: int
+  t: int          # the caller's T: the dropout counter's row stride
+  tp: int         # T padded to a multiple of the blocks
+  dh: int         # head width
+  dw: int         # head width padded to divide 128 (or to a multiple of 128)
+  hc: int         # heads per grid step
+  bq: int
+  bk: int
+  threshold: int  # dropout: drop where the 16 hash bits < threshold; 0: no dropout
+  dtype: str      # of q, k, v and the outputs
+  interpret: bool
+
+  @property
+  def groups(self):
+    return self.heads // self.hc
+
+  @property
+  def width(self):  # W: lanes of a grid step
+    return self.hc * self.dw
+
+  @property
+  def nq(self):
+    return self.tp // self.bq
+
+  @property
+  def nk(self):
+    return self.tp // self.bk
+
+  @property
+  def scale(self):
+    return 1.0 / math.sqrt(self.dh)
+
+  @property
+  def inv_keep(self):
+    return 65536.0 / (65536 - self.threshold)
+
+  @property
+  def itemsize(self):
+    return jnp.dtype(self.dtype).itemsize
+
+  @property
+  def precision(self):
+    # fp32 inputs get fp32 matmuls (several bf16 MXU passes); bf16 ones a single pass, as XLA's.
+    return jax.lax.Precision.HIGHEST if self.dtype == "float32" else jax.lax.Precision.DEFAULT
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+
+def _threshold(rate):
+  """Dropped where 16 uniform bits < threshold: the rate exact to 1/65536, as model.dropout."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  return round(rate * 65536)
+
+
+def _fmix32(x):
+  """murmur3's 32-bit finaliser on int32: a bijection, every output bit depends on every input bit."""
+  srl = lambda y, n: jax.lax.shift_right_logical(y, jnp.int32(n))
+  x = (x ^ srl(x, 16)) * _FMIX1
+  x = (x ^ srl(x, 13)) * _FMIX2
+  return x ^ srl(x, 16)
+
+
+def _pair_key(seed, pair):
+  """int32 key of batch row `seed` (int32: the caller's uint32 bits) and head pair `pair` (heads 2·pair
+  and 2·pair + 1 share one 32-bit hash per position: the low 16 bits go to the even head, the high 16 to
+  the odd one, which halves the hashing on the vector units)."""
+  return _fmix32(seed + _fmix32((pair + 1) * _GOLDEN))
+
+
+def _hash32(key, counter):
+  """32 hash bits per counter (int32, t·T + s). Two rounds with the key folded in before each: with one
+  round of a bijection two keys' masks would be the same bits permuted."""
+  return _fmix32(_fmix32(counter ^ key) + key)
+
+
+def _half16(x, odd):
+  """The 16 bits of a pair's hash x that belong to the even (odd = 0) or odd (odd = 1) head."""
+  return jax.lax.shift_right_logical(x, jnp.int32(16) * odd) & 0xFFFF
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def keep_mask(seeds_B, num_heads, t, rate):
+  """The kernels' dropout mask, densely in plain jnp: bool [B, H, T, T], True where kept."""
+  threshold = _threshold(rate)
+  seeds_B = jax.lax.bitcast_convert_type(jnp.asarray(seeds_B, jnp.uint32), jnp.int32)
+  heads = jnp.arange(num_heads, dtype=jnp.int32)
+  keys_BH = _pair_key(seeds_B[:, None], heads[None, :] // 2)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  counter_TT = pos[:, None] * t + pos[None, :]
+  bits_BHTT = _half16(_hash32(keys_BH[:, :, None, None], counter_TT), (heads % 2)[None, :, None, None])
+  return bits_BHTT >= threshold
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def _lane_width(d):
+  """d padded with zero lanes (zeros leave dot products alone) to divide 128 or be a multiple of it."""
+  if d >= _LANES:
+    return -(-d // _LANES) * _LANES
+  return 1 << (d - 1).bit_length()
+
+
+def _heads_per_step(heads, dw):
+  """Fewest heads that fill whole 128-lane tiles; all heads if none do (a block as wide as the array
+  needs no alignment)."""
+  return next((hc for hc in range(1, heads) if heads % hc == 0 and hc * dw % _LANES == 0), heads)
+
+
+def _vmem_bytes(bq, bk, tp, width, itemsize):
+  """VMEM of the larger kernel (the backward), from above: double-buffered q, O, dO, k, v blocks and dk,
+  dv outputs, the dq output and accumulator of the whole sequence, the D rows, the dk, dv, dq
+  accumulators, and Mosaic's temporaries per (key, query) pair of a block: ~28 bytes with bf16 inputs,
+  ~60 with fp32 (HIGHEST-precision matmuls split their operands into bf16 parts). Fitted to Mosaic's own
+  figures for v5e (the least vmem_limit_bytes that compiles), 512 x 512 blocks, W = 128: bf16 9.3 MiB
+  at T = 512 (10.0 estimated), 11.5 at 2048 (11.6); fp32 19.9 at 512 (20.0). The forward needs less
+  (5.5, 6.5; fp32 10.4)."""
+  blocks = 2 * (3 * bq + 4 * bk) * width * itemsize
+  dq = tp * width * (4 + 2 * itemsize) + tp * 8 * 4  # and the D rows
+  per_pair = 28 if itemsize == 2 else 60
+  return blocks + dq + 2 * bk * width * 4 + bq * width * 4 + per_pair * bq * bk
+
+
+def _auto_block(t, vmem_bytes=lambda b: 0):
+  """Largest block of _BLOCKS that pads T no further than 128-alignment does and whose kernels fit
+  _VMEM_BUDGET (vmem_bytes(block)); 128 at the least."""
+  t128 = -(-t // _LANES) * _LANES
+  return next(b for b in _BLOCKS
+              if (-(-t // b) * b == t128 and vmem_bytes(b) <= _VMEM_BUDGET) or b == _LANES)
+
+
+def _make_plan(batch, heads, t, dh, dtype, block_q, block_k, threshold, interpret):
+  dw = _lane_width(dh)
+  hc = _heads_per_step(heads, dw)
+  itemsize = jnp.dtype(dtype).itemsize
+  vmem = lambda b: _vmem_bytes(b, b, -(-t // b) * b, hc * dw, itemsize)
+  bq = _auto_block(t, vmem) if block_q is None else int(block_q)
+  bk = _auto_block(t, vmem) if block_k is None else int(block_k)
+  for name, b in (("block_q", bq), ("block_k", bk)):
+    if b < 1 or b % _LANES:
+      raise ValueError(f"{name} must be a positive multiple of {_LANES}, got {b}")
+  lcm = bq * bk // math.gcd(bq, bk)
+  return _Plan(batch, heads, t, -(-t // lcm) * lcm, dh, dw, hc, bq, bk, threshold,
+               jnp.dtype(dtype).name, bool(interpret))
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def _pack(x_BTD, plan):
+  """[B, T, H·dh] -> [B, Tp, H·dw]: zero rows pad T, zero lanes pad each head (no copy if neither)."""
+  b, t, _ = x_BTD.shape
+  if plan.dw != plan.dh:
+    x_BTHd = jnp.pad(x_BTD.reshape(b, t, plan.heads, plan.dh), ((0, 0),) * 3 + ((0, plan.dw - plan.dh),))
+    x_BTD = x_BTHd.reshape(b, t, plan.heads * plan.dw)
+  if plan.tp != t:
+    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, plan.tp - t), (0, 0)))
+  return x_BTD
+
+
+def _unpack(x_BTD, plan):
+  """_pack's inverse: [B, Tp, H·dw] -> [B, T, H·dh]."""
+  b = x_BTD.shape[0]
+  x_BTD = x_BTD[:, :plan.t]
+  if plan.dw != plan.dh:
+    x_BTD = x_BTD.reshape(b, plan.t, plan.heads, plan.dw)[..., :plan.dh].reshape(b, plan.t, -1)
+  return x_BTD
+
+
+# ------------------------------------------------------------------------------------- kernel parts
+
+
+def _dot(x, y, contract, plan):
+  return jax.lax.dot_general(x, y, (contract, ((), ())), precision=plan.precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _head_lanes(plan, h):
+  """[1, W] bool: the lanes of the step's head h (static)."""
+  lane = jax.lax.broadcasted_iota(jnp.int32, (1, plan.width), 1)
+  return (lane >= h * plan.dw) & (lane < (h + 1) * plan.dw)
+
+
+def _only(x, in_head, plan):
+  """x [rows, W] with the other heads' lanes zeroed (as is with one head a step)."""
+  return x if plan.hc == 1 else jnp.where(in_head, x, jnp.zeros((), x.dtype))
+
+
+def _step_bits(seeds_ref, counter, plan):
+  """16 dropout bits of each of the step's hc heads at `counter`: a function of h, traced lazily so
+  that an even head's pair hash serves the odd head after it."""
+  seed, g = seeds_ref[pl.program_id(0)], pl.program_id(1)
+  cache = {}
+
+  def bits(h):
+    if plan.hc % 2 == 0:  # pairs lie within the step: static pair and half
+      if h // 2 not in cache:
+        cache[h // 2] = _hash32(_pair_key(seed, g * (plan.hc // 2) + h // 2), counter)
+      return _half16(cache[h // 2], h % 2)
+    head = g * plan.hc + h  # one head a step, or an odd number of heads in one step
+    return _half16(_hash32(_pair_key(seed, jax.lax.shift_right_logical(head, 1)), counter), head & 1)
+
+  return bits
+
+
+def _counter(shape, queries_axis, t0, s0, plan):
+  """int32 t·T + s of a block starting at query t0 and key s0, queries along `queries_axis` (0: a
+  [bq, bk] block, 1: a transposed [bk, bq] one)."""
+  t_pos = jax.lax.broadcasted_iota(jnp.int32, shape, queries_axis)
+  s_pos = jax.lax.broadcasted_iota(jnp.int32, shape, 1 - queries_axis)
+  return t_pos * plan.t + s_pos + (t0 * plan.t + s0)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def _forward_kernel(seeds_ref, kvalid_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
+                    *, plan):
+  """Grid (b, group, query block i, key block j): online softmax over the key blocks. m_scr, l_scr
+  [bq, 128] hold head h's running max and sum in lane h; acc_scr [bq, W] the unnormalised context."""
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  valid_1K = kvalid_ref[...] != 0
+  if plan.threshold:
+    bits = _step_bits(seeds_ref, _counter((plan.bq, plan.bk), 0, i * plan.bq, j * plan.bk, plan), plan)
+  alpha_QW = jnp.ones((plan.bq, plan.width), jnp.float32)
+  pv_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
+  for h in range(plan.hc):  # unrolled: hc is 1 to 4 for heads of 32 lanes and wider
+    in_head = _head_lanes(plan, h)
+    s_QK = _dot(_only(q, in_head, plan), k, ((1,), (1,)), plan) * plan.scale
+    s_QK = jnp.where(valid_1K, s_QK, MASK_VALUE)
+    m_old, l_old = m_scr[:, h:h + 1], l_scr[:, h:h + 1]
+    m_new = jnp.maximum(m_old, s_QK.max(1, keepdims=True))
+    p_QK = jnp.exp(s_QK - m_new)
+    alpha = jnp.exp(m_old - m_new)
+    # The normaliser sums the undropped probabilities: dropout acts on the normalised ones.
+    l_scr[:, h:h + 1] = alpha * l_old + p_QK.sum(1, keepdims=True)
+    m_scr[:, h:h + 1] = m_new
+    if plan.threshold:
+      p_QK = jnp.where(bits(h) >= plan.threshold, p_QK, 0.0)
+    pv_QW += _dot(p_QK.astype(v.dtype), _only(v, in_head, plan), ((1,), (0,)), plan)
+    alpha_QW = jnp.where(in_head, alpha, alpha_QW)
+  acc_scr[...] = acc_scr[...] * alpha_QW + pv_QW
+
+  @pl.when(j == plan.nk - 1)
+  def _finish():
+    l_Q128 = l_scr[...]
+    inv_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
+    for h in range(plan.hc):
+      inv_QW = jnp.where(_head_lanes(plan, h), plan.inv_keep / l_Q128[:, h:h + 1], inv_QW)
+    o_ref[...] = (acc_scr[...] * inv_QW).astype(o_ref.dtype)
+    # Lane h's lse to row h: an aligned [bq, 128] transpose, once per query block.
+    lane = jax.lax.broadcasted_iota(jnp.int32, l_Q128.shape, 1)
+    lse_Q128 = jnp.where(lane < plan.hc, m_scr[...] + jnp.log(jnp.maximum(l_Q128, 1e-30)), 0.0)
+    lse_ref[...] = lse_Q128.T[:plan.hc]
+
+
+def _row_sums(x_QW, plan):
+  """Σ over each head's lanes of x [bq, W], as lane-dense rows [hc8, bq] (hc padded to 8 sublanes): an
+  NT matmul with a 0/1 head selector, which needs no [bq, hc] -> [hc, bq] transpose."""
+  hc8 = -(-plan.hc // 8) * 8
+  row = jax.lax.broadcasted_iota(jnp.int32, (hc8, plan.width), 0)
+  lane = jax.lax.broadcasted_iota(jnp.int32, (hc8, plan.width), 1)
+  select_HW = ((lane >= row * plan.dw) & (lane < (row + 1) * plan.dw)).astype(jnp.float32)
+  return jax.lax.dot_general(select_HW, x_QW, (((1,), (1,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _backward_kernel(seeds_ref, kvalid_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
+                     dq_ref, dk_ref, dv_ref, dq_scr, dk_scr, dv_scr, di_scr, *, plan):
+  """Grid (b, group, key block j, query block i), transposed blocks [bk, bq]. dk_scr, dv_scr [bk, W]
+  sum over the query blocks; dq_scr [Tp, W] holds the (b, group)'s whole dq, summed over key blocks;
+  di_scr [nq, hc8, bq] the rows D_t = rowsum(dO_t ∘ O_t) of each head, computed in the first key-block
+  sweep (the only one that reads O: its block index stays put after it)."""
+  j, i = pl.program_id(2), pl.program_id(3)
+  rows = pl.ds(pl.multiple_of(i * plan.bq, plan.bq), plan.bq)
+
+  @pl.when(i == 0)
+  def _init_kv():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  @pl.when(j == 0)
+  def _init_q():
+    dq_scr[rows, :] = jnp.zeros((plan.bq, plan.width), jnp.float32)
+    # With dropout D = rowsum(P ∘ dP̃) = dO · Σ_s (P ∘ M/keep)_s v_s = dO · O, O the dropped output.
+    di_scr[i] = _row_sums(do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32), plan)
+
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  if plan.threshold:
+    # dP̃ = (dO Vᵀ) ∘ M/keep and dV = (P ∘ M/keep)ᵀ dO both take dO/keep: scaled once a block.
+    do = (do.astype(jnp.float32) * plan.inv_keep).astype(do.dtype)
+  di_HQ = di_scr[i]
+  valid_K1 = (kvalid_ref[...] != 0).T  # the key row becomes a column, to broadcast along queries
+  if plan.threshold:
+    bits = _step_bits(seeds_ref, _counter((plan.bk, plan.bq), 1, i * plan.bq, j * plan.bk, plan), plan)
+  dk_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
+  dv_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
+  dq_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
+  for h in range(plan.hc):
+    in_head = _head_lanes(plan, h)
+    k_h, do_h = _only(k, in_head, plan), _only(do, in_head, plan)
+    s_KQ = jnp.where(valid_K1, _dot(k_h, q, ((1,), (1,)), plan) * plan.scale, MASK_VALUE)
+    p_KQ = jnp.exp(s_KQ - lse_ref[h:h + 1, :])
+    dp_KQ = _dot(v, do_h, ((1,), (1,)), plan)  # (dO Vᵀ)ᵀ / keep
+    if plan.threshold:
+      kept = bits(h) >= plan.threshold
+      pd_KQ, dp_KQ = jnp.where(kept, p_KQ, 0.0), jnp.where(kept, dp_KQ, 0.0)
+    else:
+      pd_KQ = p_KQ
+    dv_KW += _dot(pd_KQ.astype(do.dtype), do_h, ((1,), (0,)), plan)
+    ds_KQ = (p_KQ * (dp_KQ - di_HQ[h:h + 1, :])).astype(q.dtype)
+    dk_KW += _dot(ds_KQ, _only(q, in_head, plan), ((1,), (0,)), plan)
+    dq_QW += _dot(ds_KQ, k_h, ((0,), (0,)), plan)
+  dk_scr[...] += dk_KW
+  dv_scr[...] += dv_KW
+  dq_scr[rows, :] += dq_QW
+
+  @pl.when(i == plan.nq - 1)
+  def _finish_kv():
+    dk_ref[...] = (dk_scr[...] * plan.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+  @pl.when(j == plan.nk - 1)
+  def _finish_q():
+    dq_ref[rows, :] = (dq_scr[rows, :] * plan.scale).astype(dq_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------- pallas_call
+
+
+def _params(plan, semantics):
+  # Blocks chosen by hand may need more than the budget: ask for it (a v4 then fails to compile rather
+  # than spill).
+  limit = max(_VMEM_BUDGET, _vmem_bytes(plan.bq, plan.bk, plan.tp, plan.width, plan.itemsize) * 5 // 4)
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
+
+
+def _elementwise_per_pair(plan, backward):
+  """VPU operations per (query, key) pair and head: scale, mask, max or subtract, sum, casts (forward);
+  scale, mask, subtract, the dS arithmetic and casts (backward); with dropout half the pair hash (two
+  fmix32 rounds: 18 integer ops, shared by two heads), the counter, the 16-bit half, compare, selects."""
+  base = 8 if not backward else 10
+  return base + ((13 if not backward else 14) if plan.threshold else 0)
+
+
+def _cost(plan, kind):
+  """CostEstimate of one kernel. Flops count the MXU work issued (each head contracts over the step's
+  W lanes: 2 matmuls forward, 5 backward) and the elementwise work per pair; transcendentals the exp
+  per pair (and per row); bytes count every block DMA'd: the outer side's once, the inner side's once
+  per outer block (once in all with a single inner block: Pallas skips an unchanged block)."""
+  b, g, tp, w, isz = plan.batch, plan.groups, plan.tp, plan.width, plan.itemsize
+  pairs, rows = b * plan.heads * tp * tp, b * plan.heads * tp
+  side = b * tp * g * w * isz        # one [B, Tp, H·dw] array
+  kvalid = b * tp * 4
+  if kind == "forward":
+    reps = plan.nq if plan.nk > 1 else 1
+    return pl.CostEstimate(
+        flops=pairs * (4 * w + _elementwise_per_pair(plan, False)) + rows * plan.nk * 6 + 3 * side // isz,
+        transcendentals=pairs + rows * plan.nk + rows,
+        # q in, o out, lse out; k, v and the key mask once per query block.
+        bytes_accessed=2 * side + rows * 4 + reps * (2 * side + g * kvalid) + b * 4)
+  reps = plan.nk if plan.nq > 1 else 1
+  return pl.CostEstimate(
+      # + D: an fp32 (6-pass) [hc8, W] x [W, bq] matmul per query block and group.
+      flops=pairs * (10 * w + _elementwise_per_pair(plan, True)) + b * g * tp * w * (2 * 8 * 6 + 2),
+      transcendentals=pairs,
+      # k, v, key mask and O once; q, dO and lse once per key block; dq, dk, dv out.
+      bytes_accessed=3 * side + g * kvalid + reps * (2 * side + rows * 4) + 3 * side + b * 4)
+
+
+def _grid_spec(plan, in_specs, out_specs, scratch, keys_outer):
+  """Grid (b, group, outer, inner) with the seeds in SMEM (scalar prefetch: index maps get its ref)."""
+  inner = (plan.nk, plan.nq) if keys_outer else (plan.nq, plan.nk)
+  return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(plan.batch, plan.groups) + inner,
+                                      in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
+
+
+def _specs(plan, keys_outer):
+  """BlockSpecs (kvalid, q-side [bq, W], k-side [bk, W], rows [hc, bq]) of grid (b, g, x, y)."""
+  qk = (lambda x, y: (y, x)) if keys_outer else (lambda x, y: (x, y))
+
+  def spec(shape, index):
+    return pl.BlockSpec(shape, lambda b, g, x, y, *_: index(b, g, *qk(x, y)))
+
+  return dict(
+      kvalid=spec((None, 1, plan.bk), lambda b, g, i, j: (b, 0, j)),
+      q=spec((None, plan.bq, plan.width), lambda b, g, i, j: (b, i, g)),
+      k=spec((None, plan.bk, plan.width), lambda b, g, i, j: (b, j, g)),
+      rows=spec((None, None, plan.hc, plan.bq), lambda b, g, i, j: (b, g, 0, i)),
+  )
+
+
+def _rows_shape(plan):
+  return jax.ShapeDtypeStruct((plan.batch, plan.groups, plan.hc, plan.tp), jnp.float32)
+
+
+def _forward_call(plan, seeds, kvalid, q, k, v):
+  """o [B, Tp, H·dw] and lse [B, G, hc, Tp]."""
+  s = _specs(plan, keys_outer=False)
+  stats = pltpu.VMEM((plan.bq, _LANES), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, plan=plan),
+      grid_spec=_grid_spec(plan, [s["kvalid"], s["q"], s["k"], s["k"]], [s["q"], s["rows"]],
+                           [stats, stats, pltpu.VMEM((plan.bq, plan.width), jnp.float32)], False),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), _rows_shape(plan)],
+      compiler_params=_params(plan, ("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=_cost(plan, "forward"),
+      interpret=plan.interpret,
+      name="attention_dropout_forward",
+  )(seeds, kvalid, q, k, v)
+
+
+def _backward_call(plan, seeds, kvalid, q, k, v, o, do, lse):
+  """dq, dk, dv [B, Tp, H·dw]."""
+  s = _specs(plan, keys_outer=True)
+  # O is read in the first key-block sweep only (for D); afterwards its block index stays put.
+  o_spec = pl.BlockSpec((None, plan.bq, plan.width),
+                        lambda b, g, j, i, *_: (b, jnp.where(j == 0, i, plan.nq - 1), g))
+  whole_q = pl.BlockSpec((None, plan.tp, plan.width), lambda b, g, j, i, *_: (b, 0, g))
+  acc = lambda n: pltpu.VMEM((n, plan.width), jnp.float32)
+  di = pltpu.VMEM((plan.nq, -(-plan.hc // 8) * 8, plan.bq), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_backward_kernel, plan=plan),
+      # The inner two axes carry accumulators (dq over key blocks, dk and dv over query blocks).
+      grid_spec=_grid_spec(plan, [s["kvalid"], s["q"], s["k"], s["k"], o_spec, s["q"], s["rows"]],
+                           [whole_q, s["k"], s["k"]], [acc(plan.tp), acc(plan.bk), acc(plan.bk), di],
+                           True),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3,
+      compiler_params=_params(plan, ("parallel", "parallel", "arbitrary", "arbitrary")),
+      cost_estimate=_cost(plan, "backward"),
+      interpret=plan.interpret,
+      name="attention_dropout_backward",
+  )(seeds, kvalid, q, k, v, o, do, lse)
+
+
+# --------------------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, kvalid, seeds, plan):
+  """Context [B, Tp, H·dw] of packed inputs (_pack)."""
+  return _forward_call(plan, seeds, kvalid, q, k, v)[0]
+
+
+def _attend_fwd(q, k, v, kvalid, seeds, plan):
+  o, lse = _forward_call(plan, seeds, kvalid, q, k, v)
+  return o, (q, k, v, kvalid, seeds, o, lse)
+
+
+def _attend_bwd(plan, res, do):
+  q, k, v, kvalid, seeds, o, lse = res
+  dq, dk, dv = _backward_call(plan, seeds, kvalid, q, k, v, o, do, lse)
+  return dq, dk, dv, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, rate=0.0, seeds_B=None, block_q=None,
+              block_k=None, interpret=False):
+  """model.attention(q, k, v, mask, num_heads, dropout) from Pallas TPU kernels: context [B, T, D] in
+  q's dtype.
+
+  q, k, v: [B, T, D], bf16 or fp32 (k, v are cast to q's dtype), heads contiguous slices of D; mask_BT:
+  keys with mask == 0 are excluded. rate: dropout on the normalised probabilities, ctx = (P ∘ M / keep) V
+  with M = keep_mask(seeds_B, num_heads, T, rate) and keep = 1 − rate (exact to 1/65536); seeds_B: uint32
+  [B], one seed per batch row (None, or rate 0: no dropout). block_q, block_k: multiples of 128 (default:
+  up to 512 as VMEM allows); T is padded to a multiple of both with masked keys. interpret: Pallas
+  interpret mode (any backend). Differentiable in q, k, v (custom VJP saving the output and lse).
+  Per device: under several devices, call it inside shard_map.
+  """
+  b, t, d = q_BTD.shape
+  if k_BTD.shape != q_BTD.shape or v_BTD.shape != q_BTD.shape:
+    raise ValueError(f"attention needs q, k, v of one shape [B, T, D], got {q_BTD.shape}, {k_BTD.shape}, "
+                     f"{v_BTD.shape}")
+  if d % num_heads:
+    raise ValueError(f"D = {d} is not a multiple of num_heads = {num_heads}")
+  if mask_BT.shape != (b, t):
+    raise ValueError(f"mask must be [B, T] = {(b, t)}, got {mask_BT.shape}")
+  dtype = jnp.dtype(q_BTD.dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"attention takes bf16 or fp32 inputs, got {dtype}")
+  threshold = _threshold(rate) if seeds_B is not None else 0
+  if seeds_B is not None and jnp.shape(seeds_B) != (b,):
+    raise ValueError(f"seeds_B must be [B] = {(b,)}, got {jnp.shape(seeds_B)}")
+  plan = _make_plan(b, num_heads, t, d // num_heads, dtype, block_q, block_k, threshold, interpret)
+  kvalid_B1T = jnp.pad((mask_BT > 0).astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :]
+  if threshold:
+    seeds_B = jax.lax.bitcast_convert_type(jnp.asarray(seeds_B, jnp.uint32), jnp.int32)
+  else:
+    seeds_B = jnp.zeros((b,), jnp.int32)
+  pack = lambda x: _pack(x.astype(dtype), plan)
+  return _unpack(_attend(pack(q_BTD), pack(k_BTD), pack(v_BTD), kvalid_B1T, seeds_B, plan), plan)
