@@ -9,8 +9,9 @@ and position row of a batch lands on a few rows). Here instead:
   (`preferred_element_type`), the bias's a fp32 sum, so the cross-device reduction is fp32; the forward
   pass is the same bf16 matmul;
 - `embed` / `Embed`: rows are gathered from the fp32 table and cast afterwards, so the gradient is
-  scattered in fp32; `embed_rows` (positions 0..T-1, a single token type) broadcasts the first rows
-  instead of gathering them, whose gradient is a sum over the batch, not a scatter at all.
+  scattered in fp32; `Embed.first_rows` (positions 0..T-1) and `Embed.row` (a single token type)
+  broadcast rows instead of gathering them, and `Embed.one_hot` (a few token types) is a matmul: their
+  gradients are sums over the batch, not scatters at all.
 With equal compute and parameter dtypes (fp32 runs, the bf16 teacher) they compute exactly what flax's
 layers compute, in the same order.
 """

@@ -271,17 +271,19 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, dropout=None):
 
 
 def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation,
-                    window: Optional[int] = None):
+                    window: Optional[int] = None, rate: float = 0.0, key=None):
   """`attention` through jax.nn.dot_product_attention ("cudnn": cuDNN's fused kernel on GPU; "xla": the
   same call on any backend, which the tests compare with `attention`), or through `implementation` itself
-  when it is a function attend(q_BTD, k_BTD, v_BTD, mask_BT, num_heads) (tpu_flash_attention under
-  shard_map: the trainer's on TPU; no `window`). Padding is given as sequence lengths, not a dense
-  mask, so rows must be right-padded (the trainer's packed rows are); `window`: ±window keys. No dropout
-  on the probabilities: used where that dropout is 0 (the frozen teacher)."""
+  when it is a function attend(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=, key=) (the trainer's on
+  TPU: attention_kernel.attention per device, which alone applies dropout `rate` to the probabilities,
+  its mask drawn from `key`; no `window`). Padding is given as sequence lengths, not a dense mask, so
+  rows must be right-padded (the trainer's packed rows are); `window`: ±window keys."""
   if callable(implementation):
     if window is not None:
       raise ValueError("a local window needs implementation 'cudnn' or 'xla'")
-    return implementation(q_BTD, k_BTD, v_BTD, mask_BT, num_heads)
+    return implementation(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=rate, key=key)
+  if rate:
+    raise ValueError(f"implementation {implementation!r} has no dropout on the probabilities")
   b, t, d = q_BTD.shape
   split = lambda x: x.reshape(b, t, num_heads, d // num_heads)
   lengths_B = jnp.sum(mask_BT > 0, axis=-1).astype(jnp.int32)
@@ -290,21 +292,6 @@ def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation,
                                      local_window_size=None if window is None else (window, window),
                                      implementation=implementation)
   return ctx.reshape(b, t, d)
-
-
-def tpu_flash_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads):
-  """`attention` (no dropout) through Pallas's TPU flash attention: the [T, T] scores stay in VMEM.
-  Padding is a segment id (1 token, 0 pad), so a token's context is `attention`'s; a pad's differs
-  (it attends the pads), which no token ever reads: its key is masked everywhere else. q, k, v:
-  [B, T, D]; under jit over several devices, run it per device (sharding.per_device)."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as fa
-  b, t, d = q_BTD.shape
-  heads = lambda x: x.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
-  seg_BT = (mask_BT > 0).astype(jnp.int32)
-  ctx = fa.flash_attention(heads(q_BTD), heads(k_BTD), heads(v_BTD),
-                           segment_ids=fa.SegmentIds(q=seg_BT, kv=seg_BT),
-                           sm_scale=1.0 / math.sqrt(d // num_heads))
-  return ctx.transpose(0, 2, 1, 3).reshape(b, t, d)
 
 
 class AddNorm(nn.Module):
@@ -334,9 +321,13 @@ class Attention(nn.Module):
     if qkv_only:
       return None, qkv
     drop = Dropout(c.attention_probs_dropout_prob)
-    if self.attention_implementation is not None and (deterministic or
-                                                      c.attention_probs_dropout_prob == 0.0):
-      ctx_BTH = fused_attention(*qkv, mask_BT, c.num_attention_heads, self.attention_implementation)
+    rate = 0.0 if deterministic else c.attention_probs_dropout_prob
+    impl = self.attention_implementation
+    if callable(impl) and rate:  # a kernel that draws its own dropout mask
+      ctx_BTH = fused_attention(*qkv, mask_BT, c.num_attention_heads, impl, rate=rate,
+                                key=self.make_rng("dropout"))
+    elif impl is not None and not rate:
+      ctx_BTH = fused_attention(*qkv, mask_BT, c.num_attention_heads, impl)
     else:
       ctx_BTH = attention(*qkv, mask_BT, c.num_attention_heads,
                           lambda p: drop(p, deterministic=deterministic))

@@ -136,7 +136,9 @@ def _has_module(name: str) -> bool:
 
 def _quiet_libtpu() -> None:
   """libtpu looks for the TPU VM it runs on and prints a page of warnings when it finds none; a
-  compile-only topology needs none of that."""
+  compile-only topology needs none of that. Nor the lockfile by which libtpu keeps a second process
+  off the chips: compiling opens no chip, and two compiles (or a compile beside a run) may share."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from minilm_jax import card, checkpoint, data, hf, model, objective, sharding, shards
+from minilm_jax import attention_kernel, card, checkpoint, data, hf, model, objective, sharding, shards
 from minilm_jax import workdir as wd
 from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
@@ -133,28 +133,29 @@ class Setup:
   pooling: Optional[Tuple[str, bool]] = None  # the teacher's sentence pooling, for the "embedding" term
 
 
-# On a TPU, sequences longer than this use the flash kernel: at 128 tokens XLA's own attention costs
-# less by the compiler's estimate (BERT-base teacher, batch 1024 on v4-32: 23.7 ms a step against 24.3
-# with the kernel), at 512 the kernel (124 ms against 135).
-_TPU_FLASH_ABOVE = 128
-
-
-def attention_implementation(precision: str, platform: Optional[str] = None, mesh=None,
-                             seq_len: int = 0):
-  """Where no dropout applies to the probabilities (the teacher's layers, and the student's without
-  attention dropout), a fused attention (model.fused_attention): cuDNN's for bf16 on a GPU, Pallas's
-  flash attention on a TPU above _TPU_FLASH_ABOVE tokens (per device of `mesh`, which XLA cannot
-  partition); None (the XLA reference) elsewhere. platform: the devices' ("gpu", "tpu", "cpu");
-  default: JAX's default backend."""
+def attention_implementation(precision: str, platform: Optional[str] = None, mesh=None):
+  """A fused attention for model.fused_attention: on a TPU, tpu_attention over `mesh` (the probabilities'
+  dropout inside the kernel: batch 1024 x 128 on v4-32, BERT-base -> 6x384, 23.7 ms a step by the
+  compiler's estimate with XLA's attention, 16.8 with the kernel for teacher and student); where no
+  dropout applies to the probabilities (the teacher), cuDNN's for bf16 on a GPU; None (the XLA
+  reference) elsewhere. platform: the devices' ("gpu", "tpu", "cpu"); default: JAX's default backend."""
   platform = platform or jax.default_backend()
-  if platform == "tpu" and seq_len > _TPU_FLASH_ABOVE:
-    return functools.partial(_per_device_flash, mesh) if mesh is not None else model.tpu_flash_attention
+  if platform == "tpu":
+    return functools.partial(tpu_attention, mesh)
   return "cudnn" if precision == "bfloat16" and platform == "gpu" else None
 
 
-def _per_device_flash(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads):
-  return sharding.per_device(mesh, functools.partial(model.tpu_flash_attention, num_heads=num_heads))(
-      q_BTD, k_BTD, v_BTD, mask_BT)
+def tpu_attention(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=0.0, key=None):
+  """attention_kernel.attention on each device of `mesh` (XLA cannot partition a Pallas kernel), with
+  dropout `rate` on the probabilities from one seed per batch row drawn from `key`. mesh None: one
+  device. [B, T, D] -> [B, T, D]."""
+  attend = functools.partial(attention_kernel.attention, num_heads=num_heads, rate=rate)
+  per_device = (lambda f: f) if mesh is None else functools.partial(sharding.per_device, mesh)
+  if not rate:
+    return per_device(lambda q, k, v, m: attend(q, k, v, m))(q_BTD, k_BTD, v_BTD, mask_BT)
+  seeds_B = jax.random.bits(key, (q_BTD.shape[0],), jnp.uint32)
+  return per_device(lambda q, k, v, m, s: attend(q, k, v, m, seeds_B=s))(
+      q_BTD, k_BTD, v_BTD, mask_BT, seeds_B)
 
 
 def setup(cfg, teacher=None, devices=None) -> Setup:
@@ -186,7 +187,7 @@ def setup(cfg, teacher=None, devices=None) -> Setup:
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
 
   platform = mesh.devices.flat[0].platform
-  fused = attention_implementation(cfg.precision, platform, mesh, cfg.data.max_len)
+  fused = attention_implementation(cfg.precision, platform, mesh)
   relation_impl = objective.relation_implementation(cfg, platform)
   teacher_model = encoder_for(tcfg, dtype=dtype, param_dtype=dtype, attention_implementation=fused)
   student_model = encoder_for(scfg, dtype=dtype, param_dtype=jnp.float32, attention_implementation=fused)

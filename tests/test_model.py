@@ -215,3 +215,30 @@ def test_fused_attention_path_equals_the_reference():
   drop = lambda m: m.apply({"params": params}, ids, mask, deterministic=False,
                            rngs={"dropout": jax.random.key(1)}).last_hidden_state
   np.testing.assert_array_equal(drop(fused), drop(ref))  # attention dropout: the reference path
+
+
+def test_a_callable_attention_gets_the_dropout_rate_and_a_key():
+  # The trainer's TPU kernel draws its own dropout mask: in training the encoder hands it the rate and a
+  # key of the "dropout" stream (a new one per layer); deterministic, rate 0 and no key.
+  c = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=48, max_position_embeddings=32, attention_probs_dropout_prob=0.25)
+  calls = []
+
+  def attend(q, k, v, mask, num_heads, rate=0.0, key=None):
+    calls.append((num_heads, rate, key))
+    return minilm_jax.model.attention(q, k, v, mask, num_heads)
+
+  params = BertEncoder(c).init_params(jax.random.key(0))
+  ids, mask = random_batch(np.random.default_rng(7), 2, 9, 50, "right", low=1)
+  m = BertEncoder(c, attention_implementation=attend)
+  out = m.apply({"params": params}, ids, mask).last_hidden_state
+  np.testing.assert_allclose(out, BertEncoder(c).apply({"params": params}, ids, mask).last_hidden_state,
+                             atol=1e-6)
+  assert [(h, r, k) for h, r, k in calls] == [(4, 0.0, None)] * 2
+  calls.clear()
+  m.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert [(h, r) for h, r, _ in calls] == [(4, 0.25)] * 2
+  keys = [jax.random.key_data(k) for _, _, k in calls]
+  assert not np.array_equal(keys[0], keys[1])
+  with pytest.raises(ValueError, match="no dropout"):
+    minilm_jax.model.fused_attention(*(jnp.ones((1, 4, 8)),) * 3, jnp.ones((1, 4)), 2, "xla", rate=0.1)
