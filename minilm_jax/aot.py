@@ -12,7 +12,8 @@ target's whole compiler, and the compiled program tells:
   none). XLA:TPU's model charges −1 s for each custom call it cannot cost (the `ConcatBitcast` of its
   memory-space assignment), so the raw figure comes out negative; one second per such call is added back,
   as MaxText's train_compile does;
-- the collectives, from the optimised HLO (hlo.py);
+- the collectives, and where the step's bytes go (hlo.top_traffic: the program's sources that read and
+  write the most), from the optimised HLO (hlo.py);
 - tokens/s, MFU (bench.step_flops, the FLOPs MiniLM needs, over the chip's dense bf16 peak) and the time
   and chip-hours of the config's whole token budget, from that step estimate.
 """
@@ -162,6 +163,7 @@ def report(c: Compiled) -> Dict[str, Any]:
       "mfu_estimate": flops / (step_s * t.num_devices * t.peak_flops) if step_s else None,
       "xla_flops_per_device": cost.get("flops"), "hbm_bytes_accessed_per_device": cost.get("bytes accessed"),
       "collectives": hlo.collectives(text),
+      "top_traffic": [[name, b] for name, b in hlo.top_traffic(text, 8)],
       "steps": cfg.steps, "tokens": tokens * cfg.steps,
       "budget_hours": budget_s / 3600 if budget_s else None,
       "budget_chip_hours": budget_s * t.num_devices / 3600 if budget_s else None,
@@ -198,5 +200,7 @@ def table(r: Dict[str, Any]) -> str:
           f", {r['budget_chip_hours']:.3g} chip-hours ({r['steps']:,} steps, {r['tokens']:.3g} tokens)"
           if r["budget_hours"] is not None else "")),
   ]
+  rows += [("top traffic" if i == 0 else "", f"{b / 1e9:6.2f} GB  {name}")
+           for i, (name, b) in enumerate(r["top_traffic"][:5])]
   w = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -89,3 +89,59 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
 def custom_call_targets(hlo_text: str) -> collections.Counter:
   """How often each custom_call_target appears."""
   return collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+
+
+_SKIP = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all")
+
+
+def entry_instructions(hlo_text: str) -> List[Instruction]:
+  """The instructions of the ENTRY computation (the step's top level: its fusions, custom calls,
+  copies and collectives; a fusion's body is not listed separately)."""
+  start = hlo_text.find("\nENTRY")
+  if start < 0:
+    return []
+  end = hlo_text.find("\n}", start)
+  return list(instructions(hlo_text[start:end if end > 0 else None]))
+
+
+def _operands(rest: str) -> List[str]:
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      end = i
+      break
+  return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def source_of(ins: Instruction) -> str:
+  """Where an instruction comes from in the program, from its op_name metadata, with layer numbers
+  folded ("jvp(teacher)/BertEncoder/encoder/layer/N/output/dense/dot_general"); memory-space copies
+  (XLA's prefetches into and out of on-chip memory) have none and are named by their op."""
+  m = re.search(r'op_name="([^"]+)"', ins.rest)
+  if ins.op in ("copy-start", "slice-start", "copy", "dynamic-slice") and not m:
+    return f"({ins.op}: memory-space copies)"
+  if not m:
+    return f"({ins.op})"
+  name = re.sub(r"^jit\([^)]*\)/", "", m.group(1))
+  return re.sub(r"/(layer|layers)/\d+/", r"/\1/N/", name)
+
+
+def top_traffic(hlo_text: str, n: int = 10) -> List[Tuple[str, int]]:
+  """The `n` sources (source_of) that read and write the most bytes per step, summed over their
+  instructions: each top-level instruction's operands and result (an upper bound on its HBM traffic:
+  operands already in on-chip memory count too), prefetch copies once each way. Sorted, largest first."""
+  entry = entry_instructions(hlo_text)
+  shape = {i.name: i.shape for i in entry}
+  size = lambda s: sum(array_bytes(d, dims) for d, dims in arrays(s))
+  totals: Dict[str, int] = collections.Counter()
+  for ins in entry:
+    if ins.op in _SKIP or ins.op.endswith("-done") or 'custom_call_target="ConcatBitcast"' in ins.rest:
+      continue  # (ConcatBitcast joins prefetched slices in on-chip memory: counted at the slice-start)
+    if ins.op in ("copy-start", "slice-start"):  # (source, copy, context) or ((source), slice, context)
+      totals[source_of(ins)] += 2 * array_bytes(*ins.arrays[1 if ins.op == "slice-start" else 0])
+    else:
+      operands = sum(size(shape.get(o, "")) for o in _operands(ins.rest))
+      totals[source_of(ins)] += size(ins.shape) + operands
+  return sorted(totals.items(), key=lambda kv: -kv[1])[:n]

@@ -77,7 +77,9 @@ def test_demo_config_compiles_for_a_small_tpu_slice():
   assert report["tokens_per_s_estimate"] == pytest.approx(32 * 128 / report["step_seconds_estimate"])
   assert report["budget_hours"] == pytest.approx(report["step_seconds_estimate"] * 120 / 3600)
   assert report["collectives"]["all-reduce"]["count"] >= 1  # the gradients, over 4 chips
-  assert "memory per device" in r.stdout and "MFU" in r.stdout
+  assert "memory per device" in r.stdout and "MFU" in r.stdout and "top traffic" in r.stdout
+  names = [name for name, _ in report["top_traffic"]]
+  assert any("student" in n for n in names) and all(b > 0 for _, b in report["top_traffic"])
 
 
 @needs_libtpu

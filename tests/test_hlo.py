@@ -42,3 +42,26 @@ def test_a_real_compiled_program_parses():
   ops = [i.op for i in hlo.instructions(text)]
   assert "parameter" in ops and len(ops) >= 3
   assert hlo.collectives(text) == {}
+
+
+def test_top_traffic_sums_operands_and_results_by_source():
+  text = """
+ENTRY %main {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[128,256]{1,0} parameter(1)
+  %fusion.1 = bf16[64,256]{1,0} fusion(%p0, %p1), kind=kOutput, metadata={op_name="jit(step)/jvp(teacher)/BertEncoder/encoder/layer/3/output/dense/dot_general"}
+  %fusion.2 = bf16[64,256]{1,0} fusion(%p0, %p1), kind=kOutput, metadata={op_name="jit(step)/jvp(teacher)/BertEncoder/encoder/layer/11/output/dense/dot_general"}
+  %copy-start.1 = (bf16[64,128]{1,0}, bf16[64,128]{1,0:S(1)}, u32[]) copy-start(%p0)
+  %copy-done.1 = bf16[64,128]{1,0:S(1)} copy-done(%copy-start.1)
+  %slice-start.1 = ((bf16[128,256]{1,0}), bf16[32,256]{1,0:S(1)}, s32[]) slice-start(%p1), slice={[0:32], [0:256]}
+  %custom-call.1 = bf16[128,256]{1,0:S(1)} custom-call(%slice-start.1), custom_call_target="ConcatBitcast"
+  ROOT %add.1 = bf16[64,256]{1,0} add(%fusion.1, %fusion.2)
+}
+"""
+  top = dict(hlo.top_traffic(text))
+  per_matmul = 2 * (64 * 128 + 128 * 256 + 64 * 256)
+  assert top["jvp(teacher)/BertEncoder/encoder/layer/N/output/dense/dot_general"] == 2 * per_matmul
+  assert top["(copy-start: memory-space copies)"] == 2 * 64 * 128 * 2
+  assert top["(slice-start: memory-space copies)"] == 2 * 32 * 256 * 2
+  assert top["(add)"] == 3 * 64 * 256 * 2
+  assert len(top) == 4 and hlo.top_traffic(text, 1)[0][0].startswith("jvp(teacher)")
