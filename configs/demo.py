@@ -11,6 +11,7 @@ winner of the README's recipe study. On the zero-shot retrieval and agreement pr
 undistilled student of its shape, and its held-out relation loss is a third of the best one's (README,
 "Results on this machine"). The corpus is a small demo corpus (~425k tokens of Python documentation),
 not a pretraining corpus.
+Target: v5e-4 (minilm-compile --config configs/demo.py --target v5e-4; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -5,6 +5,7 @@ depth, the student's width) → 3×192 student, MiniLMv2 with 12 relation heads,
 
 Cost: about 8 minutes on 2 CPU cores (150 assistant steps and 150 student steps of 32×128 tokens).
 Writes workdirs/demo_ta/assistant/student (the assistant), workdirs/demo_ta/student and loss_chain.png.
+Target: v5e-4 (minilm-compile --config configs/demo_ta.py --target v5e-4; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -22,6 +22,7 @@ Cost, measured on this project's 2-core CPU machine: 85 minutes for 2,000 steps 
 33 minutes of evaluation with fine-tuning. The 3-layer student: 69-89 minutes (1.9-2.2 s a step); on
 one NVIDIA H200 (float32), 5 ms a step, so 20x its budget (--config.steps=40000) in about 4 minutes.
 Results: README, "Results on this machine".
+Target: h200 (minilm-compile --config configs/quality.py --target h200; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -8,6 +8,7 @@ command resumes whichever stage was interrupted. Reported: 82.1 average (SQuAD2/
 81.9 without the assistant.
 Cost (estimate): 1.3e19 FLOPs for the student stage at batch 256 × 400k × 512, and about 2.6e19 for the
 12-layer assistant stage: about 1 day on a TPU v4-8 at 40% MFU for both.
+Target: v4-8 (minilm-compile --config configs/ta_bert_base_6x384.py --target v4-8; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -5,6 +5,7 @@
 Paper: as 6×768 but batch 256 and peak lr 3e-4; 400k steps at seq 512. Reported (Table 3,
 SQuAD2/MNLI/SST-2 average): 81.9, and 82.1 through a 12×384 teaching assistant (configs/ta_*.py).
 Cost (estimate): 1.3e19 FLOPs, about 0.3 days on a TPU v4-8 at 40% MFU.
+Target: v4-8 (minilm-compile --config configs/v1_bert_base_6x384.py --target v4-8; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

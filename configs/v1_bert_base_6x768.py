@@ -8,6 +8,7 @@ decay 0.01, on English Wikipedia + BookCorpus (use your own corpus; wikitext-103
 Cost (estimate, bench.minilm_flops_per_step × 400k steps): 9.0e19 FLOPs, about 0.6 days on a TPU v4-32
 (16 chips) at 40% MFU, 2.4 days on a v4-8.
 Reported dev average over 8 tasks: 80.4 (BERT-base 81.5).
+Target: v4-32 (minilm-compile --config configs/v1_bert_base_6x768.py --target v4-32; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

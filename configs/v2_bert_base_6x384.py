@@ -5,6 +5,7 @@
 Settings of a public re-implementation (the paper gives batch 1024 / 400k steps for base-size students):
 AdamW eps 1e-6, weight decay 0.01, lr 6e-4, 4k warmup, A_r = 48, seq 512.
 Cost (estimate): 5.2e19 FLOPs at batch 1024, about 1.4 days on a TPU v4-8 at 40% MFU.
+Target: v4-32 (minilm-compile --config configs/v2_bert_base_6x384.py --target v4-32; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -5,6 +5,7 @@
 
 The teacher runs only up to layer 21's Q/K/V. Cost (estimate): 1.7e20 FLOPs at batch 1024 × 400k ×
 512, about 1.1 days on a TPU v4-32 at 40% MFU. Use parallel.fsdp to shard the teacher if memory is short.
+Target: v4-32 (minilm-compile --config configs/v2_bert_large_6x768.py --target v4-32; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

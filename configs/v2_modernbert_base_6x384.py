@@ -10,6 +10,7 @@ elsewhere, the teacher's rotary thetas. The relations use Q and K after the rota
 For long documents raise data.max_len (up to the teacher's 8,192; the attention and the relation loss
 then run in chunks and blocks, README "ModernBERT").
 Cost (estimate, bench.step_flops × 400k steps): 5.9e19 FLOPs, about 1.6 days on a TPU v4-8 at 40% MFU.
+Target: v4-32 (minilm-compile --config configs/v2_modernbert_base_6x384.py --target v4-32; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -4,6 +4,7 @@
 
 RoBERTa positions are offset by the padding index (handled by the encoder); max_len is at most 512.
 Cost (estimate): 1.2e20 FLOPs at batch 1024 × 400k × 512, about 0.8 days on a TPU v4-32 at 40% MFU.
+Target: v4-32 (minilm-compile --config configs/v2_roberta_large_6x384.py --target v4-32; its figures: docs/compile.md)
 """
 
 from minilm_jax.config import default_config

@@ -64,3 +64,22 @@ def test_the_modernbert_base_config_reads_as_its_defaults():
   # keys), for the benchmark's random teacher of that shape.
   from minilm_jax import hf
   assert hf.load_config(os.path.join(ROOT, "benchmarks", "modernbert-base")) == ModernBertConfig()
+
+
+def test_every_recipe_names_its_target_and_its_compiled_figures_are_stored():
+  # Each recipe says which accelerator it is meant for ("Target: NAME" in its docstring); docs/compile.md
+  # holds its compiled figures there (benchmarks/compile_recipes.py), with the HBM margin the issue asks.
+  import json
+  import sys
+  from minilm_jax import targets
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import compile_recipes
+  stored = compile_recipes.load()
+  for path in CONFIGS:
+    name = os.path.basename(path)[:-3]
+    target = targets.parse(compile_recipes.recipe_target(path))
+    assert name in stored, f"{name}: run python benchmarks/compile_recipes.py --only {name}"
+    r = stored[name]
+    assert r["target"] == target.name and r["fits"] and r["hbm_spare"] >= 0.15, name
+  page = open(os.path.join(ROOT, "docs", "compile.md")).read()
+  assert compile_recipes.table(stored) in page  # the table is the stored JSON's, not typed by hand

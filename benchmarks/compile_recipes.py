@@ -1,0 +1,112 @@
+"""Every recipe in configs/ compiled for the accelerator its docstring names (`Target: NAME`), by
+minilm-compile, on this machine: the table of docs/compile.md and the JSON lines beside it.
+
+  python benchmarks/compile_recipes.py                 # all recipes (about 15 CPU-minutes here)
+  python benchmarks/compile_recipes.py --only demo     # one, merged into the stored results
+  python benchmarks/compile_recipes.py --table-only    # re-make the table from the stored JSON
+
+Writes docs/results/compile_recipes.jsonl (one minilm-compile report per recipe, plus its config name
+and the commit) and the table between the markers in docs/compile.md. Needs libtpu (the `tpu` extra) and,
+for GPU targets, the CUDA plugin (the `cuda` extra).
+"""
+
+import argparse
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "results", "compile_recipes.jsonl")
+PAGE = os.path.join(ROOT, "docs", "compile.md")
+BEGIN, END = "<!-- recipes table: benchmarks/compile_recipes.py -->", "<!-- end of recipes table -->"
+
+
+def recipe_target(path: str) -> str:
+  """The `Target: NAME` line of a config file's docstring; ValueError without one."""
+  doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+  m = re.search(r"^Target: (\S+)", doc, re.M)
+  if not m:
+    raise ValueError(f"{path}: its docstring names no 'Target: NAME' line")
+  return m.group(1)
+
+
+def recipes():
+  folder = os.path.join(ROOT, "configs")
+  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def compile_one(name: str) -> dict:
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  exe = os.path.join(os.path.dirname(sys.executable), "minilm-compile")
+  r = subprocess.run([exe, "--config", path, "--target", recipe_target(path)], capture_output=True,
+                     text=True)
+  lines = r.stdout.strip().splitlines()
+  if not lines or not lines[-1].startswith("{"):
+    raise RuntimeError(f"{name}: minilm-compile failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+  commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+  return {"config": name, "commit": commit, **json.loads(lines[-1])}
+
+
+def load() -> dict:
+  if not os.path.exists(RESULTS):
+    return {}
+  with open(RESULTS) as f:
+    return {r["config"]: r for r in map(json.loads, f)}
+
+
+def save(results: dict) -> None:
+  tmp = RESULTS + ".tmp"
+  with open(tmp, "w") as f:
+    for name in sorted(results):
+      f.write(json.dumps(results[name]) + "\n")
+  os.replace(tmp, RESULTS)
+
+
+def table(results: dict) -> str:
+  """The markdown table of docs/compile.md from the stored reports."""
+  est = lambda v, fmt: fmt.format(v) if v is not None else "—"
+  rows = ["| recipe | target | batch × T | memory per chip | HBM spare | compiler's step | tokens/s | MFU "
+          "| whole budget |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for name in sorted(results):
+    r = results[name]
+    budget = (f"{r['budget_hours']:.3g} h, {r['budget_chip_hours']:.3g} chip-h"
+              if r["budget_hours"] is not None else "—")
+    rows.append(f"| `{name}` | {r['target']} ({r['devices']}× {r['device_kind']}) | "
+                f"{r['batch_size']} × {r['seq']} | {r['memory_per_device_bytes'] / 2**30:.2f} of "
+                f"{r['hbm_bytes'] / 2**30:.0f} GiB | {r['hbm_spare']:.0%} | "
+                f"{est(r['step_seconds_estimate'] and 1e3 * r['step_seconds_estimate'], '{:.1f} ms')} | "
+                f"{est(r['tokens_per_s_estimate'], '{:,.0f}')} | {est(r['mfu_estimate'], '{:.2f}')} | "
+                f"{budget} |")
+  return "\n".join(rows)
+
+
+def write_page(results: dict) -> None:
+  page = open(PAGE).read()
+  i, j = page.index(BEGIN) + len(BEGIN), page.index(END)
+  tmp = PAGE + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(page[:i] + "\n" + table(results) + "\n" + page[j:])
+  os.replace(tmp, PAGE)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--only", action="append", help="a recipe (its file name without .py); repeatable")
+  p.add_argument("--table-only", action="store_true")
+  args = p.parse_args()
+  results = load()
+  if not args.table_only:
+    for name in args.only or recipes():
+      print(f"compiling {name} ...", file=sys.stderr, flush=True)
+      results[name] = compile_one(name)
+      save(results)  # after each: a crash keeps what was compiled
+  write_page(results)
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
