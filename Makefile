@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test device-check
 
 setup: $(STAMP)
 
@@ -23,3 +23,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25
+
+# On the first GPU or TPU at hand (or the CPU, slowly): the step, the embedding gradient and the trainer
+# loop, in at most 6 minutes; one table, and device_check.json (benchmarks/device_check.py).
+device-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/device_check.py

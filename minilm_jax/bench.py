@@ -2,7 +2,7 @@
 
   python -m minilm_jax.bench --teacher DIR --student-layers 3 --student-hidden 384 --student-heads 12 \
       --batch 32 --seq 128 --loss v2 --relation-heads 12 [--precision bfloat16] [--steps 10] \
-      [--random-teacher-layers L]
+      [--random-teacher-layers L] [--attention auto|reference|xla|cudnn|pallas]
 
 Prints one JSON line: tokens_per_s, step_ms, model_flops_per_step, achieved_flops_per_s,
 peak_flops_per_s, mfu, peak_memory_bytes (and how each was obtained).
@@ -13,14 +13,19 @@ peak_flops_per_s, mfu, peak_memory_bytes (and how each was obtained).
   it is the chip's published dense bf16 peak (fp32 runs are still divided by that peak).
 - peak_memory_bytes is the device's peak_bytes_in_use where the backend reports it (GPU/TPU), else the
   compiled step's arguments + outputs + temporaries from XLA's memory analysis (CPU).
+- --attention forces the attention of teacher and student (train.attention_implementation, replaced for
+  the run): "reference" (model.attention), "xla" or "cudnn" (jax.nn.dot_product_attention's), "pallas"
+  (train.tpu_attention); "auto" (default) keeps the trainer's choice for the platform and precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +124,19 @@ def make_batch(batch: int, seq: int, vocab: int, padded_fraction: float, seed: i
   return {"input_ids": np.where(mask > 0, ids, 0).astype(np.int32), "attention_mask": mask}
 
 
+ATTENTIONS = ("auto", "reference", "xla", "cudnn", "pallas")
+
+
+def forced_attention(name: str):
+  """A stand-in for train.attention_implementation(precision, platform, mesh) that always picks `name`."""
+  def choose(precision, platform=None, mesh=None, *args, **kwargs):
+    from minilm_jax import train
+    if name == "pallas":
+      return functools.partial(train.tpu_attention, mesh)
+    return None if name == "reference" else name
+  return choose
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--teacher", required=True, help="HF folder or hub id")
@@ -142,6 +160,8 @@ def parse_args(argv=None):
                  help="a random teacher of this depth, with the --teacher's widths and max(seq, its) "
                       "positions, instead of its weights")
   p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                 help="the attention implementation (module docstring); auto: the trainer's")
   p.add_argument("--compile-only", action="store_true",
                  help="compile and report XLA's memory analysis without running (for shapes that may "
                       "not fit)")
@@ -174,7 +194,12 @@ def run(args) -> dict:
   cfg.steps = 1_000_000  # the schedule's length does not change the cost
   cfg.precision = args.precision
   cfg.parallel.fsdp = args.fsdp
-  s = train.setup(cfg, teacher=(teacher_dir, tcfg, tparams))
+  attention = getattr(args, "attention", "auto")  # callers may build args without the flag
+  if attention == "auto":
+    s = train.setup(cfg, teacher=(teacher_dir, tcfg, tparams))
+  else:  # setup builds the models with the chosen attention; the step traced later keeps it
+    with mock.patch.object(train, "attention_implementation", forced_attention(attention)):
+      s = train.setup(cfg, teacher=(teacher_dir, tcfg, tparams))
   batch = sharding.put_batch(s.mesh, make_batch(args.batch, args.seq, tcfg.vocab_size,
                                                 args.padded_fraction))
   state = s.init_state()
@@ -210,7 +235,7 @@ def run(args) -> dict:
   return {
       "impl": "minilm_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "batch": args.batch, "seq": args.seq, "loss_version": args.loss,
-      "relation_heads": args.relation_heads, "precision": args.precision,
+      "relation_heads": args.relation_heads, "precision": args.precision, "attention": attention,
       "tokens_per_s": args.batch * args.seq / step_s, "step_ms": 1e3 * step_s,
       "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
       "peak_flops_per_s": peak, "peak_source": peak_source, "mfu": flops / step_s / peak,
