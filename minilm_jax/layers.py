@@ -92,7 +92,10 @@ class Embed(nn.Module):
 
   def first_rows(self, shape):
     """[B, T, H]: rows 0..T-1 for every row of a `shape` = (B, T) batch, as gathering them would give,
-    with a gradient that is a sum over the batch (in the table's dtype), not a scatter."""
+    with a gradient that is a sum over the batch (in the table's dtype), not a scatter. Rows past the
+    table's end (T > num_embeddings) are gathered as before, with jnp.take's out-of-range handling."""
+    if shape[-1] > self.num_embeddings:
+      return self(jnp.broadcast_to(jnp.arange(shape[-1]), tuple(shape)))
     return jnp.broadcast_to(self.embedding[:shape[-1]], tuple(shape) + (self.features,)).astype(self.dtype)
 
   def row(self, index: int, shape):

@@ -66,3 +66,12 @@ def test_embedding_reads_equal_a_gather_and_their_gradients_are_not_scatters():
   assert "scatter" not in jaxpr
   jaxpr = str(jax.make_jaxpr(lambda p: grad(lambda q: bf.apply(q, ids, method=layers.Embed.one_hot)))(params))
   assert "scatter" not in jaxpr
+
+
+def test_first_rows_past_the_table_are_what_a_gather_gives():
+  # A sequence longer than the position table (evaluation may pad past it): as the gather always did.
+  e = layers.Embed(3, 2)
+  params = e.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  got = e.apply(params, (2, 5), method=layers.Embed.first_rows)
+  want = e.apply(params, jnp.broadcast_to(jnp.arange(5), (2, 5)))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
