@@ -15,6 +15,15 @@ lane-dense rows [1, bq]; dK, dV accumulate over the query blocks in VMEM, and dQ
 of one (b, head group) stays in VMEM too ([Tp, W] fp32: 1 MiB at T = 2048), so each score block is
 recomputed once, not once for dQ and again for dK, dV.
 
+Local window (window=w: query t attends keys |t − s| ≤ w, modernbert.attention's local layers): the
+inner grid axis becomes a band, the most blocks one outer block's reach meets (key blocks within
+[i·bq − w, (i+1)·bq − 1 + w] of query block i; the query blocks reaching key block j), starting at the
+reach's first block, so block pairs out of reach have no grid step at all. The band's edge steps past
+a shorter reach skip the work (pl.when) and their index maps repeat a block already in VMEM (no DMA);
+the row state still starts on a band's first step and ends on its last, and the backward starts and
+finishes each query block's dq (and D) at the first and last key block it meets. An element mask
+within the blocks does the rest; the CostEstimates count only the block pairs in reach.
+
 Layout (as relation_kernel.py's). The kernels read the model's token-major [B, T, H·d] layout directly:
 a grid step holds `hc` heads of one batch row, the fewest whose lanes fill whole 128-lane tiles (4 heads
 of 32, 2 of 64), so no transpose to heads-major is needed and no [T, 32] block pads 4x in VMEM. Head h's
@@ -25,7 +34,8 @@ contexts and gradients add up in one [rows, W] accumulator.
 
 import functools
 import math
-from typing import NamedTuple
+import operator
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +51,10 @@ _LANES = 128
 # (hc heads of 512² pairs) far above the ~0.35 µs step overhead and re-reads K, V (forward) or Q, dO
 # (backward) T/512 times.
 _BLOCKS = (512, 384, 256, 128)
+# A grid step's overhead (~0.35 µs) as the work of so many (query, key) pairs (~4e-11 s each, forward
+# and backward, heads of 64 with dropout: estimated, not measured on a TPU): the automatic blocks under a
+# window weigh the steps that smaller blocks add against the work they skip.
+_STEP_PAIRS = 8192
 # VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it.
 _VMEM_BUDGET = 16 * 2**20
 # murmur3's fmix32 multipliers and the golden ratio, as int32 (the hash runs on int32 with wrapping
@@ -63,6 +77,7 @@ class _Plan(NamedTuple):
   threshold: int  # dropout: drop where the 16 hash bits < threshold; 0: no dropout
   dtype: str      # of q, k, v and the outputs
   interpret: bool
+  window: Optional[int] = None  # keys within ±window of the query; None: all (also any window ≥ T − 1)
 
   @property
   def groups(self):
@@ -93,9 +108,54 @@ class _Plan(NamedTuple):
     return jnp.dtype(self.dtype).itemsize
 
   @property
+  def kband(self):
+    """Forward grid steps per query block: the most key blocks one query block's reach meets."""
+    return self._band(False)
+
+  @property
+  def qband(self):
+    """Backward grid steps per key block: the most query blocks that reach one key block."""
+    return self._band(True)
+
+  @property
+  def visits(self):
+    """(query block, key block) pairs that do work, of nq·nk: the same in both kernels."""
+    return sum(hi - lo + 1 for lo, hi in map(lambda i: self.reach(i, False), range(self.nq)))
+
+  def _band(self, keys_outer):
+    n_out = self.nk if keys_outer else self.nq
+    return max(hi - lo + 1 for lo, hi in map(lambda x: self.reach(x, keys_outer), range(n_out)))
+
+  def reach(self, x, keys_outer):
+    """First and last inner block that outer block x meets (x a Python int or a traced int32): the key
+    blocks holding a key within ±window of a query of query block x (keys_outer False), or the query
+    blocks holding a query within ±window of a key of key block x (True); every inner block without a
+    window. A block pair meets or not whichever side is outer: both kernels do the same pairs."""
+    b_out, b_in, n_in = (self.bk, self.bq, self.nq) if keys_outer else (self.bq, self.bk, self.nk)
+    if self.window is None:
+      return 0, n_in - 1
+    first = _div(_max(x * b_out - self.window, 0), b_in)
+    return first, _min(_div(x * b_out + (b_out - 1 + self.window), b_in), n_in - 1)
+
+  def band_start(self, x, keys_outer):
+    """Inner block of outer block x's first band step: its reach's first block, moved back where the
+    band would run past the last block (the steps past the reach are skipped)."""
+    n_in = self.nq if keys_outer else self.nk
+    return _min(self.reach(x, keys_outer)[0], n_in - self._band(keys_outer))
+
+  @property
   def precision(self):
     # fp32 inputs get fp32 matmuls (several bf16 MXU passes); bf16 ones a single pass, as XLA's.
     return jax.lax.Precision.HIGHEST if self.dtype == "float32" else jax.lax.Precision.DEFAULT
+
+
+# Scalar arithmetic on block indices that are Python ints (the plan's static counts, _cost's replay of
+# the index maps) or traced int32 (index maps, kernels: lax.div, as the operands are never negative).
+_static = lambda *xs: all(isinstance(x, int) for x in xs)
+_max = lambda a, b: max(a, b) if _static(a, b) else jnp.maximum(a, b)
+_min = lambda a, b: min(a, b) if _static(a, b) else jnp.minimum(a, b)
+_div = lambda a, b: a // b if _static(a) else jax.lax.div(a, jnp.int32(b))
+_select = lambda c, a, b: (a if c else b) if _static(c, a, b) else jnp.where(c, a, b)
 
 
 # ------------------------------------------------------------------------------------------ dropout
@@ -185,19 +245,41 @@ def _auto_block(t, vmem_bytes=lambda b: 0):
               if (-(-t // b) * b == t128 and vmem_bytes(b) <= _VMEM_BUDGET) or b == _LANES)
 
 
-def _make_plan(batch, heads, t, dh, dtype, block_q, block_k, threshold, interpret):
+def _window_block(t, window, vmem_bytes):
+  """Automatic blocks under a window: of the blocks _auto_block may choose (those that pad T no further
+  than 128-alignment does and fit VMEM), the one of least work + overhead, visits·B² + steps·_STEP_PAIRS
+  (grid steps nq·band: the band's edge steps cost their overhead too). A query block of B meets
+  1 + 2⌈w/B⌉ key blocks, so blocks near w waste the least, but many small blocks pay the step overhead:
+  at T = 512, w = 64 blocks of 128 do 10 of 16 block pairs in 12 steps (estimated 3% cheaper than one
+  512-block), at w = 256 they would do 14 of 16 in 16 steps (the full 512 wins)."""
+  def score(b):
+    plan = _Plan(1, 1, t, -(-t // b) * b, 1, 1, 1, b, b, 0, "float32", True, window)
+    return plan.visits * b * b + plan.nq * plan.kband * _STEP_PAIRS
+  t128, largest = -(-t // _LANES) * _LANES, _auto_block(t, vmem_bytes)  # smaller blocks need less VMEM
+  fits = [b for b in _BLOCKS if b <= largest and -(-t // b) * b == t128]  # 128 always
+  return min(fits, key=lambda b: (score(b), -b))  # ties: the larger
+
+
+def _make_plan(batch, heads, t, dh, dtype, block_q, block_k, threshold, interpret, window=None):
+  if window is not None:
+    window = operator.index(window)
+    if window < 0:
+      raise ValueError(f"window must be None or ≥ 0, got {window}")
+    if window >= t - 1:  # every pair of positions lies within it
+      window = None
   dw = _lane_width(dh)
   hc = _heads_per_step(heads, dw)
   itemsize = jnp.dtype(dtype).itemsize
   vmem = lambda b: _vmem_bytes(b, b, -(-t // b) * b, hc * dw, itemsize)
-  bq = _auto_block(t, vmem) if block_q is None else int(block_q)
-  bk = _auto_block(t, vmem) if block_k is None else int(block_k)
+  auto = lambda: _auto_block(t, vmem) if window is None else _window_block(t, window, vmem)
+  bq = auto() if block_q is None else int(block_q)
+  bk = auto() if block_k is None else int(block_k)
   for name, b in (("block_q", bq), ("block_k", bk)):
     if b < 1 or b % _LANES:
       raise ValueError(f"{name} must be a positive multiple of {_LANES}, got {b}")
   lcm = bq * bk // math.gcd(bq, bk)
   return _Plan(batch, heads, t, -(-t // lcm) * lcm, dh, dw, hc, bq, bk, threshold,
-               jnp.dtype(dtype).name, bool(interpret))
+               jnp.dtype(dtype).name, bool(interpret), window)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -242,10 +324,11 @@ def _only(x, in_head, plan):
   return x if plan.hc == 1 else jnp.where(in_head, x, jnp.zeros((), x.dtype))
 
 
-def _step_bits(seeds_ref, counter, plan):
-  """16 dropout bits of each of the step's hc heads at `counter`: a function of h, traced lazily so
-  that an even head's pair hash serves the odd head after it."""
-  seed, g = seeds_ref[pl.program_id(0)], pl.program_id(1)
+def _step_bits(seeds_ref, counter, plan, b, g):
+  """16 dropout bits of each of the step's hc heads at `counter` (b, g: the step's program ids, read
+  outside any pl.when, where interpret mode has none): a function of h, traced lazily so that an even
+  head's pair hash serves the odd head after it."""
+  seed = seeds_ref[b]
   cache = {}
 
   def bits(h):
@@ -270,42 +353,71 @@ def _counter(shape, queries_axis, t0, s0, plan):
 # ------------------------------------------------------------------------------------------ kernels
 
 
+def _window_mask(shape, queries_axis, i, j, plan):
+  """[bq, bk] (queries_axis 0) or [bk, bq] (1) bool: |t − s| ≤ window within query block i, key block j;
+  None without a window."""
+  if plan.window is None:
+    return None
+  diff = (jax.lax.broadcasted_iota(jnp.int32, shape, queries_axis)
+          - jax.lax.broadcasted_iota(jnp.int32, shape, 1 - queries_axis) + (i * plan.bq - j * plan.bk))
+  return (diff <= plan.window) & (diff >= -plan.window)
+
+
+def _when_meets(lo_hi, x, plan, body):
+  """body() where inner block x lies in lo_hi, the outer block's reach: the band's edge steps skip the
+  work (their index maps repeat a neighbour's block, so they copy nothing either)."""
+  if plan.window is None:
+    body()
+  else:
+    pl.when((x >= lo_hi[0]) & (x <= lo_hi[1]))(body)
+
+
 def _forward_kernel(seeds_ref, kvalid_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
                     *, plan):
-  """Grid (b, group, query block i, key block j): online softmax over the key blocks. m_scr, l_scr
-  [bq, 128] hold head h's running max and sum in lane h; acc_scr [bq, W] the unnormalised context."""
-  i, j = pl.program_id(2), pl.program_id(3)
+  """Grid (b, group, query block i, band step): online softmax over the key blocks j of the band, those
+  from band_start(i) (all without a window). m_scr, l_scr [bq, 128] hold head h's running max and sum in
+  lane h; acc_scr [bq, W] the unnormalised context."""
+  b, g, i, step = (pl.program_id(a) for a in range(4))
+  j = plan.band_start(i, False) + step
 
-  @pl.when(j == 0)
+  # On the band's first and last steps whether or not they do work: the row's state must start and end.
+  @pl.when(step == 0)
   def _init():
     m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  q, k, v = q_ref[...], k_ref[...], v_ref[...]
-  valid_1K = kvalid_ref[...] != 0
-  if plan.threshold:
-    bits = _step_bits(seeds_ref, _counter((plan.bq, plan.bk), 0, i * plan.bq, j * plan.bk, plan), plan)
-  alpha_QW = jnp.ones((plan.bq, plan.width), jnp.float32)
-  pv_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
-  for h in range(plan.hc):  # unrolled: hc is 1 to 4 for heads of 32 lanes and wider
-    in_head = _head_lanes(plan, h)
-    s_QK = _dot(_only(q, in_head, plan), k, ((1,), (1,)), plan) * plan.scale
-    s_QK = jnp.where(valid_1K, s_QK, MASK_VALUE)
-    m_old, l_old = m_scr[:, h:h + 1], l_scr[:, h:h + 1]
-    m_new = jnp.maximum(m_old, s_QK.max(1, keepdims=True))
-    p_QK = jnp.exp(s_QK - m_new)
-    alpha = jnp.exp(m_old - m_new)
-    # The normaliser sums the undropped probabilities: dropout acts on the normalised ones.
-    l_scr[:, h:h + 1] = alpha * l_old + p_QK.sum(1, keepdims=True)
-    m_scr[:, h:h + 1] = m_new
+  def _accumulate():
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    allowed_QK = kvalid_ref[...] != 0  # [1, bk]: broadcast along the queries
+    in_window = _window_mask((plan.bq, plan.bk), 0, i, j, plan)
+    if in_window is not None:
+      allowed_QK = allowed_QK & in_window
     if plan.threshold:
-      p_QK = jnp.where(bits(h) >= plan.threshold, p_QK, 0.0)
-    pv_QW += _dot(p_QK.astype(v.dtype), _only(v, in_head, plan), ((1,), (0,)), plan)
-    alpha_QW = jnp.where(in_head, alpha, alpha_QW)
-  acc_scr[...] = acc_scr[...] * alpha_QW + pv_QW
+      counter = _counter((plan.bq, plan.bk), 0, i * plan.bq, j * plan.bk, plan)
+      bits = _step_bits(seeds_ref, counter, plan, b, g)
+    alpha_QW = jnp.ones((plan.bq, plan.width), jnp.float32)
+    pv_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
+    for h in range(plan.hc):  # unrolled: hc is 1 to 4 for heads of 32 lanes and wider
+      in_head = _head_lanes(plan, h)
+      s_QK = _dot(_only(q, in_head, plan), k, ((1,), (1,)), plan) * plan.scale
+      s_QK = jnp.where(allowed_QK, s_QK, MASK_VALUE)
+      m_old, l_old = m_scr[:, h:h + 1], l_scr[:, h:h + 1]
+      m_new = jnp.maximum(m_old, s_QK.max(1, keepdims=True))
+      p_QK = jnp.exp(s_QK - m_new)
+      alpha = jnp.exp(m_old - m_new)
+      # The normaliser sums the undropped probabilities: dropout acts on the normalised ones.
+      l_scr[:, h:h + 1] = alpha * l_old + p_QK.sum(1, keepdims=True)
+      m_scr[:, h:h + 1] = m_new
+      if plan.threshold:
+        p_QK = jnp.where(bits(h) >= plan.threshold, p_QK, 0.0)
+      pv_QW += _dot(p_QK.astype(v.dtype), _only(v, in_head, plan), ((1,), (0,)), plan)
+      alpha_QW = jnp.where(in_head, alpha, alpha_QW)
+    acc_scr[...] = acc_scr[...] * alpha_QW + pv_QW
 
-  @pl.when(j == plan.nk - 1)
+  _when_meets(plan.reach(i, False), j, plan, _accumulate)
+
+  @pl.when(step == plan.kband - 1)
   def _finish():
     l_Q128 = l_scr[...]
     inv_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
@@ -331,60 +443,71 @@ def _row_sums(x_QW, plan):
 
 def _backward_kernel(seeds_ref, kvalid_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
                      dq_ref, dk_ref, dv_ref, dq_scr, dk_scr, dv_scr, di_scr, *, plan):
-  """Grid (b, group, key block j, query block i), transposed blocks [bk, bq]. dk_scr, dv_scr [bk, W]
-  sum over the query blocks; dq_scr [Tp, W] holds the (b, group)'s whole dq, summed over key blocks;
-  di_scr [nq, hc8, bq] the rows D_t = rowsum(dO_t ∘ O_t) of each head, computed in the first key-block
-  sweep (the only one that reads O: its block index stays put after it)."""
-  j, i = pl.program_id(2), pl.program_id(3)
+  """Grid (b, group, key block j, band step), transposed blocks [bk, bq] of the query blocks i of j's
+  band, those from band_start(j) (all without a window). dk_scr, dv_scr [bk, W] sum over the query
+  blocks; dq_scr [Tp, W] holds the (b, group)'s whole dq, summed over key blocks; di_scr [nq, hc8, bq]
+  the rows D_t = rowsum(dO_t ∘ O_t) of each head, computed at the first key block that query block i
+  meets (the only step that reads its O: O's block index stays put otherwise)."""
+  b, g, j, step = (pl.program_id(a) for a in range(4))
+  i = plan.band_start(j, True) + step
   rows = pl.ds(pl.multiple_of(i * plan.bq, plan.bq), plan.bq)
+  # The key blocks that query block i meets: its dq starts at the first, is complete at the last.
+  first_j, last_j = plan.reach(i, False)
 
-  @pl.when(i == 0)
+  @pl.when(step == 0)
   def _init_kv():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  @pl.when(j == 0)
+  @pl.when(j == first_j)
   def _init_q():
     dq_scr[rows, :] = jnp.zeros((plan.bq, plan.width), jnp.float32)
     # With dropout D = rowsum(P ∘ dP̃) = dO · Σ_s (P ∘ M/keep)_s v_s = dO · O, O the dropped output.
     di_scr[i] = _row_sums(do_ref[...].astype(jnp.float32) * o_ref[...].astype(jnp.float32), plan)
 
-  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-  if plan.threshold:
-    # dP̃ = (dO Vᵀ) ∘ M/keep and dV = (P ∘ M/keep)ᵀ dO both take dO/keep: scaled once a block.
-    do = (do.astype(jnp.float32) * plan.inv_keep).astype(do.dtype)
-  di_HQ = di_scr[i]
-  valid_K1 = (kvalid_ref[...] != 0).T  # the key row becomes a column, to broadcast along queries
-  if plan.threshold:
-    bits = _step_bits(seeds_ref, _counter((plan.bk, plan.bq), 1, i * plan.bq, j * plan.bk, plan), plan)
-  dk_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
-  dv_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
-  dq_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
-  for h in range(plan.hc):
-    in_head = _head_lanes(plan, h)
-    k_h, do_h = _only(k, in_head, plan), _only(do, in_head, plan)
-    s_KQ = jnp.where(valid_K1, _dot(k_h, q, ((1,), (1,)), plan) * plan.scale, MASK_VALUE)
-    p_KQ = jnp.exp(s_KQ - lse_ref[h:h + 1, :])
-    dp_KQ = _dot(v, do_h, ((1,), (1,)), plan)  # (dO Vᵀ)ᵀ / keep
+  def _accumulate():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     if plan.threshold:
-      kept = bits(h) >= plan.threshold
-      pd_KQ, dp_KQ = jnp.where(kept, p_KQ, 0.0), jnp.where(kept, dp_KQ, 0.0)
-    else:
-      pd_KQ = p_KQ
-    dv_KW += _dot(pd_KQ.astype(do.dtype), do_h, ((1,), (0,)), plan)
-    ds_KQ = (p_KQ * (dp_KQ - di_HQ[h:h + 1, :])).astype(q.dtype)
-    dk_KW += _dot(ds_KQ, _only(q, in_head, plan), ((1,), (0,)), plan)
-    dq_QW += _dot(ds_KQ, k_h, ((0,), (0,)), plan)
-  dk_scr[...] += dk_KW
-  dv_scr[...] += dv_KW
-  dq_scr[rows, :] += dq_QW
+      # dP̃ = (dO Vᵀ) ∘ M/keep and dV = (P ∘ M/keep)ᵀ dO both take dO/keep: scaled once a block.
+      do = (do.astype(jnp.float32) * plan.inv_keep).astype(do.dtype)
+    di_HQ = di_scr[i]
+    allowed_KQ = (kvalid_ref[...] != 0).T  # the key row becomes a column, to broadcast along queries
+    in_window = _window_mask((plan.bk, plan.bq), 1, i, j, plan)
+    if in_window is not None:
+      allowed_KQ = allowed_KQ & in_window
+    if plan.threshold:
+      counter = _counter((plan.bk, plan.bq), 1, i * plan.bq, j * plan.bk, plan)
+      bits = _step_bits(seeds_ref, counter, plan, b, g)
+    dk_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
+    dv_KW = jnp.zeros((plan.bk, plan.width), jnp.float32)
+    dq_QW = jnp.zeros((plan.bq, plan.width), jnp.float32)
+    for h in range(plan.hc):
+      in_head = _head_lanes(plan, h)
+      k_h, do_h = _only(k, in_head, plan), _only(do, in_head, plan)
+      s_KQ = jnp.where(allowed_KQ, _dot(k_h, q, ((1,), (1,)), plan) * plan.scale, MASK_VALUE)
+      p_KQ = jnp.exp(s_KQ - lse_ref[h:h + 1, :])
+      dp_KQ = _dot(v, do_h, ((1,), (1,)), plan)  # (dO Vᵀ)ᵀ / keep
+      if plan.threshold:
+        kept = bits(h) >= plan.threshold
+        pd_KQ, dp_KQ = jnp.where(kept, p_KQ, 0.0), jnp.where(kept, dp_KQ, 0.0)
+      else:
+        pd_KQ = p_KQ
+      dv_KW += _dot(pd_KQ.astype(do.dtype), do_h, ((1,), (0,)), plan)
+      ds_KQ = (p_KQ * (dp_KQ - di_HQ[h:h + 1, :])).astype(q.dtype)
+      dk_KW += _dot(ds_KQ, _only(q, in_head, plan), ((1,), (0,)), plan)
+      dq_QW += _dot(ds_KQ, k_h, ((0,), (0,)), plan)
+    dk_scr[...] += dk_KW
+    dv_scr[...] += dv_KW
+    dq_scr[rows, :] += dq_QW
 
-  @pl.when(i == plan.nq - 1)
+  _when_meets(plan.reach(j, True), i, plan, _accumulate)
+
+  @pl.when(step == plan.qband - 1)
   def _finish_kv():
     dk_ref[...] = (dk_scr[...] * plan.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
-  @pl.when(j == plan.nk - 1)
+  @pl.when(j == last_j)
   def _finish_q():
     dq_ref[rows, :] = (dq_scr[rows, :] * plan.scale).astype(dq_ref.dtype)
 
@@ -402,49 +525,88 @@ def _params(plan, semantics):
 def _elementwise_per_pair(plan, backward):
   """VPU operations per (query, key) pair and head: scale, mask, max or subtract, sum, casts (forward);
   scale, mask, subtract, the dS arithmetic and casts (backward); with dropout half the pair hash (two
-  fmix32 rounds: 18 integer ops, shared by two heads), the counter, the 16-bit half, compare, selects."""
+  fmix32 rounds: 18 integer ops, shared by two heads), the counter, the 16-bit half, compare, selects;
+  with a window its mask (offset, two compares, and: shared by the step's heads)."""
   base = 8 if not backward else 10
-  return base + ((13 if not backward else 14) if plan.threshold else 0)
+  return (base + ((13 if not backward else 14) if plan.threshold else 0)
+          + (-(-4 // plan.hc) if plan.window is not None else 0))
+
+
+def _inner_block(plan, keys_outer, x, step):
+  """Grid (outer block x, band step) -> the inner block whose data the step reads: the band's block,
+  clamped into x's reach, so that the band's edge steps, which do no work, repeat their neighbour's block
+  index (Pallas copies a block only when its index changes). Python ints or traced int32."""
+  lo, hi = plan.reach(x, keys_outer)
+  inner = plan.band_start(x, keys_outer) + step
+  return inner if plan.window is None else _min(_max(inner, lo), hi)
+
+
+def _o_block(plan, j, step):
+  """The backward's O block at (key block j, band step): query block i at the first key block it meets
+  (where D is computed), else the last block read: max(reach(j − 1)'s last, min(i, reach(j)'s last)),
+  as the query blocks meet their first key blocks in order. Without a window: i in the first key-block
+  sweep, nq − 1 after it."""
+  i = plan.band_start(j, True) + step
+  last, last_before = plan.reach(j, True)[1], plan.reach(_max(j - 1, 0), True)[1]
+  return _select(j == 0, _min(i, last), _max(last_before, _min(i, last)))
+
+
+def _copies(plan, keys_outer, index):
+  """Blocks one (b, group) copies of an input with block index index(x, step) over its grid (x, step):
+  the first, then each change."""
+  n_out, band = (plan.nk, plan.qband) if keys_outer else (plan.nq, plan.kband)
+  seq = [index(x, step) for x in range(n_out) for step in range(band)]
+  return 1 + sum(a != b for a, b in zip(seq, seq[1:]))
 
 
 def _cost(plan, kind):
-  """CostEstimate of one kernel. Flops count the MXU work issued (each head contracts over the step's
-  W lanes: 2 matmuls forward, 5 backward) and the elementwise work per pair; transcendentals the exp
-  per pair (and per row); bytes count every block DMA'd: the outer side's once, the inner side's once
-  per outer block (once in all with a single inner block: Pallas skips an unchanged block)."""
+  """CostEstimate of one kernel. Flops count the MXU work issued in the block pairs that do work (each
+  head contracts over the step's W lanes: 2 matmuls forward, 5 backward; every pair without a window,
+  those within its reach with one) and the elementwise work per pair; transcendentals the exp per pair
+  (and per row and key block); bytes count every block DMA'd, replaying the index maps: the outer side's
+  once, the inner side's once per outer block (once in all with a single inner block: Pallas skips an
+  unchanged block), with a window only the blocks in reach."""
   b, g, tp, w, isz = plan.batch, plan.groups, plan.tp, plan.width, plan.itemsize
-  pairs, rows = b * plan.heads * tp * tp, b * plan.heads * tp
+  pairs = b * plan.heads * plan.visits * plan.bq * plan.bk  # b·heads·Tp² without a window
+  rows, row_blocks = b * plan.heads * tp, b * plan.heads * plan.visits * plan.bq
   side = b * tp * g * w * isz        # one [B, Tp, H·dw] array
   kvalid = b * tp * 4
   if kind == "forward":
-    reps = plan.nq if plan.nk > 1 else 1
+    k_copies = _copies(plan, False, lambda i, step: _inner_block(plan, False, i, step))
     return pl.CostEstimate(
-        flops=pairs * (4 * w + _elementwise_per_pair(plan, False)) + rows * plan.nk * 6 + 3 * side // isz,
-        transcendentals=pairs + rows * plan.nk + rows,
-        # q in, o out, lse out; k, v and the key mask once per query block.
-        bytes_accessed=2 * side + rows * 4 + reps * (2 * side + g * kvalid) + b * 4)
-  reps = plan.nk if plan.nq > 1 else 1
+        flops=pairs * (4 * w + _elementwise_per_pair(plan, False)) + row_blocks * 6 + 3 * side // isz,
+        transcendentals=pairs + row_blocks + rows,
+        # q in, o out, lse out; k, v and the key mask as often as their blocks are copied.
+        bytes_accessed=2 * side + rows * 4 + k_copies * (2 * side + g * kvalid) // plan.nk + b * 4)
+  q_copies = _copies(plan, True, lambda j, step: _inner_block(plan, True, j, step))
+  o_copies = _copies(plan, True, lambda j, step: _o_block(plan, j, step))
   return pl.CostEstimate(
       # + D: an fp32 (6-pass) [hc8, W] x [W, bq] matmul per query block and group.
       flops=pairs * (10 * w + _elementwise_per_pair(plan, True)) + b * g * tp * w * (2 * 8 * 6 + 2),
       transcendentals=pairs,
-      # k, v, key mask and O once; q, dO and lse once per key block; dq, dk, dv out.
-      bytes_accessed=3 * side + g * kvalid + reps * (2 * side + rows * 4) + 3 * side + b * 4)
+      # k, v and key mask once, O about once; q, dO and lse as often as their blocks are copied; dq, dk,
+      # dv out.
+      bytes_accessed=(2 * side + g * kvalid + o_copies * side // plan.nq
+                      + q_copies * (2 * side + rows * 4) // plan.nq + 3 * side + b * 4))
 
 
 def _grid_spec(plan, in_specs, out_specs, scratch, keys_outer):
-  """Grid (b, group, outer, inner) with the seeds in SMEM (scalar prefetch: index maps get its ref)."""
-  inner = (plan.nk, plan.nq) if keys_outer else (plan.nq, plan.nk)
+  """Grid (b, group, outer block, band step) with the seeds in SMEM (scalar prefetch: index maps get its
+  ref)."""
+  inner = (plan.nk, plan.qband) if keys_outer else (plan.nq, plan.kband)
   return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(plan.batch, plan.groups) + inner,
                                       in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
 
 
 def _specs(plan, keys_outer):
-  """BlockSpecs (kvalid, q-side [bq, W], k-side [bk, W], rows [hc, bq]) of grid (b, g, x, y)."""
-  qk = (lambda x, y: (y, x)) if keys_outer else (lambda x, y: (x, y))
+  """BlockSpecs (kvalid, q-side [bq, W], k-side [bk, W], rows [hc, bq]) of grid (b, g, outer, step)."""
+
+  def blocks(x, step):  # -> (query block i, key block j)
+    inner = _inner_block(plan, keys_outer, x, step)
+    return (inner, x) if keys_outer else (x, inner)
 
   def spec(shape, index):
-    return pl.BlockSpec(shape, lambda b, g, x, y, *_: index(b, g, *qk(x, y)))
+    return pl.BlockSpec(shape, lambda b, g, x, step, *_: index(b, g, *blocks(x, step)))
 
   return dict(
       kvalid=spec((None, 1, plan.bk), lambda b, g, i, j: (b, 0, j)),
@@ -477,9 +639,9 @@ def _forward_call(plan, seeds, kvalid, q, k, v):
 def _backward_call(plan, seeds, kvalid, q, k, v, o, do, lse):
   """dq, dk, dv [B, Tp, H·dw]."""
   s = _specs(plan, keys_outer=True)
-  # O is read in the first key-block sweep only (for D); afterwards its block index stays put.
+  # O is read once per query block (for D); otherwise its block index stays put.
   o_spec = pl.BlockSpec((None, plan.bq, plan.width),
-                        lambda b, g, j, i, *_: (b, jnp.where(j == 0, i, plan.nq - 1), g))
+                        lambda b, g, j, step, *_: (b, _o_block(plan, j, step), g))
   whole_q = pl.BlockSpec((None, plan.tp, plan.width), lambda b, g, j, i, *_: (b, 0, g))
   acc = lambda n: pltpu.VMEM((n, plan.width), jnp.float32)
   di = pltpu.VMEM((plan.nq, -(-plan.hc // 8) * 8, plan.bq), jnp.float32)
@@ -523,17 +685,21 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # ------------------------------------------------------------------------------------------- public
 
 
-def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, rate=0.0, seeds_B=None, block_q=None,
-              block_k=None, interpret=False):
-  """model.attention(q, k, v, mask, num_heads, dropout) from Pallas TPU kernels: context [B, T, D] in
-  q's dtype.
+def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, window: Optional[int] = None, rate=0.0,
+              seeds_B=None, block_q=None, block_k=None, interpret=False):
+  """model.attention(q, k, v, mask, num_heads, dropout) from Pallas TPU kernels (with `window`:
+  modernbert.attention(q, k, v, mask, num_heads, window, ...)): context [B, T, D] in q's dtype.
 
   q, k, v: [B, T, D], bf16 or fp32 (k, v are cast to q's dtype), heads contiguous slices of D; mask_BT:
-  keys with mask == 0 are excluded. rate: dropout on the normalised probabilities, ctx = (P ∘ M / keep) V
-  with M = keep_mask(seeds_B, num_heads, T, rate) and keep = 1 − rate (exact to 1/65536); seeds_B: uint32
-  [B], one seed per batch row (None, or rate 0: no dropout). block_q, block_k: multiples of 128 (default:
-  up to 512 as VMEM allows); T is padded to a multiple of both with masked keys. interpret: Pallas
-  interpret mode (any backend). Differentiable in q, k, v (custom VJP saving the output and lse).
+  keys with mask == 0 are excluded. window: None, all keys; an int w ≥ 0, query t attends only keys s
+  with |t − s| ≤ w (a query without a real key within reach stays finite, as a row without any real key
+  does, though its values are not the reference's); the grids then visit only the block pairs within
+  reach. rate: dropout on the normalised probabilities, ctx = (P ∘ M / keep) V with
+  M = keep_mask(seeds_B, num_heads, T, rate) and keep = 1 − rate (exact to 1/65536); seeds_B: uint32
+  [B], one seed per batch row (None, or rate 0: no dropout). block_q, block_k: multiples of 128
+  (default: up to 512 as VMEM allows; with a window, the size of least work and step overhead:
+  _window_block); T is padded to a multiple of both with masked keys. interpret: Pallas interpret mode
+  (any backend). Differentiable in q, k, v (custom VJP saving the output and lse).
   Per device: under several devices, call it inside shard_map.
   """
   b, t, d = q_BTD.shape
@@ -550,7 +716,8 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, rate=0.0, seeds_B=None
   threshold = _threshold(rate) if seeds_B is not None else 0
   if seeds_B is not None and jnp.shape(seeds_B) != (b,):
     raise ValueError(f"seeds_B must be [B] = {(b,)}, got {jnp.shape(seeds_B)}")
-  plan = _make_plan(b, num_heads, t, d // num_heads, dtype, block_q, block_k, threshold, interpret)
+  plan = _make_plan(b, num_heads, t, d // num_heads, dtype, block_q, block_k, threshold, interpret,
+                    window)
   kvalid_B1T = jnp.pad((mask_BT > 0).astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :]
   if threshold:
     seeds_B = jax.lax.bitcast_convert_type(jnp.asarray(seeds_B, jnp.uint32), jnp.int32)

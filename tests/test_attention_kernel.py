@@ -1,7 +1,8 @@
 """Tests for minilm_jax.attention_kernel: the Pallas attention with dropout (interpret mode on CPU)
 against a plain-jnp fp32 reference that applies the same keep_mask, values and the three gradients;
-model.attention without dropout; the mask's statistics; and a compile for a TPU target (no TPU needed)
-that must hold no [.., T, T] array."""
+model.attention without dropout; a local window against the reference and modernbert.attention, and
+the block pairs out of its reach never touched; the mask's statistics; and a compile for a TPU target
+(no TPU needed) that must hold no [.., T, T] array, and costs less with a window."""
 
 import functools
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from minilm_jax import attention_kernel as ak
-from minilm_jax import model
+from minilm_jax import model, modernbert
 
 jax.config.update("jax_enable_x64", False)
 
@@ -44,23 +45,34 @@ def _seeds(b, seed=0):
   return jax.random.bits(jax.random.key(seed), (b,), jnp.uint32)
 
 
-def _reference(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, keep_BHTS=None):
-  """Softmax attention in fp32 (HIGHEST-precision matmuls), dropout by the given keep mask."""
+def _allowed(mask_BT, window):
+  """bool [B, 1, T, S]: real keys, within ±window of the query (inclusive) where window is set."""
+  allowed = jnp.asarray(mask_BT)[:, None, None, :] > 0
+  if window is not None:
+    pos = np.arange(mask_BT.shape[1])
+    allowed = allowed & (np.abs(pos[:, None] - pos[None, :]) <= window)
+  return allowed
+
+
+def _reference(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, keep_BHTS=None, window=None):
+  """Softmax attention in fp32 (HIGHEST-precision matmuls) over _allowed keys, dropout by the given
+  keep mask."""
   b, t, d = q_BTD.shape
   split = lambda x: x.astype(jnp.float32).reshape(b, t, num_heads, d // num_heads)
   s_BHTS = jnp.einsum("bthk,bshk->bhts", split(q_BTD), split(k_BTD), precision="highest")
-  s_BHTS = jnp.where(mask_BT[:, None, None, :] > 0, s_BHTS / np.sqrt(d // num_heads), -1e30)
+  s_BHTS = jnp.where(_allowed(mask_BT, window), s_BHTS / np.sqrt(d // num_heads), -1e30)
   p_BHTS = jax.nn.softmax(s_BHTS, axis=-1)
   if keep_BHTS is not None:
     p_BHTS = jnp.where(keep_BHTS, p_BHTS / KEEP, 0.0)
   return jnp.einsum("bhts,bshk->bthk", p_BHTS, split(v_BTD), precision="highest").reshape(b, t, d)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _reference_vjp(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, keep_BHTS, g_BTD):
+@functools.partial(jax.jit, static_argnums=(4, 7))
+def _reference_vjp(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, keep_BHTS, g_BTD, window=None):
   """_reference's output and its (dq, dk, dv) for the cotangent g, as one program (eager op-by-op
   differentiation takes longer than the kernel in interpret mode)."""
-  out, vjp = jax.vjp(lambda *x: _reference(*x, mask_BT, num_heads, keep_BHTS), q_BTD, k_BTD, v_BTD)
+  out, vjp = jax.vjp(lambda *x: _reference(*x, mask_BT, num_heads, keep_BHTS, window), q_BTD, k_BTD,
+                     v_BTD)
   return out, vjp(g_BTD)
 
 
@@ -161,6 +173,109 @@ def test_rows_without_real_keys_are_finite():
   assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
 
 
+# ---------------------------------------------------------------------------------------- window
+
+# (name, B, H, T, D, block_q, block_k, window, rate): _mask's padding leaves queries without a real key
+# in reach (their outputs and gradients must still be finite); T = 200 and 24 not multiples of the
+# block; windows 0 (a band of one block), 1, 8 (and 64: test_window_equals_modernbert_attention); bands
+# that start past key block 0 (dropout counters off the step) with uneven blocks both ways; T = 520 (5
+# blocks: bands of 3 with skipped edge steps); a window ≥ T − 1 is full attention (the same plan: see
+# test_window_plan_bands_and_blocks).
+_slow = pytest.mark.slow  # each case is ~2 s of tracing: the default run keeps one of each kind
+WINDOW_CASES = [
+    ("d32_w0", 2, 4, 200, 128, 128, 128, 0, 0.0),
+    ("d32_w1", 2, 4, 200, 128, 128, 128, 1, RATE),
+    ("d64_T24_w8", 2, 2, 24, 128, None, None, 8, RATE),
+    ("d32_w8_bq256", 2, 4, 300, 128, 256, 128, 8, RATE),
+    pytest.param("d32_w8_5_blocks", 2, 4, 520, 128, 128, 128, 8, RATE, marks=_slow),
+    pytest.param("d64_w64_bk256", 2, 2, 300, 128, 128, 256, 64, RATE, marks=_slow),
+    pytest.param("d64_w_ge_T", 2, 2, 200, 128, 128, 128, 250, RATE, marks=_slow),
+]
+
+
+def _reached(mask, window):
+  """bool [B, T]: queries with a real key within reach (the others' values are the kernel's own)."""
+  return np.asarray(_allowed(mask, window))[:, 0].any(-1)
+
+
+@pytest.mark.parametrize("name,b,h,t,d,bq,bk,window,rate", WINDOW_CASES,
+                         ids=[getattr(c, "values", c)[0] for c in WINDOW_CASES])
+def test_window_values_and_gradients_match_reference(name, b, h, t, d, bq, bk, window, rate):
+  q, k, v = _qkv(len(name), b, t, d)
+  mask, seeds = _mask(b, t), _seeds(b)
+  keep = ak.keep_mask(seeds, h, t, rate) if rate else None
+  kernel = lambda *x: ak.attention(*x, mask, h, window=window, rate=rate, seeds_B=seeds, block_q=bq,
+                                   block_k=bk, interpret=True)
+  reached = _reached(mask, window)
+  # No cotangent on the queries without a key in reach: their gradients are the kernel's own too.
+  g = np.random.default_rng(1).standard_normal((b, t, d)).astype(np.float32) * reached[..., None]
+
+  out, kernel_vjp = jax.vjp(kernel, q, k, v)
+  want, want_grads = _reference_vjp(q, k, v, mask, h, keep, g, window)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(np.asarray(out)[reached], np.asarray(want)[reached], rtol=RTOL, atol=ATOL)
+  for got, ref, who in zip(kernel_vjp(g), want_grads, ("dq", "dk", "dv")):
+    assert np.all(np.isfinite(got)), who
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=10 * ATOL, err_msg=who)
+
+
+def test_window_equals_modernbert_attention():
+  # The model's local layers (|t − s| ≤ window, inclusive), values and gradients, without dropout: T =
+  # 520 in 5 blocks of 128, bands of 3 key blocks, heads of 64; queries from 365 on reach no real key.
+  b, h, t, d, window = 1, 2, 520, 128, 64
+  q, k, v = _qkv(11, b, t, d)
+  mask = np.ones((b, t), np.int32)
+  mask[0, 300:] = 0
+  reached = _reached(mask, window)
+  g = np.random.default_rng(2).standard_normal((b, t, d)).astype(np.float32) * reached[..., None]
+  got, got_vjp = jax.vjp(lambda *x: ak.attention(*x, mask, h, window=window, block_q=128, block_k=128,
+                                                 interpret=True), q, k, v)
+  with jax.default_matmul_precision("highest"):
+    want, want_vjp = jax.vjp(lambda *x: modernbert.attention(*x, mask, h, window), q, k, v)
+    want_grads = want_vjp(g)
+  np.testing.assert_allclose(np.asarray(got)[reached], np.asarray(want)[reached], rtol=RTOL, atol=ATOL)
+  for got_g, want_g, who in zip(got_vjp(g), want_grads, ("dq", "dk", "dv")):
+    np.testing.assert_allclose(got_g, want_g, rtol=RTOL, atol=10 * ATOL, err_msg=who)
+
+
+# (poisoned positions, inputs, query rows, key rows checked): T = 640, blocks of 128, w = 8. Positions
+# [512, 640) lie outside the bands of query blocks 0-2 (and of key blocks 0-1). Key block 2 lies in
+# query block 0's band (key blocks 0-2) but past its reach (keys ≤ 135), and query block 2 in key block
+# 0's band (query blocks 0-2) past its reach (queries ≤ 135): edge steps, which must not read them.
+POISON_CASES = [
+    pytest.param((512, 640), "qkv", 384, 256, id="beyond_the_bands"),
+    pytest.param((256, 384), "kv", 128, 0, id="forward_band_edge", marks=_slow),
+    pytest.param((256, 384), "q", 256, 128, id="backward_band_edge"),
+]
+
+
+@pytest.mark.parametrize("poisoned,inputs,q_rows,k_rows", POISON_CASES)
+def test_window_never_reads_blocks_out_of_reach(poisoned, inputs, q_rows, k_rows):
+  """NaN in the inputs at positions out of reach of the checked rows: a block pair worked on and merely
+  masked still spreads it (0 · NaN in P·V and dS; a NaN lse), so finite rows show that no step brings
+  those blocks into its work: the bands leave them out, the edge steps skip the work (pl.when) and
+  their index maps repeat a block in reach. Block-wise: query rows in a block pair with a poisoned row
+  are poisoned whole, and so are the key rows a poisoned query block reaches."""
+  b, h, t, d, window = 1, 2, 640, 128, 8
+  q, k, v = _qkv(6, b, t, d)
+  mask = np.ones((b, t), np.int32)
+  g = np.random.default_rng(3).standard_normal((b, t, d)).astype(np.float32)
+  lo, hi = poisoned
+  fill = lambda x, name, value: x if name not in inputs else np.concatenate(
+      [x[:, :lo], np.full_like(x[:, lo:hi], value), x[:, hi:]], axis=1)
+  f = lambda *x: ak.attention(*x, mask, h, window=window, block_q=128, block_k=128, interpret=True)
+  out, vjp = jax.vjp(f, *(fill(x, n, np.nan) for x, n in zip((q, k, v), "qkv")))
+  dq, dk, dv = vjp(g)
+  # The reference on zeros there: the checked rows do not depend on those positions.
+  want, (want_dq, want_dk, want_dv) = _reference_vjp(*(fill(x, n, 0) for x, n in zip((q, k, v), "qkv")),
+                                                     mask, h, None, g, window)
+  np.testing.assert_allclose(out[:, :q_rows], want[:, :q_rows], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(dq[:, :q_rows], want_dq[:, :q_rows], rtol=RTOL, atol=10 * ATOL)
+  np.testing.assert_allclose(dk[:, :k_rows], want_dk[:, :k_rows], rtol=RTOL, atol=10 * ATOL)
+  np.testing.assert_allclose(dv[:, :k_rows], want_dv[:, :k_rows], rtol=RTOL, atol=10 * ATOL)
+  assert not np.isfinite(out).all()  # the poison is there
+
+
 # ------------------------------------------------------------------------------------------ mask
 
 
@@ -223,6 +338,44 @@ def test_plan_blocks_and_widths():
   assert (uneven.tp, uneven.nq, uneven.nk) == (256, 1, 2)
 
 
+def test_window_plan_bands_and_blocks():
+  plan = lambda t, window, bq=None, bk=None: ak._make_plan(8, 12, t, 64, "bfloat16", bq, bk, 0, False,
+                                                           window)
+  # Automatic blocks: 128 at T = 512, w = 64 (10 of 16 block pairs, bands of 3); the full 512 where
+  # 128-blocks would skip little (w = 256: 14 of 16 pairs in 16 steps instead of one).
+  p = plan(512, 64)
+  assert (p.bq, p.bk, p.kband, p.qband, p.visits) == (128, 128, 3, 3, 10)
+  assert (plan(512, 256).bq, plan(512, 256).visits) == (512, 1)
+  assert plan(8192, 64).bq == 128 and plan(8192, 512).bq == 256
+  # A window over all of T is no window; without one, the plan is the full attention's.
+  assert plan(200, 199).window is None and plan(200, 198).window == 198
+  assert plan(512, None) == ak._make_plan(8, 12, 512, 64, "bfloat16", None, None, 0, False)
+  assert (plan(512, None).kband, plan(512, None).visits) == (1, 1)
+  # Uneven blocks: query blocks of 256 reach 3 key blocks of 128, key blocks 2 query blocks.
+  p = plan(300, 8, 256, 128)
+  assert (p.nq, p.nk, p.kband, p.qband, p.visits) == (2, 4, 3, 2, 6)
+  with pytest.raises(ValueError, match="window"):
+    plan(512, -1)
+
+
+@pytest.mark.parametrize("t,window,bq,bk", [(640, 8, 128, 128), (520, 64, 128, 256), (1000, 100, 256, 128),
+                                            (512, 0, 128, 128)])
+def test_window_cost_counts_the_block_pairs_in_reach(t, window, bq, bk):
+  """The CostEstimates' pairs are those of the block pairs holding a pair within ±window, counted
+  here by brute force over positions; the copies of k, v (forward) and q, dO (backward) shrink with
+  them."""
+  p = ak._make_plan(2, 4, t, 64, "float32", bq, bk, 0, True, window)
+  full = p._replace(window=None)
+  pos = np.arange(p.tp)
+  near = np.abs(pos[:, None] - pos[None, :]) <= window
+  pairs = near.reshape(p.nq, bq, p.nk, bk).any((1, 3)).sum() * bq * bk * 2 * 4
+  for kind in ("forward", "backward"):
+    cost, cost_full = ak._cost(p, kind), ak._cost(full, kind)
+    per_row = 0 if kind == "backward" else 2 * 4 * (p.tp + p.visits * bq)  # exp(m_old − m_new), log
+    assert cost.transcendentals - per_row == pairs, kind
+    assert cost.flops < cost_full.flops and cost.bytes_accessed < cost_full.bytes_accessed, kind
+
+
 def test_bad_arguments_raise():
   q, k, v = _qkv(0, 1, 16, 64)
   mask = np.ones((1, 16), np.int32)
@@ -238,13 +391,16 @@ def test_bad_arguments_raise():
     ak.attention(q, k, v, mask, 2, rate=RATE, seeds_B=_seeds(2), interpret=True)
   with pytest.raises(ValueError, match="one shape"):
     ak.attention(q, k[:, :8], v, mask, 2, interpret=True)
+  with pytest.raises(ValueError, match="window"):
+    ak.attention(q, k, v, mask, 2, window=-1, interpret=True)
 
 
 # --------------------------------------------------------------------------------- TPU compilation
 
 
 def test_compiles_for_tpu_without_a_t_by_t_array(monkeypatch):
-  """XLA:TPU and Mosaic compile the forward and the gradient for a v5e (compile-only topology)."""
+  """XLA:TPU and Mosaic compile the forward and the gradient for a v5e (compile-only topology), with and
+  without a window (which the cost model finds cheaper)."""
   pytest.importorskip("libtpu")
   # Compile-only: no TPU is opened, so a second process compiling at the same time may load libtpu too.
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -257,16 +413,21 @@ def test_compiles_for_tpu_without_a_t_by_t_array(monkeypatch):
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   args = [spec((b, t, d), jnp.bfloat16)] * 3 + [spec((b, t), jnp.int32), spec((b,), jnp.uint32)]
 
-  def loss(q, k, v, mask, seeds):
-    ctx = ak.attention(q, k, v, mask, h, rate=RATE, seeds_B=seeds, block_q=128, block_k=128)
+  def loss(q, k, v, mask, seeds, window=None):
+    ctx = ak.attention(q, k, v, mask, h, window=window, rate=RATE, seeds_B=seeds, block_q=128,
+                       block_k=128)
     return ctx.astype(jnp.float32).sum()
 
   t_by_t = re.compile(rf"\[(?:\d+,)*{t},{t}\]")
   for f in (loss, jax.grad(loss, argnums=(0, 1, 2))):
-    compiled = jax.jit(f).lower(*args).compile()
-    hlo = compiled.as_text()
-    assert "tpu_custom_call" in hlo
-    assert not t_by_t.findall(hlo), t_by_t.findall(hlo)[:3]
-    # The kernels' CostEstimates reached XLA's cost model (which counts each ConcatBitcast as -1 s).
-    concat = hlo.count('custom_call_target="ConcatBitcast"')
-    assert compiled.cost_analysis()["optimal_seconds"] + concat > 0
+    seconds = {}
+    for window in (None, 64):  # 64: bands of 2 or 3 of the 3 key blocks (7 of 9 block pairs)
+      compiled = jax.jit(functools.partial(f, window=window)).lower(*args).compile()
+      hlo = compiled.as_text()
+      assert "tpu_custom_call" in hlo
+      assert not t_by_t.findall(hlo), t_by_t.findall(hlo)[:3]
+      # The kernels' CostEstimates reached XLA's cost model (which counts each ConcatBitcast as -1 s).
+      concat = hlo.count('custom_call_target="ConcatBitcast"')
+      seconds[window] = compiled.cost_analysis()["optimal_seconds"] + concat
+      assert seconds[window] > 0
+    assert seconds[64] < seconds[None]
