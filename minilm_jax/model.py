@@ -274,14 +274,12 @@ def fused_attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, implementation,
                     window: Optional[int] = None, rate: float = 0.0, key=None):
   """`attention` through jax.nn.dot_product_attention ("cudnn": cuDNN's fused kernel on GPU; "xla": the
   same call on any backend, which the tests compare with `attention`), or through `implementation` itself
-  when it is a function attend(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=, key=) (the trainer's on
-  TPU: attention_kernel.attention per device, which alone applies dropout `rate` to the probabilities,
-  its mask drawn from `key`; no `window`). Padding is given as sequence lengths, not a dense mask, so
+  when it is a function attend(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, window=, rate=, key=) (the
+  trainer's on TPU: attention_kernel.attention per device, which alone applies dropout `rate` to the
+  probabilities, its mask drawn from `key`). Padding is given as sequence lengths, not a dense mask, so
   rows must be right-padded (the trainer's packed rows are); `window`: ±window keys."""
   if callable(implementation):
-    if window is not None:
-      raise ValueError("a local window needs implementation 'cudnn' or 'xla'")
-    return implementation(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=rate, key=key)
+    return implementation(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, window=window, rate=rate, key=key)
   if rate:
     raise ValueError(f"implementation {implementation!r} has no dropout on the probabilities")
   b, t, d = q_BTD.shape

@@ -296,9 +296,12 @@ class _Attention(nn.Module):
       return None, (q, k, v)
     rng = None if deterministic or c.attention_dropout == 0.0 else self.make_rng("dropout")
     window = c.local_attention // 2 if local else None
-    if self.attention_implementation is not None and rng is None and not (
-        window is not None and callable(self.attention_implementation)):  # TPU kernel: no windows
-      ctx = fused_attention(q, k, v, mask_BT, c.num_attention_heads, self.attention_implementation, window)
+    impl = self.attention_implementation
+    if callable(impl):  # the trainer's TPU kernel: windows and its own dropout mask
+      rate = 0.0 if rng is None else c.attention_dropout
+      ctx = fused_attention(q, k, v, mask_BT, c.num_attention_heads, impl, window, rate, rng)
+    elif impl is not None and rng is None:
+      ctx = fused_attention(q, k, v, mask_BT, c.num_attention_heads, impl, window)
     else:
       ctx = attention(q, k, v, mask_BT, c.num_attention_heads, window, c.attention_dropout, rng)
     y = _linear(h, c.attention_bias, self.dtype, self.param_dtype, "Wo", out_std)(ctx)

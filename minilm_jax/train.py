@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from minilm_jax import attention_kernel, card, checkpoint, data, hf, model, objective, sharding, shards
+from minilm_jax import attention_kernel, card, checkpoint, data, hf, lock, model, objective, sharding, shards
 from minilm_jax import workdir as wd
 from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
@@ -145,11 +145,11 @@ def attention_implementation(precision: str, platform: Optional[str] = None, mes
   return "cudnn" if precision == "bfloat16" and platform == "gpu" else None
 
 
-def tpu_attention(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads, rate=0.0, key=None):
-  """attention_kernel.attention on each device of `mesh` (XLA cannot partition a Pallas kernel), with
-  dropout `rate` on the probabilities from one seed per batch row drawn from `key`. mesh None: one
-  device. [B, T, D] -> [B, T, D]."""
-  attend = functools.partial(attention_kernel.attention, num_heads=num_heads, rate=rate)
+def tpu_attention(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads, window=None, rate=0.0, key=None):
+  """attention_kernel.attention on each device of `mesh` (XLA cannot partition a Pallas kernel), within
+  ±window keys (None: all), with dropout `rate` on the probabilities from one seed per batch row drawn
+  from `key`. mesh None: one device. [B, T, D] -> [B, T, D]."""
+  attend = functools.partial(attention_kernel.attention, num_heads=num_heads, window=window, rate=rate)
   per_device = (lambda f: f) if mesh is None else functools.partial(sharding.per_device, mesh)
   if not rate:
     return per_device(lambda q, k, v, m: attend(q, k, v, m))(q_BTD, k_BTD, v_BTD, mask_BT)
@@ -304,9 +304,16 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
                        log: Callable[[str], None] = print) -> dict:
   """Distil `cfg.teacher` into a student in `workdir`, resuming from its latest checkpoint; with
   `assistant.enabled`, through a teaching assistant trained first in `workdir/assistant` (each stage
-  has its own checkpoints and export, and resumes on its own)."""
+  has its own checkpoints and export, and resumes on its own). The workdir's lock (lock.py) is held
+  throughout: a second run on it stops with a one-line error before writing anything."""
+  check_ranges(cfg)  # before the lock makes the workdir: a bad value leaves nothing behind
+  with lock.acquire(workdir, sharding.hosts(), log) as held:
+    return _train_chain(cfg, workdir, held, progress, log)
+
+
+def _train_chain(cfg, workdir: str, held: lock.Lock, progress: Optional[bool], log) -> dict:
   if not cfg.assistant.enabled:
-    return _train_stage(cfg, workdir, progress, log)
+    return _train_stage(cfg, workdir, progress, log, held)
   from minilm_jax import plots
   teacher_config = hf.load_config(hf.resolve(cfg.teacher))
   a_cfg = copy.deepcopy(cfg)
@@ -316,7 +323,7 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   a_dir = wd.join(workdir, wd.ASSISTANT)
   log(f"stage 1/2: teacher -> assistant ({a_cfg.student.num_layers}x{a_cfg.student.hidden_size}) "
       f"in {a_dir}")
-  first = _train_stage(a_cfg, a_dir, progress, log)
+  first = _train_stage(a_cfg, a_dir, progress, log, held)
   if first["preempted"]:
     return first
   if jax.process_count() > 1:  # host 0 wrote the assistant's export; the others read it next
@@ -327,7 +334,7 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   s_cfg.teacher = first["student_dir"]
   s_cfg.loss.teacher_layer = -1  # the assistant is distilled from its own last layer
   log(f"stage 2/2: assistant -> student in {workdir}")
-  second = _train_stage(s_cfg, workdir, progress, log)
+  second = _train_stage(s_cfg, workdir, progress, log, held)
   if not second["preempted"] and jax.process_index() == 0:
     local, a_local = wd.local_dir(workdir), wd.local_dir(a_dir)
     plots.loss_curves({"teacher -> assistant": os.path.join(a_local, wd.METRICS),
@@ -349,6 +356,7 @@ class _Run:
   local: str                # where metrics, events and the export are written (wd.local_dir)
   progress: bool
   log: Callable[[str], None]
+  lock: lock.Lock           # the workdir's: checked before each checkpoint
 
   def sync_up(self, names=(wd.METRICS, wd.EVENTS)) -> None:
     wd.sync(self.workdir, self.local, list(names))
@@ -366,7 +374,7 @@ def prepare_data(cfg, tokenizer_dir: str, workdir: str, progress: bool = False,
 
 
 def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, held: Optional[lock.Lock] = None) -> dict:
   """One distillation run, teacher to student, in `workdir` (layout: workdir.py).
 
   Writes checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF folder
@@ -394,7 +402,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
 
   mngr = checkpoint.make_manager(wd.join(workdir, wd.CHECKPOINTS), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)
-  run = _Run(cfg, s, rows, mngr, meta, workdir, local, progress, log)
+  run = _Run(cfg, s, rows, mngr, meta, workdir, local, progress, log, held or lock.Lock(workdir))
   metrics_path = os.path.join(local, wd.METRICS)
   try:
     state, saved, start = checkpoint.restore_latest(mngr, abstract_state(s),
@@ -490,6 +498,7 @@ def _loop(run: _Run, state, start: int) -> dict:
         preempted = stop.signal is not None or mngr.reached_preemption(step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or preempted:
           check_finite(state, step)
+          run.lock.check()  # a gs:// lease taken over: write nothing more
           try:
             checkpoint.save(mngr, step, state, step_meta(step), force=True)
             if writer is not None:

@@ -224,7 +224,8 @@ def test_a_callable_attention_gets_the_dropout_rate_and_a_key():
                  intermediate_size=48, max_position_embeddings=32, attention_probs_dropout_prob=0.25)
   calls = []
 
-  def attend(q, k, v, mask, num_heads, rate=0.0, key=None):
+  def attend(q, k, v, mask, num_heads, window=None, rate=0.0, key=None):
+    assert window is None  # BERT has no local layers
     calls.append((num_heads, rate, key))
     return minilm_jax.model.attention(q, k, v, mask, num_heads)
 

@@ -1,6 +1,8 @@
 """The Flax ModernBERT against transformers' PyTorch ModernBertModel (fp32, 1e-4), its loading and export,
 its attention chunking, and the student's init, frozen set and relations on it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +225,31 @@ def test_student_of_a_modernbert_teacher(tmp_path):
   grads = dict(hf._flatten(jax.grad(qkv_loss)(p)))
   for path, label in labels.items():
     assert (label == "train") == bool(np.any(np.asarray(grads[path]) != 0)), path
+
+
+def test_a_callable_attention_gets_each_layers_window_and_the_dropout(tmp_path):
+  # The trainer's TPU kernel serves local layers too: the encoder hands it ±local_attention/2 there and
+  # None on global layers; in training the attention dropout rate and a key, deterministic 0 and None.
+  make_tiny_modernbert(str(tmp_path), layers=2, local_attention=8, tokenizer=False,
+                       layer_types=[FULL, SLIDING])
+  config, params = minilm_jax.load_pretrained(str(tmp_path))
+  config = dataclasses.replace(config, attention_dropout=0.1)
+  ids, mask = random_batch(np.random.default_rng(3), 2, 21, 99, "right", low=4)
+  calls = []
+
+  def attend(q, k, v, m, num_heads, window=None, rate=0.0, key=None):
+    calls.append((window, rate, key is None))
+    return minilm_jax.modernbert.attention(q, k, v, m, num_heads, window)
+
+  run = lambda impl, **kw: ModernBertEncoder(config, attention_implementation=impl).apply(
+      {"params": params}, jnp.asarray(ids), jnp.asarray(mask), **kw).last_hidden_state
+  valid = mask[..., None] > 0
+  np.testing.assert_allclose(np.where(valid, run(attend), 0), np.where(valid, run(None), 0), atol=1e-5,
+                             rtol=0)
+  assert calls == [(None, 0.0, True), (4, 0.0, True)]
+  calls.clear()
+  run(attend, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert calls == [(None, 0.1, False), (4, 0.1, False)]
 
 
 def test_fused_attention_path_with_windows_equals_the_reference(tmp_path):

@@ -298,7 +298,7 @@ def test_fused_attention_only_for_bfloat16_on_a_gpu(monkeypatch):
 def test_tpu_attention_per_device_is_the_reference_with_the_kernels_dropout_mask(monkeypatch):
   # The trainer's TPU attention (Pallas kernel per device, here in interpret mode): the reference
   # attention whose dropout mask is the kernel's keep_mask of one seed per row drawn from the key.
-  from minilm_jax import attention_kernel, model
+  from minilm_jax import attention_kernel, model, modernbert
   monkeypatch.setattr(attention_kernel, "attention",
                       functools.partial(attention_kernel.attention, interpret=True))
   b, t, heads, d, rate = 2, 24, 4, 64, 0.2
@@ -315,4 +315,9 @@ def test_tpu_attention_per_device_is_the_reference_with_the_kernels_dropout_mask
   np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5)
   np.testing.assert_allclose(np.where(valid, plain, 0),
                              np.where(valid, model.attention(q, k, v, mask, heads), 0), atol=1e-5)
+  # ModernBERT's local layers: ±window keys (the kernel's tests cover the window with dropout).
+  with jax.set_mesh(mesh):
+    local = jax.jit(lambda *a: train.tpu_attention(mesh, *a, heads, window=5))(q, k, v, mask)
+  want = modernbert.attention(q, k, v, mask, heads, 5)
+  np.testing.assert_allclose(np.where(valid, local, 0), np.where(valid, want, 0), atol=1e-5)
   assert train.attention_implementation("float32", "tpu", mesh).func is train.tpu_attention
