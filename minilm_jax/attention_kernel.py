@@ -42,21 +42,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from minilm_jax import kernel_blocks
 
-# Masked scores: finite, so exp() underflows to exactly 0 and no inf − inf = NaN appears (a batch row
-# without any real key attends all keys uniformly: finite, as model.attention's).
-MASK_VALUE = -1e30
-_LANES = 128
-# Block sizes tried from the largest (relation_kernel.py's reasoning): 512 x 512 keeps a grid step's work
-# (hc heads of 512² pairs) far above the ~0.35 µs step overhead and re-reads K, V (forward) or Q, dO
-# (backward) T/512 times.
-_BLOCKS = (512, 384, 256, 128)
+
+# Masked scores: a batch row without any real key attends all keys uniformly (finite, as
+# model.attention's).
+MASK_VALUE = kernel_blocks.MASK_VALUE
+_LANES = kernel_blocks.LANES
 # A grid step's overhead (~0.35 µs) as the work of so many (query, key) pairs (~4e-11 s each, forward
 # and backward, heads of 64 with dropout: estimated, not measured on a TPU): the automatic blocks under a
 # window weigh the steps that smaller blocks add against the work they skip.
 _STEP_PAIRS = 8192
-# VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it.
-_VMEM_BUDGET = 16 * 2**20
 # murmur3's fmix32 multipliers and the golden ratio, as int32 (the hash runs on int32 with wrapping
 # multiplies and logical shifts: Mosaic's vector units and XLA give the same bits).
 _as_i32 = lambda c: c - (1 << 32) if c >= 1 << 31 else c
@@ -210,19 +206,6 @@ def keep_mask(seeds_B, num_heads, t, rate):
 # --------------------------------------------------------------------------------------------- plan
 
 
-def _lane_width(d):
-  """d padded with zero lanes (zeros leave dot products alone) to divide 128 or be a multiple of it."""
-  if d >= _LANES:
-    return -(-d // _LANES) * _LANES
-  return 1 << (d - 1).bit_length()
-
-
-def _heads_per_step(heads, dw):
-  """Fewest heads that fill whole 128-lane tiles; all heads if none do (a block as wide as the array
-  needs no alignment)."""
-  return next((hc for hc in range(1, heads) if heads % hc == 0 and hc * dw % _LANES == 0), heads)
-
-
 def _vmem_bytes(bq, bk, tp, width, itemsize):
   """VMEM of the larger kernel (the backward), from above: double-buffered q, O, dO, k, v blocks and dk,
   dv outputs, the dq output and accumulator of the whole sequence, the D rows, the dk, dv, dq
@@ -237,16 +220,8 @@ def _vmem_bytes(bq, bk, tp, width, itemsize):
   return blocks + dq + 2 * bk * width * 4 + bq * width * 4 + per_pair * bq * bk
 
 
-def _auto_block(t, vmem_bytes=lambda b: 0):
-  """Largest block of _BLOCKS that pads T no further than 128-alignment does and whose kernels fit
-  _VMEM_BUDGET (vmem_bytes(block)); 128 at the least."""
-  t128 = -(-t // _LANES) * _LANES
-  return next(b for b in _BLOCKS
-              if (-(-t // b) * b == t128 and vmem_bytes(b) <= _VMEM_BUDGET) or b == _LANES)
-
-
 def _window_block(t, window, vmem_bytes):
-  """Automatic blocks under a window: of the blocks _auto_block may choose (those that pad T no further
+  """Automatic blocks under a window: of the blocks kernel_blocks.auto_block may choose (those that pad T no further
   than 128-alignment does and fit VMEM), the one of least work + overhead, visits·B² + steps·_STEP_PAIRS
   (grid steps nq·band: the band's edge steps cost their overhead too). A query block of B meets
   1 + 2⌈w/B⌉ key blocks, so blocks near w waste the least, but many small blocks pay the step overhead:
@@ -255,8 +230,9 @@ def _window_block(t, window, vmem_bytes):
   def score(b):
     plan = _Plan(1, 1, t, -(-t // b) * b, 1, 1, 1, b, b, 0, "float32", True, window)
     return plan.visits * b * b + plan.nq * plan.kband * _STEP_PAIRS
-  t128, largest = -(-t // _LANES) * _LANES, _auto_block(t, vmem_bytes)  # smaller blocks need less VMEM
-  fits = [b for b in _BLOCKS if b <= largest and -(-t // b) * b == t128]  # 128 always
+  t128 = -(-t // _LANES) * _LANES
+  largest = kernel_blocks.auto_block(t, vmem_bytes)  # smaller blocks need less VMEM
+  fits = [b for b in kernel_blocks.BLOCKS if b <= largest and -(-t // b) * b == t128]  # 128 always
   return min(fits, key=lambda b: (score(b), -b))  # ties: the larger
 
 
@@ -267,18 +243,14 @@ def _make_plan(batch, heads, t, dh, dtype, block_q, block_k, threshold, interpre
       raise ValueError(f"window must be None or ≥ 0, got {window}")
     if window >= t - 1:  # every pair of positions lies within it
       window = None
-  dw = _lane_width(dh)
-  hc = _heads_per_step(heads, dw)
+  dw = kernel_blocks.lane_width(dh)
+  hc = kernel_blocks.heads_per_step(heads, dw)
   itemsize = jnp.dtype(dtype).itemsize
   vmem = lambda b: _vmem_bytes(b, b, -(-t // b) * b, hc * dw, itemsize)
-  auto = lambda: _auto_block(t, vmem) if window is None else _window_block(t, window, vmem)
-  bq = auto() if block_q is None else int(block_q)
-  bk = auto() if block_k is None else int(block_k)
-  for name, b in (("block_q", bq), ("block_k", bk)):
-    if b < 1 or b % _LANES:
-      raise ValueError(f"{name} must be a positive multiple of {_LANES}, got {b}")
-  lcm = bq * bk // math.gcd(bq, bk)
-  return _Plan(batch, heads, t, -(-t // lcm) * lcm, dh, dw, hc, bq, bk, threshold,
+  auto = lambda: (kernel_blocks.auto_block(t, vmem) if window is None
+                  else _window_block(t, window, vmem))
+  bq, bk, tp = kernel_blocks.blocks(t, block_q, block_k, auto)
+  return _Plan(batch, heads, t, tp, dh, dw, hc, bq, bk, threshold,
                jnp.dtype(dtype).name, bool(interpret), window)
 
 
@@ -518,7 +490,7 @@ def _backward_kernel(seeds_ref, kvalid_ref, q_ref, k_ref, v_ref, o_ref, do_ref, 
 def _params(plan, semantics):
   # Blocks chosen by hand may need more than the budget: ask for it (a v4 then fails to compile rather
   # than spill).
-  limit = max(_VMEM_BUDGET, _vmem_bytes(plan.bq, plan.bk, plan.tp, plan.width, plan.itemsize) * 5 // 4)
+  limit = max(kernel_blocks.VMEM_BUDGET, _vmem_bytes(plan.bq, plan.bk, plan.tp, plan.width, plan.itemsize) * 5 // 4)
   return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
 
 

@@ -18,7 +18,6 @@ per-row statistics as lane-dense rows [1, bq], stored as [hc, bq] tiles.
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -26,22 +25,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from minilm_jax import kernel_blocks
 
-# Masked logits (losses.py uses the same): finite so that exp() underflows to exactly 0 and no
-# inf − inf = NaN can appear in the forward or backward pass; far below any real logit.
-MASK_VALUE = -1e30
-_LANES = 128
-# Block sizes tried from the largest: 512 x 512 keeps a grid step's work (hc heads of 512² pairs) far
-# above the ~0.35 µs step overhead and re-reads the keys T/512 times; MiniLMv2's 16 + 8 lane heads
-# need ~12 MiB of VMEM at 512 (compiled for v5e), so wider heads step down (_vmem_bytes).
-_BLOCKS = (512, 384, 256, 128)
+
+MASK_VALUE = kernel_blocks.MASK_VALUE
+_LANES = kernel_blocks.LANES
 # The loss is fp32 (config.precision: "the loss stays fp32"); a logit of size 10 from bf16-rounded
 # inputs is off by ~0.04, which moves the softmax visibly. The price: several bf16 MXU passes per matmul
 # where Precision.DEFAULT (what XLA gives losses.py's einsums on TPU) takes one.
 _PRECISION = jax.lax.Precision.HIGHEST
-# VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it (v5p: 64 MiB, v5e and
-# v6e: 128 MiB).
-_VMEM_BUDGET = 16 * 2**20
 
 
 class _Plan(NamedTuple):
@@ -84,22 +76,6 @@ class _Plan(NamedTuple):
 # ------------------------------------------------------------------------------------------- plan
 
 
-def _lane_width(d):
-  """d padded with zero lanes (zeros leave dot products alone) to divide 128 or be a multiple of it."""
-  if d >= _LANES:
-    return -(-d // _LANES) * _LANES
-  return 1 << (d - 1).bit_length()
-
-
-def _heads_per_step(heads, dt, ds):
-  """Fewest heads whose teacher and student lanes both fill whole 128-lane tiles; all heads if none do
-  (a block as wide as the array needs no alignment)."""
-  for hc in range(1, heads):
-    if heads % hc == 0 and hc * dt % _LANES == 0 and hc * ds % _LANES == 0:
-      return hc
-  return heads
-
-
 def _window_width(width, hc):
   """Lanes each head's matmuls contract over: its own whole tiles, else the 128-lane window holding it
   (the whole step's lanes when they are fewer)."""
@@ -115,25 +91,12 @@ def _vmem_bytes(bq, bk, wt, ws, win_t, win_s):
   return 8 * (bq + bk) * w + 12 * b * w + 32 * bq * bk + 16 * b * (win_t + win_s)
 
 
-def _auto_block(t, vmem_bytes=lambda b: 0):
-  """Largest block of _BLOCKS that pads T no further than 128-alignment does and whose kernels fit
-  _VMEM_BUDGET (vmem_bytes(block)); 128 at the least."""
-  t128 = -(-t // _LANES) * _LANES
-  return next(b for b in _BLOCKS
-              if (-(-t // b) * b == t128 and vmem_bytes(b) <= _VMEM_BUDGET) or b == _LANES)
-
-
 def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret):
-  dt, ds = _lane_width(d), _lane_width(e)
-  hc = _heads_per_step(heads, dt, ds)
+  dt, ds = kernel_blocks.lane_width(d), kernel_blocks.lane_width(e)
+  hc = kernel_blocks.heads_per_step(heads, dt, ds)
   vmem = lambda b: _vmem_bytes(b, b, hc * dt, hc * ds, _window_width(dt, hc), _window_width(ds, hc))
-  bq = _auto_block(t, vmem) if block_q is None else int(block_q)
-  bk = _auto_block(t, vmem) if block_k is None else int(block_k)
-  for name, b in (("block_q", bq), ("block_k", bk)):
-    if b < 1 or b % _LANES:
-      raise ValueError(f"{name} must be a positive multiple of {_LANES}, got {b}")
-  lcm = bq * bk // math.gcd(bq, bk)
-  return _Plan(batch, heads, -(-t // lcm) * lcm, dt, ds, hc, bq, bk, bool(interpret))
+  bq, bk, tp = kernel_blocks.blocks(t, block_q, block_k, lambda: kernel_blocks.auto_block(t, vmem))
+  return _Plan(batch, heads, tp, dt, ds, hc, bq, bk, bool(interpret))
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -324,7 +287,7 @@ def _params(plan):
   # splits them across the two TensorCores). Blocks chosen by hand may need more than the budget: ask
   # for it (a v4 then fails to compile rather than spill).
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-                              vmem_limit_bytes=max(_VMEM_BUDGET, plan.vmem_bytes * 5 // 4))
+                              vmem_limit_bytes=max(kernel_blocks.VMEM_BUDGET, plan.vmem_bytes * 5 // 4))
 
 
 def _cost(plan, kind, n_out=1):
@@ -434,7 +397,7 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, block_q=None
   the student's [B, C, T, e], likewise (d and e may differ); fp32. mask_BT: bool, which keys are real;
   seg_BT: int32 segment ids (zeros for none): key s is visible from query t iff mask[s] and
   seg[t] == seg[s]. A row with no visible key gives a finite value (0). block_q, block_k: multiples of
-  128 (default: up to 512 as VMEM allows, see _auto_block); T is padded to a multiple of both with
+  128 (default: up to 512 as VMEM allows, see kernel_blocks.auto_block); T is padded to a multiple of both with
   invisible keys. interpret: run the kernels in Pallas interpret mode (any backend). Differentiable in
   ta, tb, sa, sb (a custom VJP that saves only lse_T, lse_S and c per row).
   """
