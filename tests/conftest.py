@@ -144,6 +144,17 @@ def tiny_corpus(tmp_path_factory):
   return str(path)
 
 
+def override(c, **overrides):
+  """c with each dotted key set ("optim.lr": 1e-3 sets c.optim.lr), as --config.KEY=VALUE does."""
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
 def tiny_config(teacher, corpus, **overrides):
   """A train config for the tiny teacher: 1×16 student, v2 with 4 relation heads, batch 8 × 32."""
   from minilm_jax.train import default_config
@@ -157,13 +168,7 @@ def tiny_config(teacher, corpus, **overrides):
   c.log_every = 1
   c.checkpoint_every = 3
   c.optim.update(lr=3e-3, warmup_steps=2)
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, **overrides)
 
 
 TINY_CLI_ARGS = ["--config.student.num_layers=1", "--config.student.hidden_size=16",

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from minilm_jax import aot, hlo, targets
+from conftest import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(not targets._has_module("libtpu"), reason="libtpu not installed")
@@ -41,13 +42,7 @@ def small_config(teacher, **overrides):
   c.batch_size = 32
   c.steps = 1000
   c.precision = "bfloat16"
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")
