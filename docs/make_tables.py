@@ -1,0 +1,340 @@
+"""Every results and performance table in README.md and docs/*.md, made from the JSON beside the pages.
+
+  python docs/make_tables.py            # rewrite every table between its markers
+  python docs/make_tables.py --check    # change nothing; exit 1 and show the diff if a page differs
+
+A table sits between two markers in a page:
+
+  <!-- table:NAME -->
+  ... (written by this script: do not edit) ...
+  <!-- /table:NAME -->
+
+NAME is either one of RENDERERS below, each made from the JSON a command wrote (minilm-eval's
+results.json, minilm-compile's JSON lines, the benchmarks' JSON lines), or FILE.KEY: table KEY of
+docs/results/transcribed/FILE.json, whose cells were transcribed from the README of an earlier commit
+because the run's own output was not kept (the file and the caption under the table say so). The same
+NAME may appear in several pages (README.md and a docs page); each copy is rendered alike. Standard
+library only: the test suite runs --check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "results")
+MARKER = re.compile(r"<!-- table:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
+
+
+def pages() -> list[str]:
+  """README.md and every Markdown page under docs/ (absolute paths)."""
+  return [os.path.join(ROOT, "README.md")] + sorted(
+      glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+
+
+def _link(page: str, target: str) -> str:
+  """A Markdown link from `page` to the file `target`, relative, as the link check resolves it."""
+  rel = os.path.relpath(target, os.path.dirname(page)).replace(os.sep, "/")
+  return f"[{os.path.relpath(target, ROOT).replace(os.sep, '/')}]({rel})"
+
+
+def markdown_table(columns, rows) -> str:
+  line = lambda cells: "| " + " | ".join(cells) + " |"
+  return "\n".join([line(columns), line(["---"] * len(columns))] + [line(r) for r in rows])
+
+
+# ---- transcribed tables: docs/results/transcribed/FILE.json --------------------------------------------
+
+def transcribed(name: str, page: str) -> str:
+  file, key = name.split(".", 1)
+  path = os.path.join(RESULTS, "transcribed", f"{file}.json")
+  with open(path) as f:
+    doc = json.load(f)
+  t = doc["tables"][key]
+  assert all(len(r) == len(t["columns"]) for r in t["rows"]), f"{name}: a row of the wrong length"
+  note = f"; {t['note']}" if t.get("note") else ""
+  return (markdown_table(t["columns"], t["rows"]) + "\n\n"
+          f"<sub>{doc['source'][0].upper() + doc['source'][1:]}{note}; first recorded in commit "
+          f"{t['recorded_in']} ({t['recorded_on']}). Data: {_link(page, path)} (`{key}`).</sub>")
+
+
+# ---- minilm-compile: docs/results/compile_recipes.jsonl (benchmarks/compile_recipes.py) -----------------
+
+COMPILE_RECIPES = os.path.join(RESULTS, "compile_recipes.jsonl")
+
+
+def load_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def compile_recipes_table(results: dict) -> str:
+  """The table of every recipe compiled for its target, from {config name: minilm-compile report}."""
+  est = lambda v, fmt: fmt.format(v) if v is not None else "—"
+  rows = ["| recipe | target | batch × T | memory per chip | HBM spare | compiler's step | tokens/s | MFU "
+          "| whole budget |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for name in sorted(results):
+    r = results[name]
+    budget = (f"{r['budget_hours']:.3g} h, {r['budget_chip_hours']:.3g} chip-h"
+              if r["budget_hours"] is not None else "—")
+    rows.append(f"| `{name}` | {r['target']} ({r['devices']}× {r['device_kind']}) | "
+                f"{r['batch_size']} × {r['seq']} | {r['memory_per_device_bytes'] / 2**30:.2f} of "
+                f"{r['hbm_bytes'] / 2**30:.0f} GiB | {r['hbm_spare']:.0%} | "
+                f"{est(r['step_seconds_estimate'] and 1e3 * r['step_seconds_estimate'], '{:.1f} ms')} | "
+                f"{est(r['tokens_per_s_estimate'], '{:,.0f}')} | {est(r['mfu_estimate'], '{:.2f}')} | "
+                f"{budget} |")
+  return "\n".join(rows)
+
+
+def compile_recipes(page: str) -> str:
+  results = {r["config"]: r for r in load_jsonl(COMPILE_RECIPES)}
+  commits = sorted({r["commit"] for r in results.values()})
+  return (compile_recipes_table(results) + "\n\n"
+          f"<sub>Made from {_link(page, COMPILE_RECIPES)}, the `minilm-compile` reports that "
+          f"`python benchmarks/compile_recipes.py` wrote at commit {', '.join(commits)}.</sub>")
+
+
+# ---- minilm-eval: results.json as minilm-eval's own results.md lays it out --------------------------------
+
+# minilm_jax's evaluation labels (its write_table), repeated so that this script needs no JAX.
+EVAL_LABELS = {"heldout_relation_loss": "held-out relation loss", "retrieval_mrr": "retrieval MRR",
+               "agreement": "agreement with teacher (Spearman)", "package_linear": "package: linear probe acc",
+               "package": "package: fine-tune acc", "nsp": "nsp: fine-tune acc"}
+ZERO_SHOT = ("heldout_relation_loss", "retrieval_mrr", "agreement", "package_linear")
+
+
+def _fmt(m: dict) -> str:
+  """value ± error, the error to 2 significant digits and the value to the same decimals (≥ 3)."""
+  err = m.get("spread", m.get("se"))
+  finite = err is not None and math.isfinite(err)
+  d = 3 if not finite or err <= 0 else int(min(6, max(3, 1 - math.floor(math.log10(err)))))
+  return f"{m['value']:.{d}f} ± {err if finite else float('nan'):.{d}f}"
+
+
+def _metrics(results: dict) -> list[str]:
+  return list(dict.fromkeys(m for row in results.values() for m, v in row.items() if isinstance(v, dict)))
+
+
+def eval_models_table(doc: dict) -> str:
+  results, seeds = doc["results"], doc["settings"]["protocol"]["seeds"]
+  metrics = _metrics(results)
+  head = [EVAL_LABELS.get(m, f"{m}: fine-tune") + (" (± SE)" if m in ZERO_SHOT else f" (± sd, {seeds} seeds)")
+          for m in metrics]
+  rows = [[name, f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params",
+           *[_fmt(row[m]) if m in row else "" for m in metrics]] for name, row in results.items()]
+  return markdown_table(["model", "size", *head], rows)
+
+
+def eval_differences_table(doc: dict) -> str:
+  diffs, metrics = doc["differences"], _metrics(doc["results"])
+  cols = [m for m in metrics if any(m in row for row in diffs.values())]
+  cell = lambda d: f"{'+' if d['value'] >= 0 else ''}{_fmt(d)} ({d['z']:+.1f} SE)"
+  rows = [[name, *[cell(row[m]) if m in row else "" for m in cols]] for name, row in diffs.items()]
+  return markdown_table(["difference", *[EVAL_LABELS.get(m, f"{m}: fine-tune") for m in cols]], rows)
+
+
+def _eval_run(folder: str):
+  """(results.json, its provenance) of a stored minilm-eval output under docs/results/FOLDER/."""
+  with open(os.path.join(RESULTS, folder, "results.json")) as f:
+    doc = json.load(f)
+  with open(os.path.join(RESULTS, folder, "provenance.json")) as f:
+    return doc, json.load(f)
+
+
+def _eval_caption(page: str, folder: str, prov: dict) -> str:
+  return (f"<sub>Made from {_link(page, os.path.join(RESULTS, folder, 'results.json'))}, which "
+          f"`{prov['eval_command']}` wrote on {prov['date']} at commit {prov['commit']} ({prov['machine']}; "
+          f"provenance: {_link(page, os.path.join(RESULTS, folder, 'provenance.json'))}).</sub>")
+
+
+def demo(page: str) -> str:
+  doc, prov = _eval_run("demo")
+  return eval_models_table(doc) + "\n\n" + _eval_caption(page, "demo", prov)
+
+
+def demo_differences(page: str) -> str:
+  doc, prov = _eval_run("demo")
+  return (eval_differences_table(doc) + "\n\n<sub>Paired over the same items, ± the SE of the difference, "
+          "and the difference in SEs; from the same results.json.</sub>")
+
+
+# ---- README: the recipes, with their targets and costs from the minilm-compile reports ---------------------
+
+def _rel(page: str, path: str) -> str:
+  """`path` (from the repository root, maybe with #anchor) as a link target relative to `page`."""
+  file, _, anchor = path.partition("#")
+  if os.path.join(ROOT, file) == page and anchor:
+    return f"#{anchor}"
+  rel = os.path.relpath(os.path.join(ROOT, file), os.path.dirname(page)).replace(os.sep, "/")
+  return rel + (f"#{anchor}" if anchor else "")
+
+
+# (config, teacher → student, where it runs when not on its compile target, its time there, what it
+# reaches). The time of a recipe without a CPU time is its whole token budget on its target by the
+# compiler's estimate (docs/results/compile_recipes.jsonl). The CPU times are the configs' docstrings'.
+README_CONFIGS = [
+    ("demo", "all-MiniLM-L6-v2 (6×384) → 3×384, 0.49M tokens of the stdlib corpus", "CPU, offline",
+     "about 5 min on 2 cores, the evaluation about 6 more",
+     "ahead of every undistilled 3×384 student on the zero-shot probes ([Results](README.md#results))"),
+    ("demo_ta", "all-MiniLM-L6-v2 → 6×192 assistant → 3×192", "CPU, offline", "about 8 min on 2 cores",
+     "the relations passed down the chain ([history](docs/experiments.md#earlier-measurements-relations-"
+     "only-the-first-protocol))"),
+    ("quality", "all-MiniLM-L6-v2 → 4×384, 8.2M tokens of `pydocs`", "CPU", "85 min on 2 cores",
+     "the project's targets, in-domain and on the Rust book ([results](docs/results.md#the-default-at-"
+     "the-quality-budget-a-4384-student))"),
+    ("v1_bert_base_6x768", "BERT-base → 6×768, MiniLM v1", None, None,
+     "the paper: 80.4 average over 8 tasks (BERT-base 81.5)"),
+    ("v1_bert_base_6x384", "BERT-base → 6×384, MiniLM v1", None, None,
+     "the paper: 81.9 (SQuAD2/MNLI/SST-2 average)"),
+    ("ta_bert_base_6x384", "BERT-base → 12×384 assistant → 6×384, MiniLM v1", None, None,
+     "the paper: 82.1 (the same average)"),
+    ("v2_bert_base_6x384", "BERT-base → 6×384, MiniLMv2, 48 relation heads", None, None, "not run here"),
+    ("v2_bert_large_6x768", "BERT-large (layer 21 of 24) → 6×768, MiniLMv2", None, None, "not run here"),
+    ("v2_roberta_large_6x384", "RoBERTa-large (layer 19 of 24) → 6×384, MiniLMv2", None, None,
+     "not run here"),
+    ("v2_modernbert_base_6x384", "ModernBERT-base → 6×384 ModernBERT, MiniLMv2", None, None,
+     "not run here"),
+]
+
+
+def readme_configs(page: str) -> str:
+  compiled = {r["config"]: r for r in load_jsonl(COMPILE_RECIPES)}
+  configs = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                   if f.endswith(".py") and not f.startswith("_"))
+  described = [c[0] for c in README_CONFIGS]
+  if sorted(described) != configs:
+    raise ValueError(f"README_CONFIGS names {sorted(described)}, configs/ holds {configs}: describe each")
+  link = lambda text: re.sub(r"\]\(([^)]+)\)", lambda m: f"]({_rel(page, m.group(1))})", text)
+  rows = []
+  for name, shape, where, time, reaches in README_CONFIGS:
+    r = compiled[name]
+    target = f"{r['target']} ({r['devices']}× {r['device_kind']})"
+    if where is None:
+      where = target
+      time = (f"{r['budget_hours']:.3g} h, {r['budget_chip_hours']:.3g} chip-h (compiler's estimate)"
+              if r["budget_hours"] is not None else "—")
+    else:
+      where = f"{where}; target {target}"
+    rows.append([f"`{name}`", shape, where, time, link(reaches)])
+  return (markdown_table(["config", "teacher → student", "where it runs", "time", "what it reaches"], rows)
+          + "\n\n" + f"<sub>Targets and estimates: {_link(page, COMPILE_RECIPES)}.</sub>")
+
+
+# ---- README: the step's speed, from the performance tables -------------------------------------------------
+
+def readme_performance(page: str) -> str:
+  path = os.path.join(RESULTS, "transcribed", "performance.json")
+  with open(path) as f:
+    tables = json.load(f)["tables"]
+  rows = []
+  peers, h200 = tables["peers"], tables["h200"]
+  cpu = f"2 CPU cores (AVX-512), {peers['recorded_on']}, 3 rounds"
+  for impl, tokens, mfu in peers["rows"]:
+    rows.append([cpu, f"{impl}, float32, 32 × 128", tokens, mfu])
+    cpu = "same"
+  gpu, batch = f"one NVIDIA H200, {h200['recorded_on']}", None
+  cols = h200["columns"]
+  for r in h200["rows"]:
+    cell = dict(zip(cols, r))
+    m = re.search(r"batch (\d+ × \d+)", cell["shape"])
+    batch = m.group(1) if m else batch
+    rows.append([gpu, f"minilm_jax, {cell['precision']}, {batch}", cell["tokens/s"], cell["MFU"]])
+    gpu = "same"
+  peers_link = _rel(page, "docs/performance.md#against-the-pytorch-peers")
+  h200_link = _rel(page, "docs/performance.md#on-a-gpu-one-nvidia-h200")
+  return (markdown_table(["machine", "step, precision, batch × T", "tokens/s", "MFU"], rows) + "\n\n"
+          f"<sub>From the tables [Against the PyTorch peers]({peers_link}) (tokens/s: min-max of the "
+          f"rounds; MFU: the best round's, against the peak measured in the same run) and [On a GPU: one NVIDIA "
+          f"H200]({h200_link}) (one run each; MFU against the published bf16 peak), data "
+          f"{_link(page, path)}: transcribed, the runs' own output was not kept.</sub>")
+
+
+RENDERERS = {
+    "compile_recipes": compile_recipes,
+    "demo": demo,
+    "demo_differences": demo_differences,
+    "readme_configs": readme_configs,
+    "readme_performance": readme_performance,
+}
+
+
+# ---- the pages ------------------------------------------------------------------------------------------
+
+def render(name: str, page: str) -> str:
+  if "." in name:
+    return transcribed(name, page)
+  if name not in RENDERERS:
+    raise KeyError(f"{os.path.relpath(page, ROOT)}: no table named {name!r} (RENDERERS, or FILE.KEY of "
+                   "docs/results/transcribed/FILE.json)")
+  return RENDERERS[name](page)
+
+
+def regenerate(text: str, page: str) -> str:
+  """The page with every table between its markers made again."""
+  opened = re.findall(r"<!-- table:([\w.-]+) -->", text)
+  closed = re.findall(r"<!-- /table:([\w.-]+) -->", text)
+  if opened != closed:
+    raise ValueError(f"{os.path.relpath(page, ROOT)}: unbalanced table markers: {opened} against {closed}")
+  return MARKER.sub(lambda m: (f"<!-- table:{m['name']} -->\n{render(m['name'], page)}\n"
+                               f"<!-- /table:{m['name']} -->"), text)
+
+
+def tables_in(text: str) -> list[str]:
+  return [m["name"] for m in MARKER.finditer(text)]
+
+
+def stale() -> list[tuple[str, str, str]]:
+  """(page, its text, the text with its tables made again) for every page whose tables are not current."""
+  out = []
+  for page in pages():
+    with open(page) as f:
+      old = f.read()
+    new = regenerate(old, page)
+    if new != old:
+      out.append((page, old, new))
+  return out
+
+
+def check() -> list[str]:
+  """A unified diff for every page whose tables are not what the JSON makes (empty: all current)."""
+  diff = lambda name, old, new: "".join(difflib.unified_diff(
+      old.splitlines(True), new.splitlines(True), name, f"{name} (made from the JSON)"))
+  return [diff(os.path.relpath(page, ROOT), old, new) for page, old, new in stale()]
+
+
+def write() -> list[str]:
+  """Rewrite every page's tables; returns the pages that changed."""
+  changed = stale()
+  for page, _, new in changed:
+    with open(page + ".tmp", "w") as f:
+      f.write(new)
+    os.replace(page + ".tmp", page)
+  return [os.path.relpath(page, ROOT) for page, _, _ in changed]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page's table differs "
+                 "from what its JSON makes, and print the difference")
+  args = p.parse_args(argv)
+  if args.check:
+    diffs = check()
+    for d in diffs:
+      sys.stdout.write(d)
+    if diffs:
+      print(f"{len(diffs)} page(s) differ from their JSON: run python docs/make_tables.py", file=sys.stderr)
+    return 1 if diffs else 0
+  changed = write()
+  print("\n".join(f"rewrote {c}" for c in changed) or "every table is current")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
