@@ -533,12 +533,13 @@ def _copies(plan, keys_outer, index):
 
 def _cost(plan, kind):
   """CostEstimate of one kernel. Flops count the MXU work issued in the block pairs that do work (each
-  head contracts over the step's W lanes: 2 matmuls forward, 5 backward; every pair without a window,
-  those within its reach with one) and the elementwise work per pair; transcendentals the exp per pair
+  head contracts over the step's W lanes: 2 matmuls forward, 5 backward, 6 bf16 passes each for fp32;
+  every pair without a window, those within its reach with one) and the elementwise work per pair; transcendentals the exp per pair
   (and per row and key block); bytes count every block DMA'd, replaying the index maps: the outer side's
   once, the inner side's once per outer block (once in all with a single inner block: Pallas skips an
   unchanged block), with a window only the blocks in reach."""
   b, g, tp, w, isz = plan.batch, plan.groups, plan.tp, plan.width, plan.itemsize
+  passes = kernel_blocks.mxu_passes(plan.precision)  # fp32 inputs: 6 bf16 passes a matmul
   pairs = b * plan.heads * plan.visits * plan.bq * plan.bk  # b·heads·Tp² without a window
   rows, row_blocks = b * plan.heads * tp, b * plan.heads * plan.visits * plan.bq
   side = b * tp * g * w * isz        # one [B, Tp, H·dw] array
@@ -546,7 +547,7 @@ def _cost(plan, kind):
   if kind == "forward":
     k_copies = _copies(plan, False, lambda i, step: _inner_block(plan, False, i, step))
     return pl.CostEstimate(
-        flops=pairs * (4 * w + _elementwise_per_pair(plan, False)) + row_blocks * 6 + 3 * side // isz,
+        flops=pairs * (4 * w * passes + _elementwise_per_pair(plan, False)) + row_blocks * 6 + 3 * side // isz,
         transcendentals=pairs + row_blocks + rows,
         # q in, o out, lse out; k, v and the key mask as often as their blocks are copied.
         bytes_accessed=2 * side + rows * 4 + k_copies * (2 * side + g * kvalid) // plan.nk + b * 4)
@@ -554,7 +555,7 @@ def _cost(plan, kind):
   o_copies = _copies(plan, True, lambda j, step: _o_block(plan, j, step))
   return pl.CostEstimate(
       # + D: an fp32 (6-pass) [hc8, W] x [W, bq] matmul per query block and group.
-      flops=pairs * (10 * w + _elementwise_per_pair(plan, True)) + b * g * tp * w * (2 * 8 * 6 + 2),
+      flops=pairs * (10 * w * passes + _elementwise_per_pair(plan, True)) + b * g * tp * w * (2 * 8 * 6 + 2),
       transcendentals=pairs,
       # k, v and key mask once, O about once; q, dO and lse as often as their blocks are copied; dq, dk,
       # dv out.

@@ -4,6 +4,8 @@ padding of a head, heads per grid step, and the sequence blocks, chosen from the
 
 import math
 
+import jax
+
 # Masked logits and scores (losses.py uses the same): finite, so exp() underflows to exactly 0 and no
 # inf − inf = NaN appears in the forward or backward pass; far below any real logit.
 MASK_VALUE = -1e30
@@ -15,6 +17,14 @@ BLOCKS = (512, 384, 256, 128)
 # VMEM the automatic blocks may fill: all of a v4's, as its compiler reports it (v5p: 64 MiB, v5e and
 # v6e: 128 MiB).
 VMEM_BUDGET = 16 * 2**20
+
+
+def mxu_passes(precision) -> int:
+  """bf16 MXU passes of one matmul at `precision` on TPU: 6 for HIGHEST on fp32 operands (XLA's bf16_6x;
+  Mosaic's contract_precision<fp32> is taken to be the same, it is not documented), 1 for DEFAULT on
+  bf16. The kernels' CostEstimates multiply their MXU flops by it: the compiler's cost model cannot see a
+  Pallas kernel's passes."""
+  return 6 if precision == jax.lax.Precision.HIGHEST else 1
 
 
 def lane_width(d: int) -> int:

@@ -365,17 +365,19 @@ def _relation_kl_sum(teacher_a, teacher_b, student_a, student_b, keys, num_heads
 
 
 def _pallas_heads_kl(teacher_a, teacher_b, student_a, student_b, keys, num_heads, kl_rows):
-  """The weighted KL sum through relation_kernel.kl_rows (its heads-major, pre-scaled fp32 inputs)."""
+  """The weighted KL sum through relation_kernel.kl_rows (heads-major inputs; bf16 ones stay bf16, as
+  its products of them are exact; the 1/√d scale goes to the logits, where it rounds nothing)."""
   batch, seq_len = teacher_a.shape[:2]
+  bf16 = all(x.dtype == jnp.bfloat16 for x in (teacher_a, teacher_b, student_a, student_b))
 
-  def heads(x_BTD, scale):
-    d = x_BTD.shape[-1] // num_heads
-    x = x_BTD.astype(keys.w.dtype).reshape(batch, seq_len, num_heads, d).transpose(0, 2, 1, 3)
-    return x * (1.0 / math.sqrt(d)) if scale else x
+  def heads(x_BTD):
+    x = x_BTD if bf16 else x_BTD.astype(keys.w.dtype)
+    return x.reshape(batch, seq_len, num_heads, -1).transpose(0, 2, 1, 3)
 
+  width = lambda x: x.shape[-1] // num_heads
   seg_BT = jnp.zeros(keys.mask.shape, jnp.int32) if keys.seg is None else keys.seg.astype(jnp.int32)
-  kl_BAT = kl_rows(heads(teacher_a, True), heads(teacher_b, False), heads(student_a, True),
-                   heads(student_b, False), keys.mask, seg_BT)
+  kl_BAT = kl_rows(heads(teacher_a), heads(teacher_b), heads(student_a), heads(student_b), keys.mask,
+                   seg_BT, scale=(1.0 / math.sqrt(width(teacher_a)), 1.0 / math.sqrt(width(student_a))))
   return jnp.einsum("bat,bt->", kl_BAT, keys.w)
 
 
@@ -424,7 +426,7 @@ def relation_kl(
   num_heads: relation heads A (must divide D_t and D_s). chunk_heads: a divisor of A (A: the direct
   path). block_keys: K, to compute the KL K keys at a time with a custom VJP (memory O(B·A·T·K), no
   [B, A, T, T] tensor in either pass; see _blockwise_kl_rows). Both None: automatic (module docstring).
-  implementation: "xla" (the paths above), "pallas" (TPU kernels, relation_kernel.py; fp32 only),
+  implementation: "xla" (the paths above), "pallas" (TPU kernels, relation_kernel.py),
   "pallas_interpret" (the same kernels interpreted, on any backend: for tests), or a function with
   relation_kernel.kl_rows's signature (the trainer's: the kernels per device, under shard_map).
   Returns an fp32 scalar (fp64 for fp64 inputs).

@@ -21,6 +21,7 @@ to its end, so nothing in it is frozen.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -106,13 +107,18 @@ def relation_implementation(cfg, platform: str) -> str:
   return "pallas" if impl == "pallas" or (impl == "auto" and platform == "tpu") else "xla"
 
 
+def _kl_rows_per_device(mesh, *arrays, scale):
+  """relation_kernel.kl_rows on each device's rows (XLA cannot partition a Pallas kernel)."""
+  return sharding.per_device(mesh, functools.partial(relation_kernel.kl_rows, scale=scale))(*arrays)
+
+
 def relation_loss_fn(cfg, student_heads: int, implementation: str = "xla", mesh=None) -> Callable:
   """(teacher_qkv, student_qkv, mask) -> scalar, the configured v1 or v2 loss. implementation:
   losses.py's ("xla", "pallas"; see relation_implementation); mesh: where the batch is split (the
   Pallas kernels then run per device)."""
   l = cfg.loss
   if implementation == "pallas" and mesh is not None:
-    implementation = sharding.per_device(mesh, relation_kernel.kl_rows)
+    implementation = functools.partial(_kl_rows_per_device, mesh)
   kw = dict(reduction=l.reduction, chunk_heads=l.chunk_heads or None, block_keys=l.get("block_keys") or None,
             implementation=implementation)
   if l.weights:

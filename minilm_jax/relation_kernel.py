@@ -31,8 +31,11 @@ from minilm_jax import kernel_blocks
 MASK_VALUE = kernel_blocks.MASK_VALUE
 _LANES = kernel_blocks.LANES
 # The loss is fp32 (config.precision: "the loss stays fp32"); a logit of size 10 from bf16-rounded
-# inputs is off by ~0.04, which moves the softmax visibly. The price: several bf16 MXU passes per matmul
-# where Precision.DEFAULT (what XLA gives losses.py's einsums on TPU) takes one.
+# inputs is off by ~0.04, which moves the softmax visibly. fp32 inputs therefore take fp32 matmuls (6 bf16
+# MXU passes each). bf16 inputs (a bf16 run's Q, K, V) need no rounding: a bf16 × bf16 product is exact in
+# the fp32 accumulator, so their logits take one pass, and the gradient matmuls split the fp32 dz into
+# three bf16 parts (dz·x to fp32 accuracy in 3 passes). The 1/√d scale is applied to the fp32 logits
+# (`scale`), not to the inputs, where it would round them.
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
@@ -47,6 +50,13 @@ class _Plan(NamedTuple):
   bq: int
   bk: int
   interpret: bool
+  dtype: str = "float32"  # of the inputs: "bfloat16" (all four) or "float32"
+  scale_t: float = 1.0    # teacher logits = scale_t · (a · b)
+  scale_s: float = 1.0
+
+  @property
+  def bf16(self):
+    return self.dtype == "bfloat16"
 
   @property
   def groups(self):
@@ -91,12 +101,13 @@ def _vmem_bytes(bq, bk, wt, ws, win_t, win_s):
   return 8 * (bq + bk) * w + 12 * b * w + 32 * bq * bk + 16 * b * (win_t + win_s)
 
 
-def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret):
+def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret, dtype="float32", scale=(1.0, 1.0)):
   dt, ds = kernel_blocks.lane_width(d), kernel_blocks.lane_width(e)
   hc = kernel_blocks.heads_per_step(heads, dt, ds)
   vmem = lambda b: _vmem_bytes(b, b, hc * dt, hc * ds, _window_width(dt, hc), _window_width(ds, hc))
   bq, bk, tp = kernel_blocks.blocks(t, block_q, block_k, lambda: kernel_blocks.auto_block(t, vmem))
-  return _Plan(batch, heads, tp, dt, ds, hc, bq, bk, bool(interpret))
+  return _Plan(batch, heads, tp, dt, ds, hc, bq, bk, bool(interpret), jnp.dtype(dtype).name,
+               float(scale[0]), float(scale[1]))
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -150,13 +161,28 @@ def _for_heads(plan, body):
 
 
 def _dot(x, y, contract):
-  return jax.lax.dot_general(x, y, (contract, ((), ())), precision=_PRECISION,
-                             preferred_element_type=jnp.float32)
+  """x·y in fp32: one pass when both are bf16 (exact products), else fp32 matmuls (_PRECISION)."""
+  bf16 = x.dtype == y.dtype == jnp.bfloat16
+  return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=jnp.float32,
+                             precision=jax.lax.Precision.DEFAULT if bf16 else _PRECISION)
 
 
-def _logits_KQ(k_Kw, q_Qw, valid_KQ):
-  """Masked logits z[s, t] [bk, bq]: keys on sublanes, queries on lanes."""
-  return jnp.where(valid_KQ, _dot(k_Kw, q_Qw, ((1,), (1,))), MASK_VALUE)
+def _grad_dot(dz, x, contract):
+  """dz·x in fp32 for fp32 dz: with bf16 x, dz split into three bf16 parts (hi + mid + lo carry its 24
+  bits), each product exact, so three passes give what the fp32 matmul's six do."""
+  if x.dtype != jnp.bfloat16:
+    return _dot(dz, x, contract)
+  parts = []
+  for _ in range(3):
+    parts.append(dz.astype(jnp.bfloat16))
+    dz = dz - parts[-1].astype(jnp.float32)
+  return _dot(parts[0], x, contract) + (_dot(parts[1], x, contract) + _dot(parts[2], x, contract))
+
+
+def _logits_KQ(k_Kw, q_Qw, valid_KQ, scale):
+  """Masked logits z[s, t] = scale · k_s · q_t [bk, bq]: keys on sublanes, queries on lanes."""
+  z = _dot(k_Kw, q_Qw, ((1,), (1,)))
+  return jnp.where(valid_KQ, z if scale == 1.0 else z * scale, MASK_VALUE)
 
 
 def _validity_KQ(kinfo_ref, qseg_ref):
@@ -191,8 +217,10 @@ def _forward_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, *refs, 
 
   def head(h):
     row = pl.ds(h, 1)
-    zt = _logits_KQ(_window(tb_ref, h, plan.dt, False)[0], _window(ta_ref, h, plan.dt, True)[0], valid_KQ)
-    zs = _logits_KQ(_window(sb_ref, h, plan.ds, False)[0], _window(sa_ref, h, plan.ds, True)[0], valid_KQ)
+    zt = _logits_KQ(_window(tb_ref, h, plan.dt, False)[0], _window(ta_ref, h, plan.dt, True)[0], valid_KQ,
+                    plan.scale_t)
+    zs = _logits_KQ(_window(sb_ref, h, plan.ds, False)[0], _window(sa_ref, h, plan.ds, True)[0], valid_KQ,
+                    plan.scale_s)
     mt_old, ms_old = m_t[row, :], m_s[row, :]
     mt_new = jnp.maximum(mt_old, zt.max(0, keepdims=True))
     ms_new = jnp.maximum(ms_old, zs.max(0, keepdims=True))
@@ -242,16 +270,17 @@ def _grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse
     yt, ys = _window(other[0], h, plan.dt, False)[0], _window(other[1], h, plan.ds, False)[0]
     k_t, q_t = (yt, xt) if keys_outer else (xt, yt)
     k_s, q_s = (ys, xs) if keys_outer else (xs, ys)
-    zt, zs = _logits_KQ(k_t, q_t, valid_KQ), _logits_KQ(k_s, q_s, valid_KQ)
+    zt, zs = _logits_KQ(k_t, q_t, valid_KQ, plan.scale_t), _logits_KQ(k_s, q_s, valid_KQ, plan.scale_s)
     dzt, dzs = _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :], c_ref[row, :])
-    acc_t[:, lanes_t] += _dot(dzt, xt, contract)
-    acc_s[:, lanes_s] += _dot(dzs, xs, contract)
+    acc_t[:, lanes_t] += _grad_dot(dzt, xt, contract)
+    acc_s[:, lanes_s] += _grad_dot(dzs, xs, contract)
 
   _for_heads(plan, head)
 
   @pl.when(inner == pl.num_programs(3) - 1)
-  def _finish():
-    d_t_ref[...], d_s_ref[...] = acc_t[...], acc_s[...]
+  def _finish():  # z = scale · (a · b): both sides' gradients carry the scale
+    d_t_ref[...] = acc_t[...] * plan.scale_t
+    d_s_ref[...] = acc_s[...] * plan.scale_s
 
 
 # -------------------------------------------------------------------------------------- pallas_call
@@ -292,13 +321,17 @@ def _params(plan):
 
 def _cost(plan, kind, n_out=1):
   """CostEstimate of one pass ("forward", "dq" or "dk"). Flops count the MXU work issued (each head
-  contracts over its whole lane window: 128 lanes for d < 128) and the elementwise work per (query, key)
-  pair; bytes count every block DMA'd: the outer side's blocks once, the inner side's once per outer
+  contracts over its whole lane window: 128 lanes for d < 128; in the bf16 passes each matmul takes) and
+  the elementwise work per (query, key) pair; bytes count every block DMA'd: the outer side's blocks once, the inner side's once per outer
   block (once in all when there is a single inner block, as Pallas skips an unchanged block)."""
   b, c, tp = plan.batch, plan.heads, plan.tp
   pairs, rows = b * c * tp * tp, b * c * tp
-  mxu = 2 * (plan.win_t + plan.win_s)             # logits of both models, per pair
-  side = b * tp * c * (plan.dt + plan.ds) * 4     # all of one side (a or b) of teacher and student
+  # Logits of both models, per pair: a 16-lane relation head still fills the MXU's 128-deep contraction.
+  # Passes: bf16 inputs 1 for the logits, 3 for the gradient matmuls; fp32 6 for each (_PRECISION).
+  lanes = 2 * (plan.win_t + plan.win_s)
+  fp32 = kernel_blocks.mxu_passes(_PRECISION)
+  mxu, grad_mxu = (lanes, 3 * lanes) if plan.bf16 else (fp32 * lanes, fp32 * lanes)
+  side = b * tp * c * (plan.dt + plan.ds) * (2 if plan.bf16 else 4)  # one side (a or b) of both models
   kinfo, qseg = plan.groups * b * 2 * tp * 4, plan.groups * b * tp * 4
   outer, inner = (plan.nk, plan.nq) if kind == "dk" else (plan.nq, plan.nk)
   reps = outer if inner > 1 else 1
@@ -313,7 +346,7 @@ def _cost(plan, kind, n_out=1):
     inputs = side + rows_in + reps * (side + kinfo) + qseg
   else:
     inputs = side + kinfo + reps * (side + rows_in + qseg)
-  return pl.CostEstimate(flops=pairs * (2 * mxu + 16), transcendentals=2 * pairs,
+  return pl.CostEstimate(flops=pairs * (mxu + grad_mxu + 16), transcendentals=2 * pairs,
                          bytes_accessed=inputs + side)  # + the gradients written
 
 
@@ -380,7 +413,8 @@ def _kl_bwd(plan, res, g):
   args = (kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
   d_ta, d_sa = _backward_call(plan, "dq", *args)
   d_tb, d_sb = _backward_call(plan, "dk", *args)
-  return d_ta, d_tb, d_sa, d_sb, None, None
+  cast = lambda d: d.astype(plan.dtype)  # fp32 from the kernels; the inputs' dtype for the VJP
+  return cast(d_ta), cast(d_tb), cast(d_sa), cast(d_sb), None, None
 
 
 _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
@@ -389,12 +423,14 @@ _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
 # -------------------------------------------------------------------------------------------- public
 
 
-def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, block_q=None, block_k=None,
-            interpret=False):
+def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 1.0), block_q=None,
+            block_k=None, interpret=False):
   """KL_t [B, C, T] of every query row: losses._blockwise_kl_rows's numbers, from Pallas TPU kernels.
 
-  ta, tb: the teacher's relation inputs [B, C, T, d], heads-major, ta pre-scaled by 1/sqrt(d); sa, sb:
-  the student's [B, C, T, e], likewise (d and e may differ); fp32. mask_BT: bool, which keys are real;
+  ta, tb: the teacher's relation inputs [B, C, T, d], heads-major; sa, sb: the student's [B, C, T, e]
+  (d and e may differ). The logits are scale[0] · ta·tbᵀ and scale[1] · sa·sbᵀ (1/√d, 1/√e for
+  MiniLM; or pre-scale ta, sa and keep 1). All four bf16: bf16 kept, each product exact, the arithmetic
+  fp32 (gradients rounded to bf16 at the end); else fp32. mask_BT: bool, which keys are real;
   seg_BT: int32 segment ids (zeros for none): key s is visible from query t iff mask[s] and
   seg[t] == seg[s]. A row with no visible key gives a finite value (0). block_q, block_k: multiples of
   128 (default: up to 512 as VMEM allows, see kernel_blocks.auto_block); T is padded to a multiple of both with
@@ -408,8 +444,10 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, block_q=None
                      f"{tb_BCTd.shape}, {sa_BCTe.shape}, {sb_BCTe.shape}")
   if mask_BT.shape != (b, t) or seg_BT.shape != (b, t):
     raise ValueError(f"mask and seg must be [B, T] = {(b, t)}, got {mask_BT.shape} and {seg_BT.shape}")
-  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret)
-  tm = lambda x, width: _token_major(x.astype(jnp.float32), plan, width)
+  bf16 = all(x.dtype == jnp.bfloat16 for x in (ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe))
+  dtype = jnp.bfloat16 if bf16 else jnp.float32
+  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret, dtype, scale)
+  tm = lambda x, width: _token_major(x.astype(dtype), plan, width)
   kl_BGHT = _kl_token_major(tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds),
                             tm(sb_BCTe, plan.ds), _key_info(mask_BT, seg_BT, plan),
                             jnp.pad(seg_BT.astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :], plan)

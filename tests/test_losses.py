@@ -287,6 +287,30 @@ def test_bf16_inputs_close_to_fp32_and_loss_is_fp32():
   assert all(g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_path_equals_the_xla_path(dtype):
+  # implementation="pallas_interpret": relation_kernel.kl_rows (interpreted) behind the same loss. fp32:
+  # the XLA path's value and gradients. bf16: the fp32 loss and gradients of the same bf16 numbers (the
+  # kernel keeps bf16 inputs, exact products; only the returned gradients are rounded to bf16).
+  rng = np.random.default_rng(21)
+  tqkv, sqkv = rand_qkv(rng, 5, 7, D_T), rand_qkv(rng, 5, 7, D_S)
+  cast = lambda xs: tuple(jnp.asarray(x, dtype) for x in xs)
+  up = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)
+  seg = np.array([[0, 0, 1, 1, 1, 0, 0]] * 5, np.int32)
+  loss = lambda impl, t, st: minilm_v2_loss(t, st, MASK, 6, segment_ids=seg, implementation=impl)
+  got, g_got = jax.value_and_grad(lambda st: loss("pallas_interpret", cast(tqkv), st))(cast(sqkv))
+  want, g_want = jax.value_and_grad(lambda st: loss("xla", up(cast(tqkv)), st))(up(cast(sqkv)))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+  for g, w in zip(g_got, g_want):
+    assert g.dtype == dtype
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-7)
+    else:  # bf16 cotangents: rounded, and q's two (a and b side) summed in bf16; exactness is
+      # tests/test_relation_kernel.py's, before the rounding
+      np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=2**-8 * np.abs(w).max())
+
+
 # --------------------------------------------------------------------------------------- chunking
 
 

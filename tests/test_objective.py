@@ -189,3 +189,24 @@ def test_a_checkpoint_from_before_the_terms_existed_still_resumes():
   changed = {**now, "config": {**now["config"], "loss": {**now["config"]["loss"], "terms": "hidden"}}}
   with pytest.raises(ValueError, match="'loss' differs"):
     config.check_resume(saved, changed)
+
+
+def test_the_pallas_relation_loss_runs_per_device_and_equals_the_xla_one(monkeypatch):
+  # The trainer's TPU path: relation_kernel.kl_rows per device under shard_map (here interpreted, on
+  # two CPU devices when there are), the 1/√d scales passed through; v1 and v2.
+  import functools
+  from minilm_jax import relation_kernel, sharding
+  monkeypatch.setattr(relation_kernel, "kl_rows", functools.partial(relation_kernel.kl_rows, interpret=True))
+  mesh = sharding.make_mesh(1, jax.devices()[:2])
+  rng = np.random.default_rng(4)
+  b, t = 2 * len(mesh.devices.flat), 9
+  qkv = lambda d: tuple(jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32) for _ in range(3))
+  teacher, student = qkv(32), qkv(16)
+  mask = jnp.asarray(np.arange(t)[None] < rng.integers(1, t + 1, (b, 1)), jnp.int32)
+  for version, heads in (("v1", 4), ("v2", 8)):
+    cfg = config.default_config()
+    cfg.loss.update(version=version, relation_heads=heads)
+    xla = objective.relation_loss_fn(cfg, 4, "xla")(teacher, student, mask)
+    with jax.set_mesh(mesh):
+      pallas = jax.jit(objective.relation_loss_fn(cfg, 4, "pallas", mesh))(teacher, student, mask)
+    np.testing.assert_allclose(pallas, xla, rtol=1e-5, err_msg=version)

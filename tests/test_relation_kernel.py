@@ -142,6 +142,49 @@ def test_weighted_loss_matches_direct_path():
     np.testing.assert_allclose(gk, gd, rtol=RTOL, atol=1e-7)
 
 
+def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
+  # bf16 inputs (a bf16 run's Q, K, V) stay bf16: each product is exact, the logits take the 1/√d scale
+  # in fp32, and the gradients' fp32 dz is split in three bf16 parts. So the KL and the gradients (before
+  # their final bf16 rounding) are the fp32 ones of the same bf16 numbers, unscaled inputs and all.
+  b, c, t, d, e = 3, 4, 200, 16, 8
+  rng = np.random.default_rng(5)
+  bf = lambda w: jnp.asarray(rng.standard_normal((b, c, t, w)), jnp.bfloat16)
+  ta, tb, sa, sb = bf(d), bf(d), bf(e), bf(e)
+  mask, seg = _masks("segments", b, t)
+  scale = (d**-0.5, e**-0.5)
+  f32 = lambda x: np.asarray(x, np.float32)
+  kl, vjp = jax.vjp(lambda *x: rk.kl_rows(*x, mask, seg, scale=scale, block_q=128, block_k=128,
+                                            interpret=True), ta, tb, sa, sb)
+  assert kl.dtype == jnp.float32
+  oracle = _oracle(f32(ta) * scale[0], f32(tb), f32(sa) * scale[1], f32(sb), mask, seg)
+  np.testing.assert_allclose(kl, oracle, rtol=RTOL, atol=ATOL)
+
+  g_BCT = np.random.default_rng(1).standard_normal((b, c, t)).astype(np.float32)
+  blockwise = lambda x0, x1, x2, x3: losses._blockwise_kl_rows(x0 * scale[0], x1, x2 * scale[1], x3, mask,
+                                                                 seg, 64)
+  _, ref_vjp = jax.vjp(blockwise, *map(f32, (ta, tb, sa, sb)))
+  want = ref_vjp(g_BCT)
+  got = vjp(g_BCT)
+  for x, w in zip(got, want):
+    assert x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(x), w, rtol=2**-8, atol=ATOL)  # the final rounding to bf16 only
+  # Before that rounding: the kernels' fp32 gradients at the fp32 tolerance.
+  plan = rk._make_plan(b, c, t, d, e, 128, 128, True, jnp.bfloat16, scale)
+  tm = lambda x, w: rk._token_major(x, plan, w)
+  args = (rk._key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
+          jnp.pad(jnp.asarray(seg, jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :],
+          tm(ta, plan.dt), tm(tb, plan.dt), tm(sa, plan.ds), tm(sb, plan.ds))
+  _, lse_t, lse_s, c_rows = rk._forward_call(plan, *args, residuals=True)
+  g = jnp.pad(jnp.asarray(g_BCT), ((0, 0), (0, 0), (0, plan.tp - t))).reshape(lse_t.shape)
+  d_ta, d_sa = rk._backward_call(plan, "dq", *args, g, lse_t, lse_s, c_rows)
+  d_tb, d_sb = rk._backward_call(plan, "dk", *args, g, lse_t, lse_s, c_rows)
+  heads_major = lambda x, w, width: jnp.swapaxes(x.reshape(b, plan.tp, c, width), 1, 2)[:, :, :t, :w]
+  for x, w, width, ref in ((d_ta, d, plan.dt, want[0]), (d_tb, d, plan.dt, want[1]),
+                           (d_sa, e, plan.ds, want[2]), (d_sb, e, plan.ds, want[3])):
+    assert x.dtype == jnp.float32
+    np.testing.assert_allclose(heads_major(x, w, width), ref, rtol=RTOL, atol=ATOL)
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 
