@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
@@ -333,6 +334,28 @@ def load_texts(source: Union[str, Sequence[str]], text_field: str = "text", hub_
     where = source if isinstance(source, str) else "the in-memory list"
     raise ValueError(f"data source {where}: no non-empty documents")
   return docs
+
+
+# --- Sentences and held-out text -----------------------------------------------------------------------
+
+# Scripts written without spaces between words (Han, kana, Thai): their sentences end at a full-width
+# stop with no space after it, and their length is counted in characters, since split() sees one word.
+_UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])(?![」』）”’\"'])\s*")
+
+
+def sentences(doc: str) -> List[str]:
+  """The sentences of `doc` with at least 4 words (8 characters of a script without spaces). A sentence
+  ends at . ! ? followed by whitespace, or at 。！？ not followed by a closing quote (a stop inside a
+  quotation does not end the sentence that quotes it)."""
+  parts = (s.strip() for s in _SENTENCE_END.split(doc.replace("\n", " ")))
+  return [s for s in parts if len(s.split()) >= 4 or len(re.findall(f"[{_UNSPACED}]", s)) >= 8]
+
+
+def heldout_docs(text=None, text_field: str = "text") -> List[str]:
+  """Evaluation's text: the stdlib corpus's held-out split, or all of `text` (any load_texts source;
+  `text_field` names the text of a .jsonl/.parquet one)."""
+  return load_texts(STDLIB, split="heldout") if text is None else load_texts(text, text_field)
 
 
 # --- Identity ------------------------------------------------------------------------------------------

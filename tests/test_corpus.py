@@ -307,3 +307,18 @@ def test_identity_of_a_big_file_sees_changes(tmp_path):
 def test_identity_of_documents_in_memory():
   assert identity(["a", "b"]) == identity(["a", "b"]) != identity(["a", "c"])
   assert identity(["a", "b"]) != identity(["b", "a"])
+
+
+# --- Sentences ---------------------------------------------------------------------------------------
+
+def test_sentences_of_spaced_and_unspaced_scripts():
+  # Spaced scripts: a stop and whitespace end a sentence; under 4 words is dropped; a stop inside a
+  # quotation is not followed by whitespace, so it does not end the sentence that quotes it.
+  assert corpus.sentences('It printed "Hello, world!" to the screen. Short one. The next one\nruns on.') \
+      == ['It printed "Hello, world!" to the screen.', "The next one runs on."]
+  # Chinese and Japanese: no space after 。！？, and split() sees one word, so length is in characters.
+  zh = "Rust 是一种系统编程语言。它注重安全、速度和并发性！你想学它吗？它的编译器会检查内存安全。"
+  assert corpus.sentences(zh) == ["Rust 是一种系统编程语言。", "它注重安全、速度和并发性！",
+                                  "它的编译器会检查内存安全。"]   # 你想学它吗: 5 characters, too short
+  ja = "「こんにちは、元気ですか。」と彼は言いました。それから二人は駅まで歩きました。"
+  assert corpus.sentences(ja) == ["「こんにちは、元気ですか。」と彼は言いました。", "それから二人は駅まで歩きました。"]

@@ -1,0 +1,206 @@
+"""The labelled tasks models are fine-tuned on (and the package task's linear probe reads): next-sentence
+prediction from the held-out text, which installed package a held-out docstring comes from, a user's
+task file, and GLUE through `datasets`."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from minilm_jax import corpus
+from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL, Protocol, Task, take
+
+# GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
+GLUE = {"sst2": (("sentence",), "accuracy"), "mnli": (("premise", "hypothesis"), "accuracy"),
+        "qnli": (("question", "sentence"), "accuracy"), "qqp": (("question1", "question2"), "f1"),
+        "rte": (("sentence1", "sentence2"), "accuracy"), "mrpc": (("sentence1", "sentence2"), "f1"),
+        "cola": (("sentence",), "matthews")}
+
+
+# --- Next-sentence prediction -----------------------------------------------------------------------------
+
+def nsp_pairs(docs: Sequence[str], seed: int) -> Tuple[List[str], List[str], np.ndarray]:
+  """Next-sentence prediction from raw text: for each sentence with a successor, (s_i, s_i+1) is 1 and
+  (s_i, a random sentence of another document) is 0, so the classes are exactly balanced."""
+  return _nsp_pairs([corpus.sentences(d) for d in docs], seed)
+
+
+def _nsp_pairs(sents: List[List[str]], seed: int, far: int = 8) -> Tuple[List[str], List[str], np.ndarray]:
+  """nsp_pairs over documents given as sentence lists. A document alone in its text (one without blank
+  lines, say) takes its negatives from its own sentences at least `far` places away, which are no more
+  its successors than another document's; its sentences with no such sentence are left out."""
+  rng = np.random.default_rng(seed)
+  owners = [(i, s) for i, ss in enumerate(sents) for s in ss]
+  a, b, y = [], [], []
+  for i, ss in enumerate(sents):
+    alone = len(owners) == len(ss)   # no other document has a sentence: rejection would never end
+    for j in range(len(ss) - 1):
+      if alone:
+        before, after = max(0, j - far), max(0, len(ss) - (j + far + 1))
+        if before + after == 0:
+          continue
+        r = int(rng.integers(before + after))
+        other = ss[r if r < before else j + far + 1 + r - before]
+      else:
+        while True:
+          k, other = owners[rng.integers(len(owners))]
+          if k != i:
+            break
+      a += [ss[j], ss[j]]
+      b += [ss[j + 1], other]
+      y += [1, 0]
+  order = rng.permutation(len(y))
+  return [a[i] for i in order], [b[i] for i in order], np.array(y, np.int32)[order]
+
+
+def nsp_task(docs: Sequence[str], seed: int = 0, train_size: int = 1000, test_size: int = 1000,
+             min_pairs: int = 20) -> Task:
+  """Pairs from the first half of the held-out documents for training (and dev), from the other half for
+  testing, so the probe is scored on text it was not tuned on; a text of one document (one with
+  sentences: a title beside it does not count) is halved at its middle sentence. Fewer than `min_pairs`
+  pairs in either half is a ValueError."""
+  sents = [corpus.sentences(d) for d in docs]
+  texts = [ss for ss in sents if ss]
+  if len(texts) == 1:  # the same condition as _nsp_pairs's `alone`, so both treat a text alike
+    mid = len(texts[0]) // 2
+    halves = [texts[0][:mid]], [texts[0][mid:]]
+  else:
+    halves = sents[:len(sents) // 2], sents[len(sents) // 2:]
+  tr, te = _nsp_pairs(halves[0], seed), _nsp_pairs(halves[1], seed + 1)
+  if min(len(tr[2]), len(te[2])) < min_pairs:
+    raise ValueError(f"the held-out text gives {len(tr[2])} next-sentence pairs from its first half and "
+                     f"{len(te[2])} from its second; the nsp probe needs at least {min_pairs} in each "
+                     "(more text, or --no-finetune to skip it)")
+  cut = lambda t, n: (t[0][:n], t[1][:n], t[2][:n])
+  return Task("nsp", cut(tr, train_size), cut(te, test_size))
+
+
+# --- Package of origin ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _package_docs(roots: Tuple[str, ...]) -> Dict[str, List[str]]:
+  return corpus.package_docstrings(roots)  # parsing all of site-packages takes minutes: once per process
+
+
+def package_task(roots: Sequence[str] = (), classes: int = 16, per_class: int = 100, seed: int = 0,
+                 min_classes: int = 12) -> Task:
+  """Which top-level package a held-out docstring comes from (see corpus.package_docstrings): the
+  `classes` packages with the most such docstrings, each cut to the same number (≤ per_class, seeded),
+  split 60/20/20 per class into train/dev/test."""
+  docs = _package_docs(tuple(roots))
+  enough = sorted((p for p, d in docs.items() if len(d) >= 5), key=lambda p: (-len(docs[p]), p))
+  if len(enough) < min_classes:
+    raise ValueError(f"the package task needs {min_classes} installed packages with 5 or more held-out "
+                     f"docstrings; found {len(enough)} ({', '.join(enough) or 'none'})")
+  names = sorted(enough[:classes])
+  n = min(per_class, min(len(docs[p]) for p in names))
+  rng = np.random.default_rng(seed)
+  parts = {"train": ([], []), "dev": ([], []), "test": ([], [])}
+  for label, p in enumerate(names):
+    pick = [docs[p][i] for i in rng.permutation(len(docs[p]))[:n]]
+    a, b = int(round(0.6 * n)), int(round(0.8 * n))
+    for part, chunk in (("train", pick[:a]), ("dev", pick[a:b]), ("test", pick[b:])):
+      parts[part][0].extend(chunk)
+      parts[part][1].extend([label] * len(chunk))
+  as_part = lambda k: (parts[k][0], None, np.array(parts[k][1], np.int32))
+  return Task("package", as_part("train"), as_part("test"), dev=as_part("dev"), labels=names)
+
+
+# --- Task files and GLUE ----------------------------------------------------------------------------------
+
+def _columns(rows: List[dict], cols: Sequence[str], where: str, lines: Sequence[int]):
+  """The named columns of every row as strings; a row without one (or with it empty: a short CSV line)
+  is a one-line error naming its line."""
+  for c in cols:
+    if rows and c not in rows[0]:
+      raise ValueError(f"{where}: no column {c!r} (columns: {sorted(rows[0])})")
+  for i, r in enumerate(rows):
+    missing = [c for c in cols if r.get(c) is None]
+    if missing:
+      raise ValueError(f"{where} line {lines[i]}: no value for {missing[0]!r}")
+  return [[str(r[c]) for r in rows] for c in cols]
+
+
+def _task_rows(path: str) -> Tuple[List[dict], List[int]]:
+  """The rows of a .csv/.tsv (header first) or .jsonl file, and the line each is on. A UTF-8
+  byte-order mark (a spreadsheet's export) is dropped."""
+  kind = os.path.splitext(path)[1].lower()
+  if kind not in (".csv", ".tsv", ".jsonl"):
+    raise ValueError(f"task file {path}: use a .csv, .tsv (a header line first) or .jsonl file")
+  rows, lines = [], []
+  with open(path, newline="" if kind != ".jsonl" else None, encoding="utf-8-sig") as f:
+    if kind != ".jsonl":
+      reader = csv.DictReader(f, delimiter="," if kind == ".csv" else "\t")
+      for r in reader:
+        rows.append(r)
+        lines.append(reader.line_num)
+      return rows, lines
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except ValueError as e:
+          raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+        if not isinstance(rows[-1], dict):
+          raise ValueError(f"{path} line {n}: not a JSON object")
+        lines.append(n)
+    return rows, lines
+
+
+def file_task(spec: str, seed: int = 0) -> Task:
+  """FILE.csv|.tsv|.jsonl:text_a[,text_b],label. 20% is held out as test (its dev is carved per seed)."""
+  path, _, cols = spec.rpartition(":")
+  names = cols.split(",")
+  if not path or len(names) not in (2, 3):
+    raise ValueError(f"task {spec!r}: use FILE:text_col,label_col or FILE:text_a,text_b,label_col")
+  try:
+    rows, lines = _task_rows(path)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"task file {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+  texts = _columns(rows, names[:-1], path, lines)
+  labels_raw = _columns(rows, names[-1:], path, lines)[0]
+  vocab = {l: i for i, l in enumerate(sorted(set(labels_raw)))}
+  if len(vocab) < 2 or len(rows) < 10:
+    raise ValueError(f"task file {path}: {len(rows)} rows with {len(vocab)} distinct labels in "
+                     f"{names[-1]!r}; a task needs at least 10 rows and 2 labels")
+  y = np.array([vocab[l] for l in labels_raw], np.int32)
+  order = np.random.default_rng(seed).permutation(len(y))
+  split = int(0.8 * len(y))
+  whole = (texts[0], texts[1] if len(texts) == 2 else None, y)
+  return Task(os.path.basename(path), take(whole, order[:split]), take(whole, order[split:]),
+              labels=sorted(vocab))
+
+
+def glue_task(name: str, limit: int = 20000) -> Task:
+  """GLUE task `name` (a key of GLUE) from the hub: up to `limit` rows of train, and its validation split
+  (mnli's matched one) as test."""
+  import datasets
+  cols, metric = GLUE[name]
+  ds = datasets.load_dataset("glue", name)
+  val = "validation_matched" if name == "mnli" else "validation"
+  def part(split):
+    d = ds[split].select(range(min(limit, len(ds[split]))))
+    return (list(d[cols[0]]), list(d[cols[1]]) if len(cols) == 2 else None,
+            np.array(d["label"], np.int32))
+  return Task(f"glue:{name}", part("train"), part(val), metric)
+
+
+def load_task(spec: str, seed: int = 0, docs: Optional[Sequence[str]] = None,
+              protocol: Protocol = DEFAULT_PROTOCOL, package_roots: Sequence[str] = ()) -> Task:
+  """The task a spec names: "nsp" (on `docs`, default the held-out text), "package", "glue:NAME" or a
+  task file (file_task)."""
+  if spec == "nsp":
+    return nsp_task(corpus.heldout_docs() if docs is None else docs, seed, protocol.nsp_train,
+                    protocol.nsp_test)
+  if spec == "package":
+    return package_task(package_roots, protocol.package_classes, protocol.package_per_class, seed)
+  if spec.startswith("glue:"):
+    if spec[5:] not in GLUE:
+      raise ValueError(f"task {spec}: GLUE tasks are {', '.join(sorted(GLUE))}")
+    return glue_task(spec[5:])
+  return file_task(spec, seed)
