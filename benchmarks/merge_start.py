@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from transformers import AutoTokenizer
 
-from minilm_jax import evaluate as ev
+from minilm_jax.evaluation import protocol, runs, stats, suite
 from minilm_jax import workdir as wd
 
 def merge(student, start, alpha: float):
@@ -43,28 +43,29 @@ def main():
     p.error(f"{path}: no table; run minilm-eval --workdir {a.workdir} --out {a.table} first")
   with open(path) as f:
     table = json.load(f)
-  d = ev.DEFAULT_PROTOCOL
+  d = protocol.DEFAULT_PROTOCOL
   tasks = table["settings"]["tasks"]
-  if not ev.made_with(table["settings"], ev.settings_of(d, a.text, tasks, ())):
+  if not protocol.made_with(table["settings"], protocol.settings_of(d, a.text, tasks, ())):
     p.error(f"{path} was made with other settings ({table['settings']}); give --text as it was, or "
             "evaluate the run again")
-  cfg, models, teacher_dir = ev.models_of_runs([a.workdir])
+  cfg, models, teacher_dir = runs.models_of_runs([a.workdir])
   starts = ("teacher_first", "teacher")
   if cfg.student.init not in starts:
     p.error(f"{a.workdir} started from {cfg.student.init!r}: only a start from the teacher's layers "
             f"({', '.join(starts)}) is a baseline of the table to merge with")
-  config, student = models[ev.student_name(a.workdir)]
+  config, student = models[runs.student_name(a.workdir)]
   # Where every k-th layer is the first n (k = 1), the table has that start as the first layers' row.
-  start = models.get(ev.BASELINE_NAMES[cfg.student.init], models[ev.BASELINE_NAMES["teacher_first"]])[1]
+  first = models[runs.BASELINE_NAMES["teacher_first"]]
+  start = models.get(runs.BASELINE_NAMES[cfg.student.init], first)[1]
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
-  b = ev.make_bench(cfg, tok, models["teacher"], teacher_dir, d, a.text, tasks)
+  s = suite.make_suite(cfg, tok, models["teacher"], teacher_dir, d, a.text, tasks)
   rows = table["results"]
   for alpha in alphas:
-    row = ev.quality(b, (config, merge(student, start, alpha)), False, bool(tasks))
+    row = suite.quality(s, (config, merge(student, start, alpha)), False, bool(tasks))
     out = {"alpha": alpha, "values": {m: v["value"] for m, v in row.items()}}
     for name, other in rows.items():
       for m, v in row.items():
-        diff = ev.paired_difference(m, v, other.get(m, {}), rows["teacher"].get(m), d.bootstrap, d.seed)
+        diff = stats.paired_difference(m, v, other.get(m, {}), rows["teacher"].get(m), d.bootstrap, d.seed)
         if diff is not None:
           out.setdefault(f"merged − {name}", {})[m] = f"{diff['value']:+.3f} ± {diff['se']:.3f} ({diff['z']:+.1f})"
     print(json.dumps(out, ensure_ascii=False), flush=True)

@@ -14,7 +14,8 @@ import json
 
 from transformers import AutoTokenizer
 
-from minilm_jax import evaluate as ev
+from minilm_jax import corpus
+from minilm_jax.evaluation import finetune, protocol, runs, tasks
 from minilm_jax import hf
 
 
@@ -25,15 +26,16 @@ def main():
   p.add_argument("--text", help="held-out text, as minilm-eval --text (default: the stdlib's held-out split)")
   a = p.parse_args()
   try:
-    config, params = ev.checkpoint_student(a.workdir, a.step)
+    config, params = runs.checkpoint_student(a.workdir, a.step)
   except FileNotFoundError as e:
     p.error(str(e))
-  teacher_dir = ev.run_teacher_dir(ev.read_run(a.workdir)[1], a.workdir)
+  teacher_dir = runs.run_teacher_dir(runs.read_run(a.workdir)[1], a.workdir)
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
   tok = AutoTokenizer.from_pretrained(teacher_dir)  # the student's tokenizer is its teacher's
-  d = ev.DEFAULT_PROTOCOL
-  task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
-  r = ev.finetune(config, params, tok, task, d.lrs, d.epochs, d.seeds, d.batch, d.finetune_len, pooling, print)
+  d = protocol.DEFAULT_PROTOCOL
+  task = tasks.load_task("nsp", d.seed, corpus.heldout_docs(a.text), d)
+  r = finetune.finetune(config, params, tok, task, d.lrs, d.epochs, d.seeds, d.batch, d.finetune_len, pooling,
+                        print)
   print(json.dumps({"workdir": a.workdir, "step": a.step, "text": a.text, "nsp": r["value"],
                     "sd": r["spread"], "seeds": [s["test"] for s in r["seeds"]]}))
 

@@ -13,7 +13,7 @@ Everything else is the evaluation's protocol (3 seeds, the dev split carved from
 (lr, epoch) chosen on dev, test scored once). The command above took about 30 minutes alone on this
 project's 2 cores (measured 2026-12-04; the teacher about half of it). Prints one JSON line per model:
 mean, sd over seeds, each seed's test score and chosen (lr, epoch); then one per pair of models: their
-difference paired over the test pairs, with its SE (minilm-eval's evaluate.paired_difference).
+difference paired over the test pairs, with its SE (minilm-eval's evaluation.stats.paired_difference).
 """
 
 import argparse
@@ -24,14 +24,15 @@ import jax
 
 from transformers import AutoTokenizer
 
-from minilm_jax import evaluate as ev
+from minilm_jax import corpus
+from minilm_jax.evaluation import finetune, protocol, runs, stats, tasks
 from minilm_jax import hf
 from minilm_jax import student
 from minilm_jax import workdir as wd
 
 
 def main():
-  d = ev.DEFAULT_PROTOCOL
+  d = protocol.DEFAULT_PROTOCOL
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a finished run (its student is exported)")
   p.add_argument("--text", help="held-out text, as minilm-eval --text (default: the stdlib's held-out split)")
@@ -49,7 +50,7 @@ def main():
   if a.epochs < 1:
     p.error(f"--epochs must be at least 1, not {a.epochs}")
   # The names are known before any model is built (the baselines take a minute): refuse a typo at once.
-  names = ["teacher", ev.student_name(a.workdir), *ev.BASELINE_NAMES.values()]
+  names = ["teacher", runs.student_name(a.workdir), *runs.BASELINE_NAMES.values()]
   if wd.exists(wd.join(a.workdir, wd.ASSISTANT)):  # a chain's table has its teaching assistant too
     names.insert(1, "assistant")
   for m in a.model:
@@ -60,26 +61,26 @@ def main():
   except ValueError:
     p.error(f"--teacher-layers takes 0-based layer numbers joined by commas, not {a.teacher_layers}")
   # A checkpoint loads in seconds: read them before the models, so that a bad one is refused at once too.
-  sha, checkpoints = ev.read_run(a.workdir)[1]["teacher"]["sha256"], {}
+  sha, checkpoints = runs.read_run(a.workdir)[1]["teacher"]["sha256"], {}
   for spec in a.checkpoint:
     run, _, step = spec.rpartition("@")
     if not run or not step.isdigit():
       p.error(f"--checkpoint takes DIR@STEP, not {spec!r}")
-    if ev.read_run(run)[1]["teacher"]["sha256"] != sha:
+    if runs.read_run(run)[1]["teacher"]["sha256"] != sha:
       p.error(f"{run} was distilled from another teacher than {a.workdir}")
     try:
-      checkpoints[f"{ev.student_name(run)} at step {step}"] = ev.checkpoint_student(run, int(step))
+      checkpoints[f"{runs.student_name(run)} at step {step}"] = runs.checkpoint_student(run, int(step))
     except FileNotFoundError as e:
       p.error(str(e))
   lrs = tuple(a.lr) if a.lr else d.lrs
   baselines = any(m.startswith("baseline") for m in a.model)  # only build them when asked for
-  _, models, teacher_dir = ev.models_of_runs([a.workdir], baselines=baselines)
+  _, models, teacher_dir = runs.models_of_runs([a.workdir], baselines=baselines)
   for m in a.model:
     if m not in models:  # every k-th layer where k = 1: the first teacher layers' row is that model
-      p.error(f"{m!r} is {ev.BASELINE_NAMES['teacher_first']!r} for this run's depth: ask for that one")
+      p.error(f"{m!r} is {runs.BASELINE_NAMES['teacher_first']!r} for this run's depth: ask for that one")
   pooling = (hf.sentence_pooling(teacher_dir) or ("mean", False))[0]  # as minilm-eval's
   tparams = models["teacher"][1]
-  scfg = models[ev.student_name(a.workdir)][0]
+  scfg = models[runs.student_name(a.workdir)][0]
   made = []
   for layers in subsets:
     c = dataclasses.replace(scfg, num_hidden_layers=len(layers))
@@ -91,19 +92,19 @@ def main():
   models.update(checkpoints)
   made += list(checkpoints)
   tok = AutoTokenizer.from_pretrained(wd.local_student(a.workdir))
-  task = ev.load_task("nsp", d.seed, ev.heldout_docs(a.text), d)
+  task = tasks.load_task("nsp", d.seed, corpus.heldout_docs(a.text), d)
   done = {}
   for m in a.model + made:
     config, params = models[m]
-    r = done[m] = ev.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch, d.finetune_len,
-                              pooling, print)
+    r = done[m] = finetune.finetune(config, params, tok, task, lrs, a.epochs, d.seeds, d.batch,
+                                    d.finetune_len, pooling, print)
     print(json.dumps({"workdir": a.workdir, "model": m, "text": a.text, "epochs": a.epochs, "lrs": lrs,
                       "nsp": r["value"], "sd": r["spread"], "seeds": [s["test"] for s in r["seeds"]],
                       "chosen": [(s["lr"], s["epoch"]) for s in r["seeds"]]}), flush=True)
   names = list(done)
   for i, x in enumerate(names):
     for y in names[i + 1:]:
-      diff = ev.paired_difference("nsp", done[x], done[y], None, d.bootstrap, d.seed)
+      diff = stats.paired_difference("nsp", done[x], done[y], None, d.bootstrap, d.seed)
       print(json.dumps({"difference": f"{x} − {y}", "nsp": diff["value"], "se": diff["se"],
                         "z": diff["z"]}, ensure_ascii=False), flush=True)
 

@@ -2,7 +2,7 @@
 same flags: the run's token shards, made ahead of it), `minilm-compile` (the same config, compiled for an
 accelerator that is not here: --target v4-32, h100, ...) and `minilm-eval`.
 
-Flags only: the logic lives in train.py, shards.py, aot.py and evaluate.py. Running the same command again resumes
+Flags only: the logic lives in train.py, shards.py, aot.py and evaluation/. Running the same command again resumes
 from DIR's latest checkpoint. Errors print one line and exit non-zero; --verbose shows the traceback.
 """
 
@@ -198,8 +198,7 @@ def eval_main(argv=None):
                  "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
                  "FILE.csv|.tsv|.jsonl:text_a[,text_b],label (a header line first in a .csv or .tsv)")
   import dataclasses
-  from minilm_jax import evaluate
-  d = evaluate.DEFAULT_PROTOCOL
+  from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL as d
   p.add_argument("--lr", action="append", type=float, help=f"fine-tuning learning rates, chosen on dev "
                  f"(default {' '.join(map(str, d.lrs))})")
   p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs; dev is scored after "
@@ -228,10 +227,11 @@ def eval_main(argv=None):
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
     kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages,
               text_field=a.text_field, teacher=a.teacher)
-    evaluate.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
+    from minilm_jax.evaluation import commands
+    commands.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
                           **kw)
     if a.curve:
-      evaluate.evaluate_curve(a.workdir[0], a.out, finetune_too=a.curve_finetune, **kw)
+      commands.evaluate_curve(a.workdir[0], a.out, finetune_too=a.curve_finetune, **kw)
   except (ValueError, OSError, KeyError, ImportError) as e:
     if a.verbose:
       raise
