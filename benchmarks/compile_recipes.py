@@ -6,8 +6,9 @@ minilm-compile, on this machine: the table of docs/compile.md and the JSON lines
   python benchmarks/compile_recipes.py --table-only    # re-make the table from the stored JSON
 
 Writes docs/results/compile_recipes.jsonl (one minilm-compile report per recipe, plus its config name
-and the commit) and the table between the markers in docs/compile.md. Needs libtpu (the `tpu` extra) and,
-for GPU targets, the CUDA plugin (the `cuda` extra).
+and the commit), then remakes the tables of docs/ from their JSON (docs/make_tables.py, which renders
+this one into docs/compile.md and the README's table of recipes). Needs libtpu (the `tpu` extra) and, for
+GPU targets, the CUDA plugin (the `cuda` extra).
 """
 
 import argparse
@@ -20,8 +21,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "compile_recipes.jsonl")
-PAGE = os.path.join(ROOT, "docs", "compile.md")
-BEGIN, END = "<!-- recipes table: benchmarks/compile_recipes.py -->", "<!-- end of recipes table -->"
+sys.path.insert(0, os.path.join(ROOT, "docs"))
+import make_tables  # noqa: E402  (renders every table of docs/, this one's among them)
 
 
 def recipe_target(path: str) -> str:
@@ -67,30 +68,13 @@ def save(results: dict) -> None:
 
 
 def table(results: dict) -> str:
-  """The markdown table of docs/compile.md from the stored reports."""
-  est = lambda v, fmt: fmt.format(v) if v is not None else "—"
-  rows = ["| recipe | target | batch × T | memory per chip | HBM spare | compiler's step | tokens/s | MFU "
-          "| whole budget |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for name in sorted(results):
-    r = results[name]
-    budget = (f"{r['budget_hours']:.3g} h, {r['budget_chip_hours']:.3g} chip-h"
-              if r["budget_hours"] is not None else "—")
-    rows.append(f"| `{name}` | {r['target']} ({r['devices']}× {r['device_kind']}) | "
-                f"{r['batch_size']} × {r['seq']} | {r['memory_per_device_bytes'] / 2**30:.2f} of "
-                f"{r['hbm_bytes'] / 2**30:.0f} GiB | {r['hbm_spare']:.0%} | "
-                f"{est(r['step_seconds_estimate'] and 1e3 * r['step_seconds_estimate'], '{:.1f} ms')} | "
-                f"{est(r['tokens_per_s_estimate'], '{:,.0f}')} | {est(r['mfu_estimate'], '{:.2f}')} | "
-                f"{budget} |")
-  return "\n".join(rows)
+  """The markdown table of docs/compile.md from the stored reports (docs/make_tables.py makes it)."""
+  return make_tables.compile_recipes_table(results)
 
 
-def write_page(results: dict) -> None:
-  page = open(PAGE).read()
-  i, j = page.index(BEGIN) + len(BEGIN), page.index(END)
-  tmp = PAGE + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(page[:i] + "\n" + table(results) + "\n" + page[j:])
-  os.replace(tmp, PAGE)
+def write_page() -> None:
+  for page in make_tables.write():
+    print(f"rewrote {page}", file=sys.stderr)
 
 
 def main():
@@ -104,7 +88,7 @@ def main():
       print(f"compiling {name} ...", file=sys.stderr, flush=True)
       results[name] = compile_one(name)
       save(results)  # after each: a crash keeps what was compiled
-  write_page(results)
+  write_page()
   print(table(results))
 
 
