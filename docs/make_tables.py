@@ -103,7 +103,7 @@ def compile_recipes(page: str) -> str:
 
 # ---- minilm-eval: results.json as minilm-eval's own results.md lays it out --------------------------------
 
-# minilm_jax's evaluation labels (its write_table), repeated so that this script needs no JAX.
+# minilm_jax.evaluation.report's labels and number format, repeated so that this script needs no JAX.
 EVAL_LABELS = {"heldout_relation_loss": "held-out relation loss", "retrieval_mrr": "retrieval MRR",
                "agreement": "agreement with teacher (Spearman)", "package_linear": "package: linear probe acc",
                "package": "package: fine-tune acc", "nsp": "nsp: fine-tune acc"}
