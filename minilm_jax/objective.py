@@ -108,8 +108,10 @@ def relation_implementation(cfg, platform: str) -> str:
 
 
 def _kl_rows_per_device(mesh, *arrays, scale):
-  """relation_kernel.kl_rows on each device's rows (XLA cannot partition a Pallas kernel)."""
-  return sharding.per_device(mesh, functools.partial(relation_kernel.kl_rows, scale=scale))(*arrays)
+  """relation_kernel.kl_rows on each device's rows (XLA cannot partition a Pallas kernel); the teacher
+  is frozen, so the kernels skip its gradients."""
+  kl_rows = functools.partial(relation_kernel.kl_rows, scale=scale, teacher_grads=False)
+  return sharding.per_device(mesh, kl_rows)(*arrays)
 
 
 def relation_loss_fn(cfg, student_heads: int, implementation: str = "xla", mesh=None) -> Callable:

@@ -53,6 +53,7 @@ class _Plan(NamedTuple):
   dtype: str = "float32"  # of the inputs: "bfloat16" (all four) or "float32"
   scale_t: float = 1.0    # teacher logits = scale_t · (a · b)
   scale_s: float = 1.0
+  teacher_grads: bool = True  # False: the backward computes the student's gradients only
 
   @property
   def bf16(self):
@@ -101,13 +102,14 @@ def _vmem_bytes(bq, bk, wt, ws, win_t, win_s):
   return 8 * (bq + bk) * w + 12 * b * w + 32 * bq * bk + 16 * b * (win_t + win_s)
 
 
-def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret, dtype="float32", scale=(1.0, 1.0)):
+def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret, dtype="float32", scale=(1.0, 1.0),
+               teacher_grads=True):
   dt, ds = kernel_blocks.lane_width(d), kernel_blocks.lane_width(e)
   hc = kernel_blocks.heads_per_step(heads, dt, ds)
   vmem = lambda b: _vmem_bytes(b, b, hc * dt, hc * ds, _window_width(dt, hc), _window_width(ds, hc))
   bq, bk, tp = kernel_blocks.blocks(t, block_q, block_k, lambda: kernel_blocks.auto_block(t, vmem))
   return _Plan(batch, heads, tp, dt, ds, hc, bq, bk, bool(interpret), jnp.dtype(dtype).name,
-               float(scale[0]), float(scale[1]))
+               float(scale[0]), float(scale[1]), bool(teacher_grads))
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -246,16 +248,21 @@ def _forward_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, *refs, 
 
 
 def _grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse_t_ref, lse_s_ref, c_ref,
-                 d_t_ref, d_s_ref, acc_t, acc_s, *, plan, keys_outer):
+                 *refs, plan, keys_outer):
   """Gradients of one block, summed over the inner grid axis. keys_outer False: grid (b, group, query
   block, key block), gives d_ta, d_sa = dzᵀ k; True: grid (b, group, key block, query block), gives
-  d_tb, d_sb = dz q (dz [bk, bq] keys × queries)."""
+  d_tb, d_sb = dz q (dz [bk, bq] keys × queries). refs: (d_t, d_s, acc_t, acc_s), or (d_s, acc_s)
+  without the teacher's gradients."""
+  if plan.teacher_grads:
+    d_t_ref, d_s_ref, acc_t, acc_s = refs
+  else:
+    (d_s_ref, acc_s), d_t_ref, acc_t = refs, None, None
   inner = pl.program_id(3)
 
   @pl.when(inner == 0)
   def _init():
-    acc_t[...] = jnp.zeros(acc_t.shape, jnp.float32)
-    acc_s[...] = jnp.zeros(acc_s.shape, jnp.float32)
+    for acc in (acc_t, acc_s)[0 if plan.teacher_grads else 1:]:
+      acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
   valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
   # The side that multiplies dz (the keys for d_ta, the queries for d_tb) has the other heads' lanes
@@ -272,14 +279,16 @@ def _grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse
     k_s, q_s = (ys, xs) if keys_outer else (xs, ys)
     zt, zs = _logits_KQ(k_t, q_t, valid_KQ, plan.scale_t), _logits_KQ(k_s, q_s, valid_KQ, plan.scale_s)
     dzt, dzs = _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :], c_ref[row, :])
-    acc_t[:, lanes_t] += _grad_dot(dzt, xt, contract)
+    if plan.teacher_grads:
+      acc_t[:, lanes_t] += _grad_dot(dzt, xt, contract)
     acc_s[:, lanes_s] += _grad_dot(dzs, xs, contract)
 
   _for_heads(plan, head)
 
   @pl.when(inner == pl.num_programs(3) - 1)
   def _finish():  # z = scale · (a · b): both sides' gradients carry the scale
-    d_t_ref[...] = acc_t[...] * plan.scale_t
+    if plan.teacher_grads:
+      d_t_ref[...] = acc_t[...] * plan.scale_t
     d_s_ref[...] = acc_s[...] * plan.scale_s
 
 
@@ -330,7 +339,9 @@ def _cost(plan, kind, n_out=1):
   # Passes: bf16 inputs 1 for the logits, 3 for the gradient matmuls; fp32 6 for each (_PRECISION).
   lanes = 2 * (plan.win_t + plan.win_s)
   fp32 = kernel_blocks.mxu_passes(_PRECISION)
-  mxu, grad_mxu = (lanes, 3 * lanes) if plan.bf16 else (fp32 * lanes, fp32 * lanes)
+  mxu = lanes if plan.bf16 else fp32 * lanes
+  grad_lanes = 2 * ((plan.win_t if plan.teacher_grads else 0) + plan.win_s)
+  grad_mxu = (3 if plan.bf16 else fp32) * grad_lanes
   side = b * tp * c * (plan.dt + plan.ds) * (2 if plan.bf16 else 4)  # one side (a or b) of both models
   kinfo, qseg = plan.groups * b * 2 * tp * 4, plan.groups * b * tp * 4
   outer, inner = (plan.nk, plan.nq) if kind == "dk" else (plan.nq, plan.nk)
@@ -340,6 +351,7 @@ def _cost(plan, kind, n_out=1):
         flops=pairs * (mxu + 12) + rows * plan.nk * 8,
         transcendentals=2 * pairs + rows * (2 * plan.nk + 2),
         bytes_accessed=side + side * reps + reps * kinfo + qseg + n_out * rows * 4)
+  written = b * tp * c * ((plan.dt if plan.teacher_grads else 0) + plan.ds) * 4  # fp32 gradients
   # g, lse_t, lse_s, c are per query row: read with the query blocks.
   rows_in = 4 * rows * 4
   if kind == "dq":
@@ -347,7 +359,7 @@ def _cost(plan, kind, n_out=1):
   else:
     inputs = side + kinfo + reps * (side + rows_in + qseg)
   return pl.CostEstimate(flops=pairs * (mxu + grad_mxu + 16), transcendentals=2 * pairs,
-                         bytes_accessed=inputs + side)  # + the gradients written
+                         bytes_accessed=inputs + written)
 
 
 def _rows_shape(plan):
@@ -374,24 +386,27 @@ def _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals):
 
 
 def _backward_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c):
-  """kind "dq": (d_ta, d_sa); "dk": (d_tb, d_sb); token-major like the inputs."""
+  """kind "dq": (d_ta, d_sa); "dk": (d_tb, d_sb); token-major like the inputs, fp32. Without the
+  teacher's gradients its entry is None."""
   keys_outer = kind == "dk"
   s = _specs(plan, keys_outer)
   t_spec, s_spec = (s["tb"], s["sb"]) if keys_outer else (s["ta"], s["sa"])
   rows = plan.bk if keys_outer else plan.bq
-  return pl.pallas_call(
+  out_t = [jax.ShapeDtypeStruct(ta.shape, jnp.float32)] if plan.teacher_grads else []
+  acc_t = [pltpu.VMEM((rows, plan.hc * plan.dt), jnp.float32)] if plan.teacher_grads else []
+  out = pl.pallas_call(
       functools.partial(_grad_kernel, plan=plan, keys_outer=keys_outer),
       grid=_grid(plan, keys_outer),
       in_specs=[s["kinfo"], s["qseg"], s["ta"], s["tb"], s["sa"], s["sb"]] + [s["rows"]] * 4,
-      out_specs=[t_spec, s_spec],
-      out_shape=[jax.ShapeDtypeStruct(ta.shape, jnp.float32), jax.ShapeDtypeStruct(sa.shape, jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((rows, plan.hc * plan.dt), jnp.float32),
-                      pltpu.VMEM((rows, plan.hc * plan.ds), jnp.float32)],
+      out_specs=[t_spec] * len(out_t) + [s_spec],
+      out_shape=out_t + [jax.ShapeDtypeStruct(sa.shape, jnp.float32)],
+      scratch_shapes=acc_t + [pltpu.VMEM((rows, plan.hc * plan.ds), jnp.float32)],
       compiler_params=_params(plan),
       cost_estimate=_cost(plan, kind),
       interpret=plan.interpret,
       name=f"relation_kl_{kind}",
   )(kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
+  return tuple(out) if plan.teacher_grads else (None, out[0])
 
 
 # ------------------------------------------------------------------------------------- custom VJP
@@ -413,8 +428,9 @@ def _kl_bwd(plan, res, g):
   args = (kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
   d_ta, d_sa = _backward_call(plan, "dq", *args)
   d_tb, d_sb = _backward_call(plan, "dk", *args)
-  cast = lambda d: d.astype(plan.dtype)  # fp32 from the kernels; the inputs' dtype for the VJP
-  return cast(d_ta), cast(d_tb), cast(d_sa), cast(d_sb), None, None
+  # fp32 from the kernels; the inputs' dtype for the VJP; zeros for a teacher held constant
+  cast = lambda d, like: jnp.zeros(like.shape, plan.dtype) if d is None else d.astype(plan.dtype)
+  return cast(d_ta, ta), cast(d_tb, tb), cast(d_sa, sa), cast(d_sb, sb), None, None
 
 
 _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
@@ -423,8 +439,8 @@ _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
 # -------------------------------------------------------------------------------------------- public
 
 
-def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 1.0), block_q=None,
-            block_k=None, interpret=False):
+def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 1.0),
+            teacher_grads=True, block_q=None, block_k=None, interpret=False):
   """KL_t [B, C, T] of every query row: losses._blockwise_kl_rows's numbers, from Pallas TPU kernels.
 
   ta, tb: the teacher's relation inputs [B, C, T, d], heads-major; sa, sb: the student's [B, C, T, e]
@@ -435,7 +451,8 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 
   seg[t] == seg[s]. A row with no visible key gives a finite value (0). block_q, block_k: multiples of
   128 (default: up to 512 as VMEM allows, see kernel_blocks.auto_block); T is padded to a multiple of both with
   invisible keys. interpret: run the kernels in Pallas interpret mode (any backend). Differentiable in
-  ta, tb, sa, sb (a custom VJP that saves only lse_T, lse_S and c per row).
+  ta, tb, sa, sb (a custom VJP that saves only lse_T, lse_S and c per row); teacher_grads=False: the
+  teacher's inputs are held constant (stop_gradient: their gradients are zeros, never computed).
   """
   b, c, t, d = ta_BCTd.shape
   e = sa_BCTe.shape[-1]
@@ -446,7 +463,9 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 
     raise ValueError(f"mask and seg must be [B, T] = {(b, t)}, got {mask_BT.shape} and {seg_BT.shape}")
   bf16 = all(x.dtype == jnp.bfloat16 for x in (ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe))
   dtype = jnp.bfloat16 if bf16 else jnp.float32
-  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret, dtype, scale)
+  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret, dtype, scale, teacher_grads)
+  if not teacher_grads:
+    ta_BCTd, tb_BCTd = jax.lax.stop_gradient(ta_BCTd), jax.lax.stop_gradient(tb_BCTd)
   tm = lambda x, width: _token_major(x.astype(dtype), plan, width)
   kl_BGHT = _kl_token_major(tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds),
                             tm(sb_BCTe, plan.ds), _key_info(mask_BT, seg_BT, plan),

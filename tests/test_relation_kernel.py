@@ -142,6 +142,28 @@ def test_weighted_loss_matches_direct_path():
     np.testing.assert_allclose(gk, gd, rtol=RTOL, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_without_teacher_gradients_the_student_ones_are_unchanged(dtype):
+  # The trainer's teacher is frozen: teacher_grads=False computes the student's gradients only (the
+  # same numbers), the teacher's are zeros, and the backward's cost drops by the teacher's matmuls.
+  b, c, t, d, e = 2, 4, 150, 16, 8
+  ta, tb, sa, sb = (jnp.asarray(x, dtype) for x in _inputs(3, b, c, t, d, e))
+  mask, seg = _masks("segments", b, t)
+  f = lambda grads: lambda *x: rk.kl_rows(*x, mask, seg, teacher_grads=grads, interpret=True).sum()
+  v_all, g_all = jax.value_and_grad(f(True), argnums=(0, 1, 2, 3))(ta, tb, sa, sb)
+  v_st, g_st = jax.value_and_grad(f(False), argnums=(0, 1, 2, 3))(ta, tb, sa, sb)
+  np.testing.assert_array_equal(v_st, v_all)
+  for got, ref in zip(g_st[2:], g_all[2:]):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+  for g in g_st[:2]:
+    assert g.dtype == dtype and not np.any(np.asarray(g, np.float32))
+  assert np.any(np.asarray(g_all[0], np.float32))
+  both, student = (rk._make_plan(b, c, t, d, e, None, None, True, dtype, teacher_grads=x) for x in (1, 0))
+  for kind in ("dq", "dk"):
+    assert rk._cost(student, kind).flops < 0.8 * rk._cost(both, kind).flops, kind
+  assert rk._cost(student, "forward").flops == rk._cost(both, "forward").flops
+
+
 def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
   # bf16 inputs (a bf16 run's Q, K, V) stay bf16: each product is exact, the logits take the 1/√d scale
   # in fp32, and the gradients' fp32 dz is split in three bf16 parts. So the KL and the gradients (before
