@@ -4,6 +4,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import time
 
@@ -325,3 +327,65 @@ def test_resume_with_other_teacher_or_student_is_refused(tiny_teacher, tiny_corp
   r = run(*tiny_args(str(retok), tiny_corpus, "--config.steps=4"), "--workdir", w)
   assert_one_line_error(r, "tokenizer files in", "differ", "use a new workdir")
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == before
+
+
+# --- One writer per workdir ------------------------------------------------------------------------------
+
+def test_a_run_on_a_workdir_in_use_is_refused_and_changes_nothing(tiny_teacher, tiny_corpus, tmp_path):
+  from test_lock import hold_in_another_process, tree
+  w = tmp_path / "w"
+  (w / "checkpoints" / "3").mkdir(parents=True)
+  (w / "metrics.jsonl").write_text('{"step": 3}\n')
+  holder = hold_in_another_process(w)  # a live run, as the lock sees it
+  try:
+    time.sleep(0.05)  # mtimes have a resolution
+    before = tree(w)
+    r = run(*tiny_args(tiny_teacher, tiny_corpus, "--config.steps=2"), "--workdir", str(w))
+    assert_one_line_error(r, f"workdir {w} is in use by host {socket.gethostname()} pid {holder.pid} ")
+    assert tree(w) == before
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_killed_runs_lock_is_taken_over_with_a_line(tiny_teacher, tiny_corpus, tmp_path):
+  from test_lock import hold_in_another_process
+  w = str(tmp_path / "w")
+  holder = hold_in_another_process(w)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  r = run(*tiny_args(tiny_teacher, tiny_corpus, "--config.steps=2"), "--workdir", w)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"taking over a stale lock on {w} left by host {socket.gethostname()} pid {holder.pid} " in r.stdout
+  assert read_metrics(w)[-1]["step"] == 2
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_workdir(tiny_teacher, tiny_corpus, tmp_path):
+  """The real thing: a second minilm-distill while the first runs is refused and changes nothing; once the
+  first is killed, a third takes its lock over and resumes from its checkpoint."""
+  from test_lock import tree
+  args = tiny_args(tiny_teacher, tiny_corpus, "--config.steps=400", "--config.checkpoint_every=20")
+  w = str(tmp_path / "w")
+  first = subprocess.Popen(cli(*args, "--workdir", w), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env(), cwd=ROOT)
+  try:
+    deadline = time.time() + 300
+    saved = lambda: [d for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
+    while not (os.path.isdir(os.path.join(w, "checkpoints")) and saved()) and time.time() < deadline:
+      assert first.poll() is None
+      time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # alive and holding its lock, but quiet while we look
+    time.sleep(0.5)  # mtimes have a resolution
+    before = tree(w)
+    r = run(*args, "--workdir", w)
+    assert_one_line_error(r, f"workdir {w} is in use by host {socket.gethostname()} pid {first.pid} ")
+    assert tree(w) == before
+  finally:
+    first.kill()
+    first.wait()
+  r = run(*args, "--workdir", w)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"taking over a stale lock on {w} left by host {socket.gethostname()} pid {first.pid} " in r.stdout
+  assert "resuming from step" in r.stdout
+  assert read_metrics(w)[-1]["step"] == 400

@@ -172,6 +172,26 @@ def test_remote_workdir_goes_through_a_local_mirror(tiny_teacher, tiny_corpus, t
     assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
 
 
+def test_a_lost_workdir_lock_stops_the_run_before_its_next_checkpoint(tiny_teacher, tiny_corpus, tmp_path,
+                                                                     monkeypatch):
+  # A gs:// lease taken over by another run: the trainer checks before each save and writes nothing more.
+  import os
+  from minilm_jax import lock
+  checks = []
+
+  def lost():
+    checks.append(1)
+    return "taken over by host h pid 1" if len(checks) > 1 else None
+
+  monkeypatch.setattr(lock, "acquire", lambda workdir, hosts, log: lock.Lock(workdir, lost=lost))
+  w = str(tmp_path / "w")
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=6, checkpoint_every=2)
+  with pytest.raises(lock.LeaseLost, match=r"lost the lock on workdir .* \(taken over by host h pid 1\)"):
+    train.train_and_evaluate(cfg, w, progress=False, log=lambda m: None)
+  assert sorted(d for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()) == ["2"]
+  assert not os.path.exists(os.path.join(w, "student"))
+
+
 def test_runs_share_shards_and_a_resume_may_move_them(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
   """data.cache_dir: two runs over the same corpus tokenise it once; a resume may name another cache
   folder or process count (the rows are the same), but not other data."""
