@@ -1,6 +1,6 @@
 """A finished run's student averaged in weight space with the layers it started from (α·student + (1−α)·
 start, as WiSE-FT does with a fine-tuned model and its pre-trained one), on every probe of `minilm-eval`,
-with its differences, paired over the same items, from every row of that run's table: the README's check
+with its differences, paired over the same items, from every row of that run's table: the check in docs/experiments.md
 whether such a merge gives back the start's sentence-pair skill while keeping the distilled probes.
 
   minilm-eval --workdir workdirs/quality_l3 --out workdirs/l3_paired                  # the table first

@@ -1,5 +1,5 @@
 """The next-sentence fine-tuning probe of `minilm-eval` (its protocol: 3 seeds, lr and epoch chosen on
-dev) for one checkpoint of a run, also one still training; the recipe screens of the README use it.
+dev) for one checkpoint of a run, also one still training; the recipe screens of docs/experiments.md use it.
 
   python benchmarks/nsp_checkpoint.py --workdir workdirs/quality_l3 --step 500 [--text /tmp/book.txt]
 

@@ -1,6 +1,6 @@
 """The next-sentence fine-tuning probe of `minilm-eval` for named models of a finished run's table (the
 teacher, the run's student, the undistilled baselines), with another lr × epochs grid than the
-evaluation's own: the README's check that the Rust book's next-sentence gap is not an artefact of the
+evaluation's own: the check in docs/experiments.md that the Rust book's next-sentence gap is not an artefact of the
 default 2-epoch grid uses it. `--teacher-layers` adds students made of other teacher layers (the first
 4, or 3 that skip one), as the baselines are made of theirs: where on this text the teacher's pair skill
 lies; `--checkpoint DIR@STEP` adds the student of another run's checkpoint (a screen, of any depth),

@@ -10,7 +10,7 @@ Paragraphs of English prose that no Python docstring holds, from files this mach
 - `rust-book`: the paragraphs (<p>) of "The Rust Programming Language", the book rustup installs with a
   toolchain (~/.rustup/toolchains/*/share/doc/rust/html/book/ch*.html), in chapter order.
 A paragraph is kept when it has two sentences or more, 200 characters or more, and is at least 70%
-letters (no tables or code); blank lines separate them in the output (one document each). The README's
+letters (no tables or code); blank lines separate them in the output (one document each). docs/experiments.md's
 "other text" columns were measured on what this wrote on the project's machine (`usr-share`: 1,478
 paragraphs, 549 KB; `rust-book`: 1,736 paragraphs, 698 KB, rustup's stable toolchain); another
 machine's files give other text, which is the point.

@@ -2,8 +2,8 @@
 corpus (the standard library's text plus every installed package's docstrings, ~43 MB), keeping a
 checkpoint every 250 steps for the evaluation curve.
 
-The recipe goes beyond the papers in three ways, each measured against them in the README ("At the
-quality budget", "The recipe study"): the terms are relations + sentence embedding (the recipe study's
+The recipe goes beyond the papers in three ways, each measured against them (docs/results.md, "The
+default at the quality budget"; docs/experiments.md, "The recipe study"): the terms are relations + sentence embedding (the recipe study's
 winner); the student starts from the teacher's first layers and matches the relations of the layer it
 starts at, not the teacher's last (matching the last layer took away what makes the first layers
 fine-tune well on sentence pairs); and it has 4 layers, not 3. On prose the teacher's sentence-pair skill
@@ -21,7 +21,7 @@ Cost, measured on this project's 2-core CPU machine: 85 minutes for 2,000 steps 
 (each token seen once; 2.3-2.5 s a step alone), including ~1 minute to read and tokenise the corpus; then
 33 minutes of evaluation with fine-tuning. The 3-layer student: 69-89 minutes (1.9-2.2 s a step); on
 one NVIDIA H200 (float32), 5 ms a step, so 20x its budget (--config.steps=40000) in about 4 minutes.
-Results: README, "Results on this machine".
+Results: docs/results.md.
 Target: h200 (minilm-compile --config configs/quality.py --target h200; its figures: docs/compile.md)
 """
 

@@ -8,7 +8,7 @@ The student is a ModernBERT too: 6 heads of 64 like the teacher's, GeGLU FFN of 
 1.5× ratio), global attention in layers 0 and 3 (the teacher's every-3rd rhythm) and ±64-token windows
 elsewhere, the teacher's rotary thetas. The relations use Q and K after the rotation (modernbert.py).
 For long documents raise data.max_len (up to the teacher's 8,192; the attention and the relation loss
-then run in chunks and blocks, README "ModernBERT").
+then run in chunks and blocks, docs/modernbert.md).
 Cost (estimate, bench.step_flops × 400k steps): 5.9e19 FLOPs, about 1.6 days on a TPU v4-8 at 40% MFU.
 Target: v4-32 (minilm-compile --config configs/v2_modernbert_base_6x384.py --target v4-32; its figures: docs/compile.md)
 """

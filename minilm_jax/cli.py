@@ -186,7 +186,9 @@ def eval_main(argv=None):
   p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate minilm-distill runs of one "
                               "teacher and student shape: the teacher, each run's student and undistilled "
                               "baselines, on zero-shot probes, a package-of-origin task and fine-tuning, "
-                              "every number with its standard error or spread.")
+                              "every number with its standard error or spread.",
+                              epilog="The protocol (models, probes, fine-tuning, paired differences, "
+                              "outputs): docs/evaluation.md.")
   p.add_argument("--workdir", action="append", required=True, help="a run; give several to compare "
                  "runs that share the teacher and the student shape")
   p.add_argument("--out", help="output folder (default WORKDIR/eval; required with several runs)")

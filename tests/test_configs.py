@@ -46,7 +46,7 @@ def test_config_is_valid_for_its_teacher(path):
   if "large" in cfg.teacher:
     assert layer + 1 == {"bert-large-uncased": 21, "roberta-large": 19}[cfg.teacher]
   elif os.path.basename(path) == "quality.py":
-    # beyond the papers, measured in the README: the relations of the layer the student starts at
+    # beyond the papers, measured in docs/results.md: the relations of the layer the student starts at
     assert cfg.student.init == "teacher_first" and layer + 1 == cfg.student.num_layers
   else:
     assert layer == tcfg.num_hidden_layers - 1
