@@ -26,7 +26,7 @@ import optax
 
 from minilm_jax import bench, config, hf, losses, objective, optimizer, sharding, train
 from minilm_jax import model as model_lib
-from minilm_jax.model import encoder_for
+from minilm_jax.families import encoder_for
 
 CHECKS = ("loss", "loss_dropout", "grad_norm")
 

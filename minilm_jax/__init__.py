@@ -1,7 +1,7 @@
 """minilm_jax: MiniLM deep self-attention distillation in JAX/Flax."""
 
 _EXPORTS = {"load_pretrained": "hf", "load_student": "hf", "save_pretrained": "hf", "BertConfig": "model",
-            "BertEncoder": "model", "EncoderOutput": "model", "encoder_for": "model",
+            "BertEncoder": "model", "EncoderOutput": "model", "encoder_for": "families",
             "ModernBertConfig": "modernbert", "ModernBertEncoder": "modernbert"}
 __all__ = sorted(_EXPORTS)
 

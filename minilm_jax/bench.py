@@ -170,7 +170,7 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
   from minilm_jax import config, hf, modernbert, sharding, train
-  from minilm_jax.model import encoder_for
+  from minilm_jax.families import encoder_for
   teacher_dir = hf.resolve(args.teacher)
   tcfg = hf.load_config(teacher_dir)
   if args.random_teacher_layers:

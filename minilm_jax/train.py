@@ -36,7 +36,7 @@ from minilm_jax import attention_kernel, card, checkpoint, data, hf, lock, model
 from minilm_jax import workdir as wd
 from minilm_jax.config import check_config, check_ranges, check_resume, compute_dtype, teacher_identity
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
-from minilm_jax.model import encoder_for
+from minilm_jax.families import encoder_for
 from minilm_jax.optimizer import lr_schedule, make_optimizer
 from minilm_jax.student import init_student, student_config, teacher_layer_index
 

@@ -16,7 +16,8 @@ import optax
 from minilm_jax import losses
 from minilm_jax.evaluation import stats
 from minilm_jax.evaluation.protocol import Task, split_dev
-from minilm_jax.model import BertConfig, encoder_for
+from minilm_jax.families import encoder_for
+from minilm_jax.model import BertConfig
 from minilm_jax.optimizer import decay_mask, warmup_linear_decay
 
 

@@ -16,7 +16,8 @@ import optax
 
 from minilm_jax import corpus, losses, objective
 from minilm_jax.evaluation import stats
-from minilm_jax.model import BertConfig, encoder_for
+from minilm_jax.families import encoder_for
+from minilm_jax.model import BertConfig
 from minilm_jax.student import teacher_layer_index
 
 

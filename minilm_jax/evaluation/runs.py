@@ -14,7 +14,7 @@ import ml_collections
 from minilm_jax import checkpoint, hf, objective
 from minilm_jax import workdir as wd
 from minilm_jax.config import teacher_differs, teacher_identity
-from minilm_jax.model import config_from_dict
+from minilm_jax.families import config_from_dict
 from minilm_jax.student import init_student, teacher_init_layers
 
 BASELINE_NAMES = {"random": "baseline: random init", "teacher_first": "baseline: first teacher layers",

@@ -16,7 +16,8 @@ from minilm_jax.evaluation import probes
 from minilm_jax.evaluation.finetune import finetune
 from minilm_jax.evaluation.protocol import Protocol, Task
 from minilm_jax.evaluation.tasks import load_task, package_task
-from minilm_jax.model import BertConfig, encoder_for
+from minilm_jax.families import encoder_for
+from minilm_jax.model import BertConfig
 
 
 @dataclasses.dataclass
