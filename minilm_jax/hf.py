@@ -271,7 +271,8 @@ def _write_atomically(path: str, write):
   os.replace(tmp, path)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+  """obj as indented JSON at path, written atomically (folders made as needed)."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   def write(p):
     with open(p, "w") as f:
@@ -307,7 +308,7 @@ def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -
   os.makedirs(path, exist_ok=True)
   _write_atomically(os.path.join(path, "model.safetensors"),
                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-  _write_json(os.path.join(path, "config.json"), config.to_hf_dict())
+  write_json(os.path.join(path, "config.json"), config.to_hf_dict())
   if isinstance(tokenizer, (str, os.PathLike)):
     for name in tokenizer_files(tokenizer):
       shutil.copy2(os.path.join(tokenizer, name), os.path.join(path, name))
@@ -401,7 +402,7 @@ def export_sentence_transformers(path: str, config, teacher_dir: str, max_seq_le
   and sentence_bert_config.json, copied from the teacher where it has them (mean pooling otherwise).
   `sentence_transformers.SentenceTransformer(path)` then loads the student."""
   read = lambda name: _read_json(teacher_dir, name)
-  write = lambda name, obj: _write_json(os.path.join(path, name), obj)
+  write = lambda name, obj: write_json(os.path.join(path, name), obj)
 
   modules = read("modules.json") or [
       {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -54,7 +54,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   os.makedirs(out, exist_ok=True)
   settings = settings_of(protocol, text, ft, package_roots, text_field)
   diffs = report.comparisons(results, protocol.bootstrap, protocol.seed)
-  hf._write_json(os.path.join(out, "results.json"), {
+  hf.write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(s.pooling), "settings": settings,
       "package_labels": s.package.labels, "seconds": time.time() - t0, "results": results,
       "differences": diffs})
@@ -98,6 +98,6 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
     row.update(quality(s, (student_config, params), False, finetune_too, log))
     log(f"step {step}: " + ", ".join(f"{k} {report.fmt(v)}" for k, v in row.items() if isinstance(v, dict)))
     curve[step] = row
-  hf._write_json(os.path.join(out, "curve.json"), {"workdir": workdir, "settings": want, "curve": curve})
+  hf.write_json(os.path.join(out, "curve.json"), {"workdir": workdir, "settings": want, "curve": curve})
   report.plot_curve(curve, flat["results"], name, os.path.join(out, "curve.png"))
   return curve
