@@ -4,6 +4,7 @@ minilm-compile, on this machine: the table of docs/compile.md and the JSON lines
   python benchmarks/compile_recipes.py                 # all recipes (about 15 CPU-minutes here)
   python benchmarks/compile_recipes.py --only demo     # one, merged into the stored results
   python benchmarks/compile_recipes.py --table-only    # re-make the table from the stored JSON
+  python benchmarks/compile_recipes.py --bert-base     # the BERT-base step on v4-32 and v5e-16 (~10 min)
 
 Writes docs/results/compile_recipes.jsonl (one minilm-compile report per recipe, plus its config name
 and the commit), then remakes the tables of docs/ from their JSON (docs/make_tables.py, which renders
@@ -39,32 +40,49 @@ def recipes():
   return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
 
 
-def compile_one(name: str) -> dict:
+# The BERT-base step of issue 37 (configs/v2_bert_base_6x384.py) on its targets, at both lengths and with
+# FSDP: (name, target, overrides). --bert-base writes them to BERT_BASE_RESULTS.
+BERT_BASE_CONFIG = "v2_bert_base_6x384"
+BERT_BASE = [
+    ("v4-32, T=128", "v4-32", ["--config.data.max_len=128"]),
+    ("v4-32, T=512", "v4-32", ["--config.data.max_len=512"]),
+    ("v5e-16, T=128", "v5e-16", ["--config.data.max_len=128"]),
+    ("v5e-16, T=512", "v5e-16", ["--config.data.max_len=512"]),
+    ("v4-32, T=128, fsdp=4", "v4-32", ["--config.data.max_len=128", "--config.parallel.fsdp=4"]),
+    ("v5e-16, T=512, fsdp=16", "v5e-16", ["--config.data.max_len=512", "--config.parallel.fsdp=16"]),
+]
+BERT_BASE_RESULTS = os.path.join(ROOT, "docs", "results", "compile_bert_base.jsonl")
+
+
+def compile_one(name: str, target=None, overrides=(), key="config") -> dict:
+  """minilm-compile's report of configs/NAME.py for `target` (default: its docstring's), with the
+  commit and the command."""
   path = os.path.join(ROOT, "configs", f"{name}.py")
   exe = os.path.join(os.path.dirname(sys.executable), "minilm-compile")
-  r = subprocess.run([exe, "--config", path, "--target", recipe_target(path)], capture_output=True,
-                     text=True)
+  argv = ["--config", path, "--target", target or recipe_target(path), *overrides]
+  r = subprocess.run([exe, *argv], capture_output=True, text=True)
   lines = r.stdout.strip().splitlines()
   if not lines or not lines[-1].startswith("{"):
     raise RuntimeError(f"{name}: minilm-compile failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
   commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-  return {"config": name, "commit": commit, **json.loads(lines[-1])}
+  command = " ".join(["minilm-compile", "--config", f"configs/{name}.py", *argv[2:]])
+  return {key: name, "commit": commit, "command": command, **json.loads(lines[-1])}
 
 
-def load() -> dict:
-  if not os.path.exists(RESULTS):
+def load(path=RESULTS, key="config") -> dict:
+  if not os.path.exists(path):
     return {}
-  with open(RESULTS) as f:
-    return {r["config"]: r for r in map(json.loads, f)}
+  with open(path) as f:
+    return {r[key]: r for r in map(json.loads, f)}
 
 
-def save(results: dict) -> None:
-  tmp = RESULTS + ".tmp"
+def save(results: dict, path=RESULTS) -> None:
+  tmp = path + ".tmp"
   with open(tmp, "w") as f:
     for name in sorted(results):
       f.write(json.dumps(results[name]) + "\n")
-  os.replace(tmp, RESULTS)
+  os.replace(tmp, path)
 
 
 def table(results: dict) -> str:
@@ -81,7 +99,17 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--only", action="append", help="a recipe (its file name without .py); repeatable")
   p.add_argument("--table-only", action="store_true")
+  p.add_argument("--bert-base", action="store_true", help="instead of the recipes: the BERT-base step on "
+                 "v4-32 and v5e-16, T = 128 and 512, and with FSDP (docs/results/compile_bert_base.jsonl)")
   args = p.parse_args()
+  if args.bert_base:
+    runs = load(BERT_BASE_RESULTS, "run")
+    for run, target, overrides in BERT_BASE:
+      print(f"compiling {run} ...", file=sys.stderr, flush=True)
+      runs[run] = compile_one(BERT_BASE_CONFIG, target, overrides, key="run")
+      save(runs, BERT_BASE_RESULTS)
+    write_page()
+    return
   results = load()
   if not args.table_only:
     for name in args.only or recipes():
