@@ -232,3 +232,221 @@ def test_hosts_sharing_the_cache_split_the_work(tiny_teacher, tmp_path, monkeypa
   out = run_hosts(2, [str(tmp_path / "h0"), str(tmp_path / "h1")], source, tiny_teacher)
   assert shard_bytes(out[0]) == shard_bytes(out[1]) == shard_bytes(single)
   assert len(made) == 2 * len(shard_bytes(single))
+
+
+# --- Damaged caches: made again where prepare can, refused in one line where it is read ----------------
+
+def prepared(tiny_teacher, tmp_path, n_docs=300):
+  """A corpus of several pieces, prepared: (source, cache, folder, shard bytes)."""
+  write_corpus(tmp_path / "c.txt", n_docs)
+  source, cache = str(tmp_path / "c.txt"), str(tmp_path / "cache")
+  folder = shards.prepare(source, tiny_teacher, 32, cache, num_proc=1, piece_bytes=4000, log=lambda m: None)
+  return source, cache, folder, shard_bytes(folder)
+
+
+def again(source, tiny_teacher, cache, **kw):
+  logs = []
+  folder = shards.prepare(source, tiny_teacher, 32, cache, num_proc=1, piece_bytes=4000, log=logs.append,
+                          **kw)
+  return folder, logs
+
+
+def manifest_of(folder):
+  with open(os.path.join(folder, shards.MANIFEST)) as f:
+    return json.load(f)
+
+
+def test_the_manifest_records_each_shards_size_and_crc32(tiny_teacher, tmp_path):
+  import zlib
+  _, _, folder, want = prepared(tiny_teacher, tmp_path)
+  m = manifest_of(folder)
+  assert [s["name"] for s in m["shards"]] == sorted(want)
+  for s in m["shards"]:
+    assert s["bytes"] == len(want[s["name"]]) and s["crc32"] == f"{zlib.crc32(want[s['name']]):08x}"
+
+
+def test_damaged_shards_are_made_again_each_with_a_line(tiny_teacher, tmp_path):
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  names = sorted(want)
+  path = lambda i: os.path.join(folder, names[i])
+  os.truncate(path(1), len(want[names[1]]) // 2)  # torn
+  flipped = bytearray(want[names[2]])
+  flipped[len(flipped) // 2] ^= 1  # same size, one bit: only the checksum tells
+  open(path(2), "wb").write(bytes(flipped))
+  os.remove(path(3))
+  before = {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in names if n not in names[1:4]}
+  again_folder, logs = again(source, tiny_teacher, cache)
+  assert again_folder == folder
+  assert [n for n in names[1:4] if any(n in l and "making it again" in l for l in logs)] == names[1:4]
+  assert again(source, tiny_teacher, cache)[1] == []  # intact now: nothing said, nothing made
+  assert shard_bytes(folder) == want
+  assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in before} == before  # the rest kept
+
+
+def test_damage_is_reported_one_line_per_shard(tiny_teacher, tmp_path):
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  names = sorted(want)
+  os.truncate(os.path.join(folder, names[0]), 100)
+  with open(os.path.join(folder, names[1]), "r+b") as f:
+    f.seek(len(want[names[1]]) // 2)
+    f.write(bytes(b ^ 0xff for b in want[names[1]][len(want[names[1]]) // 2:][:8]))
+  folder, logs = again(source, tiny_teacher, cache)
+  said = [l for l in logs if "making it again" in l]
+  assert len(said) == 2, logs
+  assert names[0] in said[0] and f"is 100 bytes where the manifest says {len(want[names[0]]):,}" in said[0]
+  assert names[1] in said[1] and "does not match its CRC-32" in said[1]
+  assert shard_bytes(folder) == want
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"format": 1, "max_len": 3', "is not valid JSON"),
+    ("", "is not valid JSON"),
+    ('["a"]', "is not a JSON object"),
+    ('{"format": 1}', "lacks max_len"),
+])
+def test_a_manifest_that_does_not_parse_is_listed_again(tiny_teacher, tmp_path, monkeypatch, text,
+                                                        problem):
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  m = manifest_of(folder)
+  open(os.path.join(folder, shards.MANIFEST), "w").write(text)
+  with pytest.raises(shards.DamagedCache, match=f"manifest.json {problem}: delete it"):
+    shards.Rows(folder)
+  monkeypatch.setattr(shards, "_make_shard", lambda *a: pytest.fail("tokenised again"))
+  folder, logs = again(source, tiny_teacher, cache)
+  assert f"manifest.json {problem}; listing them again" in logs[0]
+  assert manifest_of(folder) == m and shard_bytes(folder) == want
+
+
+def test_a_manifest_missing_a_shards_field_is_listed_again(tiny_teacher, tmp_path, monkeypatch):
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  m = manifest_of(folder)
+  broken = json.loads(json.dumps(m))
+  del broken["shards"][2]["rows"]
+  json.dump(broken, open(os.path.join(folder, shards.MANIFEST), "w"))
+  monkeypatch.setattr(shards, "_make_shard", lambda *a: pytest.fail("tokenised again"))
+  folder, logs = again(source, tiny_teacher, cache)
+  assert "lacks shards[2].rows; listing them again" in logs[0]
+  assert manifest_of(folder) == m
+
+
+def test_a_manifest_from_an_earlier_version_is_read_through_and_listed_again(tiny_teacher, tmp_path,
+                                                                            monkeypatch):
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  m = manifest_of(folder)
+  old = json.loads(json.dumps(m))
+  for s in old["shards"]:
+    del s["bytes"], s["crc32"]
+  json.dump(old, open(os.path.join(folder, shards.MANIFEST), "w"))
+  assert len(shards.Rows(folder)) == m["rows"]  # read as it is: nothing recorded to check
+  monkeypatch.setattr(shards, "_make_shard", lambda *a: pytest.fail("tokenised again"))
+  folder, logs = again(source, tiny_teacher, cache)
+  assert len(logs) == 2 and "listed by an earlier minilm_jax, without sizes and checksums" in logs[0], logs
+  assert manifest_of(folder) == m
+
+
+def test_a_shard_found_without_a_manifest_must_read_through(tiny_teacher, tmp_path):
+  # A killed preparation leaves whole shards and no manifest; a shard torn since is made again.
+  source, cache, folder, want = prepared(tiny_teacher, tmp_path)
+  names = sorted(want)
+  os.remove(os.path.join(folder, shards.MANIFEST))
+  with pytest.raises(FileNotFoundError, match="an unfinished preparation"):
+    shards.Rows(folder)
+  os.truncate(os.path.join(folder, names[4]), len(want[names[4]]) - 10)
+  folder, logs = again(source, tiny_teacher, cache)
+  assert any(names[4] in l and "is unreadable" in l and "making it again" in l for l in logs), logs
+  assert shard_bytes(folder) == want
+
+
+def test_rows_refuses_a_shard_of_another_size_naming_it(tiny_teacher, tmp_path):
+  _, _, folder, want = prepared(tiny_teacher, tmp_path)
+  name = sorted(want)[3]
+  with open(os.path.join(folder, name), "ab") as f:
+    f.write(b"more")
+  with pytest.raises(shards.DamagedCache) as e:
+    shards.Rows(folder)
+  msg = str(e.value)
+  assert len(msg.splitlines()) == 1
+  assert os.path.join(folder, name) in msg and "where the manifest says" in msg and "delete it" in msg
+
+
+def test_a_remote_shard_is_checked_as_it_is_copied(tiny_teacher, tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  _, _, folder, want = prepared(tiny_teacher, tmp_path)
+  names = sorted(want)
+  local = shards._local_copy(folder)
+  # A local copy of another size (a disk fault): copied again from the bucket.
+  os.truncate(os.path.join(local, names[0]), 10)
+  assert shards._local_copy(folder) == local and shard_bytes(local) == want
+  # The bucket's own shard damaged, the size the same: the fresh copy fails its CRC-32, refused.
+  os.remove(os.path.join(local, names[1]))
+  with open(os.path.join(folder, names[1]), "r+b") as f:
+    f.seek(len(want[names[1]]) // 2)
+    f.write(b"\xa5" * 4)
+  with pytest.raises(shards.DamagedCache, match=f"{names[1]} does not match its CRC-32 .* delete it"):
+    shards._local_copy(folder)
+  assert not [f for f in os.listdir(local) if ".tmp-" in f] and names[1] not in os.listdir(local)
+
+
+def test_hosts_agree_to_make_damaged_shards_again(tiny_teacher, tmp_path):
+  write_corpus(tmp_path / "c.txt", 300)
+  source, shared = str(tmp_path / "c.txt"), str(tmp_path / "shared")
+  (folder, _) = run_hosts(2, [shared, shared], source, tiny_teacher)
+  want = shard_bytes(folder)
+  os.truncate(os.path.join(folder, sorted(want)[2]), 7)
+  out = run_hosts(2, [shared, shared], source, tiny_teacher)
+  assert out == [folder, folder] and shard_bytes(folder) == want
+
+
+PREPARE_TWO = ("import sys; from minilm_jax import shards; "
+               "shards.prepare(sys.argv[1], sys.argv[2], 32, sys.argv[3], num_proc=2, piece_bytes=12 << 20)")
+
+
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory):
+  """Two pieces of 12 MB: each worker tokenises one for ~10 s, far longer than the test waits for it."""
+  path = tmp_path_factory.mktemp("long") / "c.txt"
+  block = "\n\n".join(write_corpus(path, 2000, seed=3)) + "\n\n"
+  with open(path, "w") as f:
+    for _ in range((24 << 20) // len(block) + 1):
+      f.write(block)
+  return str(path)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_interrupting_tokenisation_leaves_no_worker_behind(tiny_teacher, long_corpus, tmp_path, how):
+  psutil = pytest.importorskip("psutil")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+  cache = tmp_path / "cache"
+  # A session of its own: Ctrl-C goes to the terminal's whole process group, as here.
+  p = subprocess.Popen([sys.executable, "-c", PREPARE_TWO, long_corpus, tiny_teacher, str(cache)],
+                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+  children = []
+  try:
+    reading = lambda c: any(f.path == long_corpus for f in c.open_files())
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(map(reading, children)) < 2:  # both workers tokenising
+      assert p.poll() is None, p.stderr.read().decode()[-2000:]
+      time.sleep(0.05)
+      try:
+        children = psutil.Process(p.pid).children(recursive=True)
+        sum(map(reading, children))
+      except psutil.Error:  # one just started or ended
+        children = []
+    assert sum(map(reading, children)) == 2, children
+    {"ctrl-c": lambda: os.killpg(p.pid, signal.SIGINT), "sigterm": lambda: p.send_signal(signal.SIGTERM),
+     "sigkill": lambda: p.send_signal(signal.SIGKILL)}[how]()
+    p.wait(30)
+    # Gone at once, not when their pieces are done (~10 s): a worker left alone tokenises on.
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [(c.pid, c.cmdline()) for c in alive]
+  finally:  # never leave a process behind, the test failing or not
+    for proc in [p, *children]:
+      try:
+        proc.kill()
+      except (OSError, psutil.Error):
+        pass
+  assert "PoolWorker" not in p.stderr.read().decode()  # Ctrl-C: the workers ignore it, print nothing
+  (folder,) = glob.glob(str(cache / "*"))
+  assert not os.path.exists(os.path.join(folder, shards.MANIFEST))
+  for name in os.listdir(folder):  # whole shards, or a worker's temporary the next run removes
+    assert ".tmp-" in name or shards._unreadable(os.path.join(folder, name)) is None, name
