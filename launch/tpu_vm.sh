@@ -174,7 +174,7 @@ REMOTE_INSTALL="set -e; mkdir -p minilm_jax; cd minilm_jax; find . -mindepth 1 -
 if [ ! -x .venv/bin/pip ]; then \
 if python3 -c \"import sys; sys.exit(sys.version_info < (3, 11))\" && python3 -m venv .venv; then :; \
 else rm -rf .venv; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv; ~/.local/bin/uv venv -q --seed --python 3.12 .venv; fi; fi; \
-.venv/bin/pip install -q -e .; .venv/bin/pip install -q -U \"jax[tpu]\""
+.venv/bin/pip install -q -e \".[gcs]\"; .venv/bin/pip install -q -U \"jax[tpu]\""
 CMD_INSTALL=("${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$REMOTE_INSTALL")
 
 REMOTE_RUN="cd minilm_jax && .venv/bin/$COMMAND"

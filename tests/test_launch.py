@@ -20,7 +20,7 @@ INSTALL = ('set -e; mkdir -p minilm_jax; cd minilm_jax; find . -mindepth 1 -maxd
            '-exec rm -rf {} +; tar -xzf ~/minilm_jax.tar.gz; if [ ! -x .venv/bin/pip ]; then '
            'if python3 -c "import sys; sys.exit(sys.version_info < (3, 11))" && python3 -m venv .venv; '
            'then :; else rm -rf .venv; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv; '
-           '~/.local/bin/uv venv -q --seed --python 3.12 .venv; fi; fi; .venv/bin/pip install -q -e .; '
+           '~/.local/bin/uv venv -q --seed --python 3.12 .venv; fi; fi; .venv/bin/pip install -q -e ".[gcs]"; '
            '.venv/bin/pip install -q -U "jax[tpu]"')
 
 
