@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import bench, hf, hlo, objective, sharding, targets
+from minilm_jax import bench, hf, hlo, objective, remote, sharding, targets
 
 # Custom calls that XLA:TPU's cost model charges −1 s each (see the module docstring).
 UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
@@ -44,13 +44,13 @@ def teacher_folder(teacher: str) -> str:
   modules): the teacher's own folder, the package's copy of a recipe teacher's config, or the config
   files alone from the hub."""
   if os.path.isdir(teacher) or "://" in teacher:
-    return hf.resolve(teacher)
+    return remote.resolve(teacher)
   shipped = resources.files("minilm_jax").joinpath("teacher_configs", teacher.replace("/", "--"))
   if shipped.is_dir():
     return str(shipped)
-  if teacher in hf.PACKAGED:
+  if teacher in remote.PACKAGED:
     try:
-      return hf.packaged_teacher_path()
+      return remote.packaged_teacher_path()
     except FileNotFoundError:
       pass
   try:

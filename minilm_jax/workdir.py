@@ -21,7 +21,7 @@ import os
 
 import jax
 
-from minilm_jax import hf
+from minilm_jax import remote
 
 CHECKPOINTS, METRICS, EVENTS, STUDENT = "checkpoints", "metrics.jsonl", "tb", "student"
 LOSS_PLOT, CHAIN_PLOT, ASSISTANT, EVAL, TOKEN_CACHE = "loss.png", "loss_chain.png", "assistant", "eval", "cache"
@@ -46,7 +46,7 @@ def eval_dir(workdir: str) -> str:
 
 def local_student(workdir: str) -> str:
   """A local folder holding the run's exported student (for a remote workdir, a cached copy)."""
-  return hf.resolve(join(workdir, STUDENT))
+  return remote.resolve(join(workdir, STUDENT))
 
 
 def exists(path: str) -> bool:
@@ -72,7 +72,7 @@ def local_dir(workdir: str) -> str:
   """Where metrics, TensorBoard events and the export are written: the workdir itself,
   or for a remote (gs://) workdir a local mirror that is copied up at every checkpoint and at the end
   (Orbax writes the checkpoints straight to the remote workdir)."""
-  return hf.cache_dir("runs", workdir) if is_remote(workdir) else workdir
+  return remote.cache_dir("runs", workdir) if is_remote(workdir) else workdir
 
 
 def sync(workdir: str, local: str, names, down: bool = False) -> None:
@@ -84,7 +84,7 @@ def sync(workdir: str, local: str, names, down: bool = False) -> None:
     src, dst = (epath.Path(workdir) / name, epath.Path(local) / name) if down else \
         (epath.Path(local) / name, epath.Path(workdir) / name)
     if src.exists():
-      hf.copy_tree(src, dst)
+      remote.copy_tree(src, dst)
 
 
 def trim_metrics(path: str, last_step: int) -> None:

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from minilm_jax import hf
+from minilm_jax import remote
 from minilm_jax.evaluation import commands, protocol, runs
 from evaluation_helpers import TINY, eval_cli, site, snapshot, train_run  # noqa: F401 (site: a fixture)
 
@@ -103,8 +103,14 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   with pytest.raises(ValueError, match="--out"):
     commands.evaluate_run([a, b], protocol=TINY, finetune_too=False, package_roots=site)
   out = str(tmp_path / "both")
+  pairs = tmp_path / "pairs.jsonl"   # an STS file: one pair longer than the tiny teacher's 64 positions
+  rng = np.random.default_rng(0)
+  words = "alpha beta gamma delta omega kappa".split()
+  pairs.write_text("".join(json.dumps({"s1": " ".join(rng.choice(words, 4)), "s2": " ".join(rng.choice(words, 4)),
+                                       "sim": float(i % 5)}) + "\n" for i in range(29)) +
+                   json.dumps({"s1": "long " * 40, "s2": "short one", "sim": 2.5}) + "\n")
   results = commands.evaluate_run([a, b], out, protocol=TINY, finetune_too=False, package_roots=site,
-                                  log=lambda m: None)
+                                  log=lambda m: None, sts=[f"{pairs}:s1,s2,sim"])
   # 1 of the teacher's 2 layers: every 2nd layer is the first, one baseline (baseline_inits).
   assert list(results) == ["teacher", "student: a", "student: b", "baseline: random init",
                            "baseline: first teacher layers"]
@@ -114,6 +120,15 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   assert table.count("baseline: random init") == 1 and "student: a" in table and "student: b" in table
   assert "| student: a − student: b |" in differences and "| student: b − student: a |" in differences
   assert not os.path.exists(os.path.join(a, "eval"))
+  # The STS probe: both correlations in every row, paired differences, and the cut pair said.
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert saved["settings"]["sts"] == [f"{pairs}:s1,s2,sim"]
+  for name, row in results.items():
+    for stat in ("spearman", "pearson"):
+      r = row[f"sts:pairs.jsonl:{stat}"]
+      assert -1 <= r["value"] <= 1 and r["se"] > 0 and r["n"] == 30 and r["truncated"] == 1, (name, stat)
+  assert set(saved["differences"]["student: a − teacher"]) >= {"sts:pairs.jsonl:spearman", "sts:pairs.jsonl:pearson"}
+  assert "pairs.jsonl: 1 of 30 pairs (cut to 64 tokens)" in differences.split("\n\n")[0] + table
   c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
   with pytest.raises(ValueError, match="another student shape.*hidden_size"):
     commands.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)
@@ -143,21 +158,21 @@ def test_a_run_whose_teacher_is_elsewhere_here(tiny_teacher, tiny_corpus, tmp_pa
   import shutil
   there, here = tmp_path / "there" / "teacher", tmp_path / "here" / "teacher"
   shutil.copytree(tiny_teacher, there)
-  monkeypatch.setitem(hf.PACKAGED, "org/tiny", "no_such_module")
-  monkeypatch.setattr(hf, "packaged_teacher_path", lambda: str(there))
+  monkeypatch.setitem(remote.PACKAGED, "org/tiny", "no_such_module")
+  monkeypatch.setattr(remote, "packaged_teacher_path", lambda: str(there))
   w = train_run("org/tiny", tiny_corpus, str(tmp_path / "run"))
   shutil.move(there, here)  # the teacher's packaged copy lives elsewhere on this machine
 
   def not_installed():
     raise FileNotFoundError("the packaged teacher is not installed")
-  monkeypatch.setattr(hf, "packaged_teacher_path", not_installed)
+  monkeypatch.setattr(remote, "packaged_teacher_path", not_installed)
   run = lambda **kw: commands.evaluate_run(w, str(tmp_path / "out"), protocol=TINY, finetune_too=False,
                                            baselines=False, package_roots=site, log=lambda m: None, **kw)
   with pytest.raises(FileNotFoundError, match=f"teacher at {there}, which is not on this machine, and its "
                      "config's teacher 'org/tiny' is not found here either .*give its folder with --teacher"):
     run()
   assert not os.path.exists(tmp_path / "out")
-  monkeypatch.setattr(hf, "packaged_teacher_path", lambda: str(here))
+  monkeypatch.setattr(remote, "packaged_teacher_path", lambda: str(here))
   results = run()
   assert set(results) == {"teacher", "student: run"}
   assert json.load(open(tmp_path / "out" / "results.json"))["teacher"] == str(here)

@@ -193,19 +193,3 @@ def test_save_rejects_params_of_another_config(tmp_path):
   bigger = BertConfig(**{**config.to_dict(), "num_hidden_layers": 3})
   with pytest.raises(ValueError, match="params do not match the config"):
     hf.save_pretrained(str(tmp_path), bigger, params)
-
-
-def test_remote_folder_is_fetched_to_a_local_cache(real_teacher, tmp_path, monkeypatch):
-  # etils.epath handles gs:// here; a local path goes through the same copying code.
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  local = hf._fetch_remote(real_teacher)
-  assert local.startswith(str(tmp_path / "home"))
-  for name in ("config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
-    with open(os.path.join(local, name), "rb") as a, open(os.path.join(real_teacher, name), "rb") as b:
-      assert a.read() == b.read(), name
-  with pytest.raises(FileNotFoundError, match="no such folder"):
-    hf._fetch_remote(str(tmp_path / "nope"))
-  seen = []
-  monkeypatch.setattr(hf, "_fetch_remote", lambda url: seen.append(url) or local)
-  config, _ = hf.load_pretrained("gs://bucket/run/assistant/student")
-  assert seen == ["gs://bucket/run/assistant/student"] and config.num_hidden_layers == 6
