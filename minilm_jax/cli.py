@@ -181,7 +181,8 @@ def prepare_main(argv=None):
 
 def eval_main(argv=None):
   """`minilm-eval --workdir DIR [--workdir DIR2 ...] [--out OUT] [--text SOURCE] [--seeds N]
-  [--no-finetune] [--task glue:NAME|FILE:cols] [--lr X ...] [--epochs N] [--curve] [--teacher DIR]`."""
+  [--no-finetune] [--task glue:NAME|FILE:cols] [--sts glue:stsb|FILE:a,b,score] [--lr X ...] [--epochs N]
+  [--curve] [--teacher DIR]`."""
   import argparse
   p = argparse.ArgumentParser(prog="minilm-eval", description="Evaluate minilm-distill runs of one "
                               "teacher and student shape: the teacher, each run's student and undistilled "
@@ -199,6 +200,10 @@ def eval_main(argv=None):
   p.add_argument("--task", action="append", default=[], help="extra fine-tuning tasks beside nsp and "
                  "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
                  "FILE.csv|.tsv|.jsonl:text_a[,text_b],label (a header line first in a .csv or .tsv)")
+  p.add_argument("--sts", action="append", default=[], help="a zero-shot probe of human similarity "
+                 "scores: the Spearman and Pearson correlation of each model's cosine with them, from "
+                 "FILE.csv|.tsv|.jsonl:text_a,text_b,score (a header line first in a .csv or .tsv), or "
+                 "glue:stsb or sickr (need the hub); repeatable")
   import dataclasses
   from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL as d
   p.add_argument("--lr", action="append", type=float, help=f"fine-tuning learning rates, chosen on dev "
@@ -228,7 +233,7 @@ def eval_main(argv=None):
       raise ValueError("--curve evaluates the checkpoints of one run: give one --workdir")
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
     kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages,
-              text_field=a.text_field, teacher=a.teacher)
+              text_field=a.text_field, teacher=a.teacher, sts=a.sts)
     from minilm_jax.evaluation import commands
     commands.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
                           **kw)

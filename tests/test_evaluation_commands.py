@@ -95,6 +95,12 @@ def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_p
       "minilm-eval: error: the held-out text gives 2 next-sentence pairs from its first half and 6 from "
       "its second; the nsp probe needs at least 20 in each (more text, or --no-finetune to skip it)")
   assert not os.path.exists(tmp_path / "out2")
+  (tmp_path / "e.csv").write_text("a,b,s\n")   # --sts reaches the probe; a bad pair file is one line too
+  r = eval_cli("--workdir", w, "--text", short, "--text-field", "content", "--no-finetune", "--sts",
+               f"{tmp_path / 'e.csv'}:a,b,s", "--out", str(tmp_path / "out2"))
+  assert r.returncode == 2 and r.stderr.strip() == (
+      f"minilm-eval: error: STS file {tmp_path / 'e.csv'}: no pairs (an empty file, or a header line only)")
+  assert not os.path.exists(tmp_path / "out2")
 
 
 def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
@@ -128,7 +134,7 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
       r = row[f"sts:pairs.jsonl:{stat}"]
       assert -1 <= r["value"] <= 1 and r["se"] > 0 and r["n"] == 30 and r["truncated"] == 1, (name, stat)
   assert set(saved["differences"]["student: a − teacher"]) >= {"sts:pairs.jsonl:spearman", "sts:pairs.jsonl:pearson"}
-  assert "pairs.jsonl: 1 of 30 pairs (cut to 64 tokens)" in differences.split("\n\n")[0] + table
+  assert "pairs.jsonl: 1 of 30 pairs (cut to 64 tokens)" in table
   c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
   with pytest.raises(ValueError, match="another student shape.*hidden_size"):
     commands.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)

@@ -57,3 +57,26 @@ def test_linear_probe_learns_a_separable_toy_set():
   r = probes.linear_probe(part(200), part(50), part(100))
   assert r["value"] > 0.95 and r["se"] == pytest.approx(np.sqrt(r["value"] * (1 - r["value"]) / 100))
   assert r["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def test_sts_correlates_cosines_with_human_scores_as_scipy_does():
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+  b[:150] += 2 * a[:150]                            # half the pairs alike
+  cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)   # float64 oracle
+  gold = np.round(cos * 2 + rng.normal(0, 0.5, 300), 1)  # ties, as human ratings have
+  r = probes.sts(a.astype(np.float32), b.astype(np.float32), gold, 100, 0)
+  assert r["spearman"]["value"] == pytest.approx(stats.spearmanr(cos, gold).statistic, abs=1e-5)
+  assert r["pearson"]["value"] == pytest.approx(stats.pearsonr(cos, gold).statistic, abs=1e-5)
+  np.testing.assert_allclose(r["pearson"]["items"], cos, atol=1e-5)
+  assert r["pearson"]["gold"] == gold.tolist() and r["spearman"]["n"] == 300
+  assert 0 < r["spearman"]["se"] < 0.1 and 0 < r["pearson"]["se"] < 0.1
+
+
+def test_truncated_pairs_counts_pairs_with_a_text_over_the_limit(tiny_teacher):
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(tiny_teacher)   # one token a character, plus [CLS] and [SEP]
+  a = ["abcdef", "ab", "abcdefgh"]                   # 8, 4 and 10 tokens
+  b = ["ab", "abcdefgh", "ab"]
+  assert probes.truncated_pairs(tok, a, b, 8) == 2 and probes.truncated_pairs(tok, a, b, 10) == 0

@@ -35,3 +35,20 @@ def test_the_table_says_when_every_seed_chose_the_last_epoch(tmp_path):
   results["teacher"]["nsp"], results["student"]["package"] = ft(3, 2, 3), ft(1, 3, 3)
   report.write_table(results, report.metrics_of(results), 3, str(md))
   assert "last epoch" not in md.read_text()
+
+
+def test_sts_metrics_are_zero_shot_columns_with_their_truncation_noted(tmp_path):
+  m = "sts:pairs.csv:spearman"
+  assert report.label(m) == "STS pairs.csv: Spearman with human scores" and not report.is_finetune(m)
+  assert report.label("sts:glue:stsb:pearson") == "STS glue:stsb: Pearson with human scores"
+  sts = lambda cut: {"value": 0.5, "se": 0.01, "n": 40, "truncated": cut, "max_len": 256}
+  results = {"teacher": {"layers": 6, "hidden": 8, "params_M": 1.0, m: sts(3)},
+             "student": {"layers": 3, "hidden": 8, "params_M": 1.0, m: sts(3)}}
+  md = tmp_path / "results.md"
+  report.write_table(results, report.metrics_of(results), 3, str(md))
+  text = md.read_text()
+  assert "| STS pairs.csv: Spearman with human scores (± SE) |" in text
+  assert text.strip().endswith("embedded from its first tokens: pairs.csv: 3 of 40 pairs (cut to 256 tokens).")
+  results["teacher"][m] = results["student"][m] = sts(0)
+  report.write_table(results, report.metrics_of(results), 3, str(md))
+  assert "first tokens" not in md.read_text()

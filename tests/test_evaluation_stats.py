@@ -1,11 +1,11 @@
-"""evaluation.stats against scipy and hand-computed values: ranks, Spearman, reciprocal ranks, paired
-differences (means, agreement, fine-tuning) and the task metrics."""
+"""evaluation.stats against scipy, numpy float64 and hand-computed values: ranks, Spearman, Pearson,
+reciprocal ranks, paired differences (means, agreement, STS, fine-tuning) and the task metrics."""
 
 import numpy as np
 import pytest
 
-from minilm_jax.evaluation.stats import (bootstrap_se, mean_se, paired_difference, rankdata, reciprocal_ranks,
-                                         score, spearman)
+from minilm_jax.evaluation.stats import (bootstrap_se, mean_se, paired_difference, pearson, rankdata,
+                                         reciprocal_ranks, score, spearman)
 
 
 def test_spearman_and_ranks_match_scipy():
@@ -16,6 +16,36 @@ def test_spearman_and_ranks_match_scipy():
   np.testing.assert_allclose(rankdata(x), stats.rankdata(x))
   assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
   assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_pearson_matches_numpy_in_float64():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=500).astype(np.float32)         # float32 cosines: computed in float64 all the same
+  y = 3 * x + rng.normal(0, 2, 500)
+  want = np.corrcoef(x.astype(np.float64), y)[0, 1]
+  assert pearson(x, y) == pytest.approx(want, abs=1e-5)
+  assert pearson(1e4 + x.astype(np.float64), y) == pytest.approx(want, abs=1e-5)  # far from 0: centred
+  assert np.isnan(pearson(np.ones(5), np.arange(5.0)))
+
+
+def test_paired_difference_of_sts_correlations_with_human_scores():
+  rng = np.random.default_rng(3)
+  gold = rng.uniform(0, 5, 400)
+  a, b = gold + rng.normal(0, 1, 400), gold + rng.normal(0, 3, 400)
+  for stat, f in (("spearman", spearman), ("pearson", pearson)):
+    res = lambda x: {"value": f(x, gold), "statistic": stat, "items": x.tolist(), "gold": gold.tolist()}
+    d = paired_difference(f"sts:x:{stat}", res(a), res(b), None, 300, 0)
+    assert d["value"] == pytest.approx(f(a, gold) - f(b, gold), abs=1e-12)
+    # The oracle: the same resamples, both models on each, written out here.
+    idx = np.random.default_rng(0).integers(0, 400, (300, 400))
+    want = np.std([np.corrcoef(*(np.stack([a[i], gold[i]]) if stat == "pearson" else
+                                 np.stack([rankdata(a[i]), rankdata(gold[i])])))[0, 1] -
+                   np.corrcoef(*(np.stack([b[i], gold[i]]) if stat == "pearson" else
+                                 np.stack([rankdata(b[i]), rankdata(gold[i])])))[0, 1] for i in idx], ddof=1)
+    assert d["se"] == pytest.approx(want, rel=1e-5) and d["z"] > 2
+    # Other pairs (another file) are not compared.
+    other = {**res(b), "gold": (gold + 1).tolist()}
+    assert paired_difference(f"sts:x:{stat}", res(a), other, None, 50, 0) is None
 
 
 def test_reciprocal_ranks_against_a_hand_made_set():

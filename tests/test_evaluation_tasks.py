@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minilm_jax.evaluation import probes
-from minilm_jax.evaluation.tasks import load_task, nsp_pairs, nsp_task, package_task
+from minilm_jax.evaluation.tasks import load_sts, load_task, nsp_pairs, nsp_task, package_task
 from evaluation_helpers import held, site  # noqa: F401 (site: a fixture)
 
 
@@ -123,3 +123,76 @@ def test_bad_task_files_are_one_line_errors(tmp_path, name, content, message):
   (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
   with pytest.raises(ValueError, match=re.escape(message)):
     load_task(f"{tmp_path / name}:text,label")
+
+
+def write_pairs(tmp_path, rows, header=("a", "b", "score")):
+  """The same pairs as .csv (with a byte-order mark), .tsv and .jsonl."""
+  c = tmp_path / "p.csv"
+  with open(c, "w", newline="", encoding="utf-8-sig") as f:
+    csv.writer(f).writerows([header, *rows])
+  t = tmp_path / "p.tsv"
+  t.write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
+  j = tmp_path / "p.jsonl"
+  j.write_text("".join(json.dumps(dict(zip(header, r)), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+  return c, t, j
+
+
+def test_sts_pair_files_in_any_format_and_script_read_alike(tmp_path):
+  rows = [(f"Ein Satz Nummer {i}, mit Komma", f"第{i}句话，好的。", i % 6 * 0.5) for i in range(12)]
+  for path in write_pairs(tmp_path, rows):
+    x = load_sts(f"{path}:a,b,score")
+    assert x.name == path.name and x.a == [r[0] for r in rows] and x.b == [r[1] for r in rows]
+    np.testing.assert_array_equal(x.score_N, [r[2] for r in rows])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("s.csv", "a,b,score\n" + "x,y,1\n" * 11 + "x,y,high\n", "s.csv line 13: the score 'high' in 'score' is not "
+                                                            "a finite number"),
+    ("s.jsonl", '{"a": "x", "b": "y", "score": 1}\n' * 3 + '{"a": "x", "b": "y", "score": "nan"}\n',
+     "s.jsonl line 4: the score 'nan'"),
+    ("s.tsv", "a\tb\tscore\n" + "x\ty\n", "s.tsv line 2: no value for 'score'"),
+    ("s.csv", "a,b,sim\nx,y,1\n", "s.csv: no column 'score' (columns: ['a', 'b', 'sim'])"),
+    ("s.csv", "", "STS file {dir}/s.csv: no pairs (an empty file, or a header line only)"),
+    ("s.csv", "a,b,score\n", "no pairs"),
+    ("s.csv", "a,b,score\n" + "x,y,2\n" * 12, "12 pairs with 1 distinct scores; a correlation needs at least 10 "
+                                              "pairs and 2 scores"),
+    ("s.txt", "x\n", "STS file {dir}/s.txt: use a .csv, .tsv"),
+    ("s.csv", "a,b,score\ncaf\xe9,x,1\n".encode("latin-1"), "s.csv: not UTF-8 text"),
+])
+def test_bad_sts_files_are_one_line_errors_naming_file_and_line(tmp_path, name, content, message):
+  (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(ValueError, match="^[^\n]*" + re.escape(message.format(dir=tmp_path)) + "[^\n]*$"):
+    load_sts(f"{tmp_path / name}:a,b,score")
+
+
+def test_bad_sts_specs(tmp_path):
+  for spec, message in (("p.csv:a,b", "use FILE:text_a,text_b,score"), ("p.csv:a,,s", "use FILE:"),
+                        ("glue:sst2", "the STS sets on the hub are glue:stsb, sickr")):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      load_sts(spec)
+
+
+def test_sts_sets_on_the_hub_through_datasets(monkeypatch):
+  """glue:stsb and sickr as `datasets` serves them (a stand-in for the hub: its Dataset, the real
+  column names and splits), and an unreachable hub as one line."""
+  datasets = pytest.importorskip("datasets")
+  asked = []
+
+  def load_dataset(path, name=None, split=None):
+    asked.append((path, name, split))
+    score = "label" if path == "glue" else "score"
+    return datasets.Dataset.from_dict({"sentence1": ["A man plays.", "Kids run."], "sentence2": ["A man sings.", "Dogs run."],
+                                       score: [3.2, 1.0], "idx": [0, 1]})
+  monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+  for spec, want in (("glue:stsb", ("glue", "stsb", "validation")), ("sickr", ("mteb/sickr-sts", None, "test"))):
+    x = load_sts(spec)
+    assert asked[-1] == want and x.name == spec and x.b == ["A man sings.", "Dogs run."]
+    np.testing.assert_array_equal(x.score_N, [3.2, 1.0])
+
+  def offline(*args, **kwargs):
+    raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)\nmore")
+  monkeypatch.setattr(datasets, "load_dataset", offline)
+  with pytest.raises(ValueError, match=r"^--sts glue:stsb: `datasets` could not load glue \(ConnectionError: "
+                     r"Couldn't reach 'glue' on the Hub \(LocalEntryNotFoundError\)\); give the pairs as a local "
+                     r"FILE:text_a,text_b,score instead$"):
+    load_sts("glue:stsb")

@@ -22,10 +22,11 @@ from minilm_jax.evaluation.suite import encode_speed, make_suite, quality
 def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                  protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = True, baselines: bool = True,
                  package_roots: Sequence[str] = (), text_field: str = "text", log=print,
-                 teacher: Optional[str] = None) -> dict:
+                 teacher: Optional[str] = None, sts: Sequence[str] = ()) -> dict:
   """Every model of the runs (one teacher, the runs' students, one set of baselines) on every probe.
-  Fine-tuning tasks: nsp, package and `tasks`. Writes OUT/results.{json,md,png}; OUT defaults to
-  WORKDIR/eval for one run and must be given for several. `teacher`: see runs.run_teacher_dir."""
+  Fine-tuning tasks: nsp, package and `tasks`; STS sets: `sts` (tasks.load_sts). Writes
+  OUT/results.{json,md,png}; OUT defaults to WORKDIR/eval for one run and must be given for several.
+  `teacher`: see runs.run_teacher_dir."""
   from transformers import AutoTokenizer
   workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
   if not workdirs:
@@ -39,7 +40,8 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
   t0 = time.time()
-  s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field)
+  s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field,
+                 sts, log)
   results = {}
   for name, (mcfg, params) in models.items():
     t = time.time()
@@ -52,7 +54,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
         f" ({row['eval_seconds']:.0f}s)")
     results[name] = row
   os.makedirs(out, exist_ok=True)
-  settings = settings_of(protocol, text, ft, package_roots, text_field)
+  settings = settings_of(protocol, text, ft, package_roots, text_field, sts)
   diffs = report.comparisons(results, protocol.bootstrap, protocol.seed)
   hf.write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(s.pooling), "settings": settings,
@@ -67,7 +69,7 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
 def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
                    protocol: Protocol = DEFAULT_PROTOCOL, finetune_too: bool = False,
                    package_roots: Sequence[str] = (), text_field: str = "text", log=print,
-                   teacher: Optional[str] = None) -> dict:
+                   teacher: Optional[str] = None, sts: Sequence[str] = ()) -> dict:
   """Quality against compute: the student of every kept checkpoint on the cheap probes (held-out
   relation loss, retrieval, agreement, package linear probe; fine-tuning with `finetune_too`), beside the
   flat lines of OUT/results.json (run `evaluate_run` first, with the same settings). Writes
@@ -81,7 +83,7 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   with open(table) as f:
     flat = json.load(f)
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
-  want = settings_of(protocol, text, ft, package_roots, text_field)
+  want = settings_of(protocol, text, ft, package_roots, text_field, sts)
   if not made_with(flat["settings"], want):
     raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
                      "the same settings, or evaluate the run again")
@@ -89,7 +91,8 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   name = runs.student_name(workdir)
   student_config = models[name][0]
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdir))
-  s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field)
+  s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field,
+                 sts, log)
   mngr = runs.read_run(workdir)[2]
   curve = {}
   for step in mngr.all_steps():

@@ -1,6 +1,7 @@
 """What a model is scored on without fine-tuning: its sentence embeddings, retrieval of each sentence's
-successor, agreement with the teacher's cosines, a linear probe on frozen embeddings, and the MiniLM
-relation loss against the teacher on held-out text."""
+successor, agreement with the teacher's cosines, the correlation of its cosines with human similarity
+scores (STS), a linear probe on frozen embeddings, and the MiniLM relation loss against the teacher on
+held-out text."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def embed(config: BertConfig, params, tok, texts: Sequence[str], pooling: Tuple[
           max_len: int = 128, batch: int = 64) -> np.ndarray:
   """e_ND [len(texts), hidden]: the model's sentence embeddings. Texts are sorted by length and padded to
   a power of two (≥ 16), so short sentences do not pay for 128 tokens and few shapes get compiled."""
-  max_len = min(max_len, config.max_position_embeddings)  # beyond its positions a model reads garbage
+  max_len = min(max_len, config.max_len)  # beyond its positions a model reads garbage
   enc = tok(list(texts), truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
   order = np.argsort([len(t) for t in enc], kind="stable")
   f = _embed_fn(config, tuple(pooling))
@@ -101,6 +102,28 @@ def agreement(e_ND: np.ndarray, t_ND: np.ndarray, p: ProbeText, reps: int, seed:
   m_P, t_P = pair_cosines(e_ND, p.pairs_P2), pair_cosines(t_ND, p.pairs_P2)
   return {"value": stats.spearman(m_P, t_P), "se": stats.bootstrap_se(stats.spearman, m_P, t_P, reps, seed),
           "n": len(m_P), "items": m_P.tolist()}  # the model's cosines: the teacher's are the teacher row's
+
+
+# --- STS: cosines against human scores ---------------------------------------------------------------------
+
+def truncated_pairs(tok, a: Sequence[str], b: Sequence[str], max_len: int) -> int:
+  """How many pairs have a text longer than `max_len` tokens ([CLS] and [SEP] included): embed cuts
+  those texts to their first max_len tokens."""
+  n = lambda texts: np.array([len(t) for t in tok(list(texts), add_special_tokens=True,
+                                                   verbose=False)["input_ids"]])
+  return int(((n(a) > max_len) | (n(b) > max_len)).sum())
+
+
+def sts(e_a_ND: np.ndarray, e_b_ND: np.ndarray, score_N: np.ndarray, reps: int, seed: int) -> Dict[str, dict]:
+  """{"spearman", "pearson"}: the correlation of each pair's cosine with its human score, each with its
+  SE by bootstrap over the pairs; the cosines as "items" and the scores as "gold", for paired
+  differences (stats.paired_difference)."""
+  c_N = pair_cosines(np.concatenate([e_a_ND, e_b_ND]),
+                     np.stack([np.arange(len(e_a_ND)), len(e_a_ND) + np.arange(len(e_b_ND))], 1))
+  s_N = np.asarray(score_N, np.float64)
+  return {name: {"value": f(c_N, s_N), "se": stats.bootstrap_se(f, c_N, s_N, reps, seed), "n": len(c_N),
+                 "statistic": name, "items": c_N.tolist(), "gold": s_N.tolist()}
+          for name, f in stats.CORRELATIONS.items()}
 
 
 # --- Linear probe ----------------------------------------------------------------------------------------

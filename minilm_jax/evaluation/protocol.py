@@ -1,11 +1,11 @@
-"""What an evaluation is: its settings (Protocol), a labelled task (Task) and its dev split, and the
-settings a results table records so that a curve or a later script can check it was made the same way."""
+"""What an evaluation is: its settings (Protocol), a labelled task (Task) and its dev split, the scored
+text pairs of an STS probe (Pairs), and the settings a results table records so that a curve or a later script can check it was made the same way."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +42,24 @@ DEFAULT_PROTOCOL = Protocol()
 Part = Tuple[List[str], Optional[List[str]], np.ndarray]
 
 
+# The metric keys of an STS probe: STS_PREFIX + NAME + ":spearman" | ":pearson" (report.label reads them).
+STS_PREFIX = "sts:"
+
+
+def sts_metric(name: str, statistic: str) -> str:
+  """The results' key of an STS set's correlation ("spearman" or "pearson")."""
+  return f"{STS_PREFIX}{name}:{statistic}"
+
+
+@dataclasses.dataclass
+class Pairs:
+  """Text pairs each with a human similarity score, for an STS probe (zero-shot: nothing is trained)."""
+  name: str
+  a: List[str]
+  b: List[str]
+  score_N: np.ndarray   # float64
+
+
 @dataclasses.dataclass
 class Task:
   """A labelled task: its train and test parts, the metric it is scored by, and its dev part where it
@@ -69,16 +87,18 @@ def split_dev(task: Task, seed: int, frac: float = 0.2) -> Task:
   return dataclasses.replace(task, train=take(task.train, order[cut:]), dev=take(task.train, order[:cut]))
 
 
-def settings_of(protocol: Protocol, text, tasks, package_roots, text_field: str = "text") -> dict:
+def settings_of(protocol: Protocol, text, tasks, package_roots, text_field: str = "text",
+                sts: Sequence[str] = ()) -> dict:
   """What a table records of how it was evaluated (results.json's "settings"), as JSON would read it."""
   return json.loads(json.dumps({"protocol": dataclasses.asdict(protocol), "tasks": list(tasks),
                                 "text": text if text is None or isinstance(text, str) else "in-memory",
-                                "text_field": text_field, "package_roots": list(package_roots)}))
+                                "text_field": text_field, "package_roots": list(package_roots),
+                                "sts": list(sts)}))
 
 
 def made_with(made: dict, want: dict) -> bool:
   """Whether a table whose results.json has settings `made` was evaluated as `want` asks (the same text,
-  protocol and package roots) on at least `want`'s tasks; both as `settings_of` gives them."""
-  made = {"text_field": "text", **made}  # tables from before text_field read "text"
+  protocol, package roots and STS sets) on at least `want`'s tasks; both as `settings_of` gives them."""
+  made = {"text_field": "text", "sts": [], **made}  # tables from before these keys read "text", no STS
   but_tasks = lambda s: {k: v for k, v in s.items() if k != "tasks"}
   return but_tasks(made) == but_tasks(want) and set(want["tasks"]) <= set(made["tasks"])

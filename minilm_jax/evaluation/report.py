@@ -10,10 +10,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from minilm_jax import plots
+from minilm_jax.evaluation.protocol import STS_PREFIX
 from minilm_jax.evaluation.stats import paired_difference
 
-# Scored once per model, without fine-tuning: ± their SE. Every other metric of a row is a fine-tuning
-# task, ± the spread over seeds, labelled "TASK: fine-tune" unless LABELS names it.
+# Scored once per model, without fine-tuning: ± their SE; so is every STS set's correlation
+# (STS_PREFIX + NAME:spearman|pearson). Every other metric of a row is a fine-tuning task, ± the spread
+# over seeds, labelled "TASK: fine-tune" unless LABELS names it.
 ZERO_SHOT = {"heldout_relation_loss": "held-out relation loss", "retrieval_mrr": "retrieval MRR",
              "agreement": "agreement with teacher (Spearman)", "package_linear": "package: linear probe acc"}
 LABELS = {**ZERO_SHOT, "package": "package: fine-tune acc", "nsp": "nsp: fine-tune acc"}
@@ -21,11 +23,25 @@ LABELS = {**ZERO_SHOT, "package": "package: fine-tune acc", "nsp": "nsp: fine-tu
 
 def label(metric: str) -> str:
   """The metric's column heading and axis label."""
+  if metric.startswith(STS_PREFIX):
+    name, statistic = metric[len(STS_PREFIX):].rsplit(":", 1)
+    return f"STS {name}: {statistic.capitalize()} with human scores"
   return LABELS.get(metric, f"{metric}: fine-tune")
 
 
 def is_finetune(metric: str) -> bool:
-  return metric not in ZERO_SHOT
+  return metric not in ZERO_SHOT and not metric.startswith(STS_PREFIX)
+
+
+def sts_truncation(results: dict) -> List[str]:
+  """'NAME: k of n pairs' for each STS set with pairs whose texts were cut to the STS length."""
+  seen = {}
+  for row in results.values():
+    for m, v in row.items():
+      if m.startswith(STS_PREFIX) and isinstance(v, dict) and v.get("truncated"):
+        seen[m[len(STS_PREFIX):].rsplit(":", 1)[0]] = f"{v['truncated']} of {v['n']} pairs " \
+            f"(cut to {v['max_len']} tokens)"
+  return [f"{name}: {what}" for name, what in seen.items()]
 
 
 def metrics_of(results: dict) -> List[str]:
@@ -93,6 +109,10 @@ def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str,
     cells = [fmt(row[m]) if m in row else "" for m in metrics]
     size = f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params"
     lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
+  cut = sts_truncation(results)
+  if cut:
+    lines += ["", "STS pairs with a text longer than the model embeds whole, embedded from its first tokens: "
+              + "; ".join(cut) + "."]
   edge = last_epoch_everywhere(results)
   if edge:
     lines += ["", "Every seed chose the last epoch of its fine-tuning grid (dev was still rising, so the score "

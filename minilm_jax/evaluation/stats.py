@@ -1,5 +1,5 @@
-"""The statistics behind every number minilm-eval reports, numpy only: ranks and Spearman correlation, the
-bootstrap, per-item means with their SE, paired differences between two models scored on the same items,
+"""The statistics behind every number minilm-eval reports, numpy only: ranks, Spearman and Pearson
+correlation, the bootstrap, per-item means with their SE, paired differences between two models scored on the same items,
 ranking by cosine, and the task metrics (accuracy, F1, Matthews)."""
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ def spearman(x_N: np.ndarray, y_N: np.ndarray) -> float:
   rx, ry = rankdata(x_N) - (len(x_N) + 1) / 2, rankdata(y_N) - (len(y_N) + 1) / 2
   den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
   return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def pearson(x_N: np.ndarray, y_N: np.ndarray) -> float:
+  """Pearson correlation in float64; nan when either side is constant."""
+  x_N, y_N = np.asarray(x_N, np.float64), np.asarray(y_N, np.float64)
+  dx, dy = x_N - x_N.mean(), y_N - y_N.mean()
+  den = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+  return float((dx * dy).sum() / den) if den > 0 else float("nan")
+
+
+CORRELATIONS = {"spearman": spearman, "pearson": pearson}
 
 
 def bootstrap_se(stat, x_N: np.ndarray, y_N: np.ndarray, reps: int, seed: int) -> float:
@@ -61,8 +72,9 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
   """a − b for one metric of two models scored on the same items, with the SE of that difference over
   the items (paired: what both models find hard cancels), or None when either lacks its items.
   - a mean over items (retrieval, the linear probe, the held-out loss): SE of the mean per-item difference;
-  - agreement (a Spearman correlation with the teacher's cosines, `teacher`'s items): by bootstrap over
-    the pairs, both models on the same resample;
+  - agreement (a Spearman correlation with the teacher's cosines, `teacher`'s items) and a correlation
+    with human scores (an STS probe: its result holds the scores as "gold" and its "statistic"): by
+    bootstrap over the pairs, both models on the same resample;
   - fine-tuning: by bootstrap over the test items of the seed-averaged score difference, plus each model's
     spread over seeds (sd²/seeds), which the items do not see. That counts the item-by-seed noise twice,
     so the SE errs large; the seeds alone, the table's ± sd, ignore that the test items are a sample."""
@@ -79,12 +91,18 @@ def paired_difference(metric: str, a: dict, b: dict, teacher: Optional[dict], re
   if "items" not in a or "items" not in b or len(a["items"]) != len(b["items"]):
     return None
   xa_N, xb_N = np.asarray(a["items"], np.float64), np.asarray(b["items"], np.float64)
-  if metric == "agreement":
-    if teacher is None or "items" not in teacher:
+  if metric == "agreement" or "gold" in a:
+    if "gold" in a:
+      if a["gold"] != b.get("gold") or a.get("statistic") != b.get("statistic"):
+        return None  # not scored on the same pairs
+      ref, corr = a["gold"], CORRELATIONS[a["statistic"]]
+    elif teacher is None or "items" not in teacher:
       return None
-    t_N = np.asarray(teacher["items"], np.float64)
-    diff = lambda i: spearman(xa_N[i], t_N[i]) - spearman(xb_N[i], t_N[i])
-    return difference(a["value"] - b["value"], bootstrap(diff, len(t_N), reps, seed), len(t_N))
+    else:
+      ref, corr = teacher["items"], spearman
+    r_N = np.asarray(ref, np.float64)
+    diff = lambda i: corr(xa_N[i], r_N[i]) - corr(xb_N[i], r_N[i])
+    return difference(a["value"] - b["value"], bootstrap(diff, len(r_N), reps, seed), len(r_N))
   d_N = xa_N - xb_N
   return difference(float(d_N.mean()), float(d_N.std(ddof=1) / np.sqrt(len(d_N))), len(d_N))
 

@@ -1,6 +1,7 @@
-"""The labelled tasks models are fine-tuned on (and the package task's linear probe reads): next-sentence
-prediction from the held-out text, which installed package a held-out docstring comes from, a user's
-task file, and GLUE through `datasets`."""
+"""The labelled data models are scored on: the tasks they are fine-tuned on (and the package task's linear
+probe reads): next-sentence prediction from the held-out text, which installed package a held-out
+docstring comes from, a user's task file, and GLUE through `datasets`; and the text pairs with human
+similarity scores of the STS probes (a user's pair file, or STS-B and SICK-R through `datasets`)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from minilm_jax import corpus
-from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL, Protocol, Task, take
+from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL, Pairs, Protocol, Task, take
 
 # GLUE tasks: (hub config, text columns, metric). Loaded through `datasets` when the hub is reachable.
 GLUE = {"sst2": (("sentence",), "accuracy"), "mnli": (("premise", "hypothesis"), "accuracy"),
         "qnli": (("question", "sentence"), "accuracy"), "qqp": (("question1", "question2"), "f1"),
         "rte": (("sentence1", "sentence2"), "accuracy"), "mrpc": (("sentence1", "sentence2"), "f1"),
         "cola": (("sentence",), "matthews")}
+
+# STS sets on the hub: (dataset, config, split, (text_a, text_b, score) columns), loaded through `datasets`.
+# GLUE's STS-B test split has no scores, so its validation split (1,500 pairs) is the one scored; SICK-R
+# is MTEB's copy of it (its test split, 9,927 pairs, relatedness 1-5).
+STS_HUB = {"glue:stsb": ("glue", "stsb", "validation", ("sentence1", "sentence2", "label")),
+           "sickr": ("mteb/sickr-sts", None, "test", ("sentence1", "sentence2", "score"))}
 
 
 # --- Next-sentence prediction -----------------------------------------------------------------------------
@@ -126,12 +133,19 @@ def _columns(rows: List[dict], cols: Sequence[str], where: str, lines: Sequence[
   return [[str(r[c]) for r in rows] for c in cols]
 
 
-def _task_rows(path: str) -> Tuple[List[dict], List[int]]:
+def _task_rows(path: str, what: str = "task file") -> Tuple[List[dict], List[int]]:
   """The rows of a .csv/.tsv (header first) or .jsonl file, and the line each is on. A UTF-8
-  byte-order mark (a spreadsheet's export) is dropped."""
+  byte-order mark (a spreadsheet's export) is dropped; a file that is not UTF-8 is a one-line error."""
+  try:
+    return _rows(path, what)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+
+
+def _rows(path: str, what: str) -> Tuple[List[dict], List[int]]:
   kind = os.path.splitext(path)[1].lower()
   if kind not in (".csv", ".tsv", ".jsonl"):
-    raise ValueError(f"task file {path}: use a .csv, .tsv (a header line first) or .jsonl file")
+    raise ValueError(f"{what} {path}: use a .csv, .tsv (a header line first) or .jsonl file")
   rows, lines = [], []
   with open(path, newline="" if kind != ".jsonl" else None, encoding="utf-8-sig") as f:
     if kind != ".jsonl":
@@ -158,10 +172,7 @@ def file_task(spec: str, seed: int = 0) -> Task:
   names = cols.split(",")
   if not path or len(names) not in (2, 3):
     raise ValueError(f"task {spec!r}: use FILE:text_col,label_col or FILE:text_a,text_b,label_col")
-  try:
-    rows, lines = _task_rows(path)
-  except UnicodeDecodeError as e:
-    raise ValueError(f"task file {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+  rows, lines = _task_rows(path)
   texts = _columns(rows, names[:-1], path, lines)
   labels_raw = _columns(rows, names[-1:], path, lines)[0]
   vocab = {l: i for i, l in enumerate(sorted(set(labels_raw)))}
@@ -188,6 +199,58 @@ def glue_task(name: str, limit: int = 20000) -> Task:
     return (list(d[cols[0]]), list(d[cols[1]]) if len(cols) == 2 else None,
             np.array(d["label"], np.int32))
   return Task(f"glue:{name}", part("train"), part(val), metric)
+
+
+# --- STS: text pairs with human similarity scores ----------------------------------------------------------
+
+def sts_file(spec: str, min_pairs: int = 10) -> Pairs:
+  """FILE.csv|.tsv|.jsonl:text_a,text_b,score: every row a pair of texts (any length, any script) with
+  its human similarity score, a number on any scale. A missing column or value, a score that is not a
+  finite number, and fewer than `min_pairs` rows or a single distinct score are one-line ValueErrors
+  naming the file (and the line)."""
+  path, _, cols = spec.rpartition(":")
+  names = cols.split(",")
+  if not path or len(names) != 3 or not all(n.strip() for n in names):
+    raise ValueError(f"--sts {spec!r}: use FILE:text_a,text_b,score (the names of its three columns)")
+  rows, lines = _task_rows(path, "STS file")
+  if not rows:
+    raise ValueError(f"STS file {path}: no pairs (an empty file, or a header line only)")
+  a, b, raw = _columns(rows, names, path, lines)
+  score_N = np.zeros(len(raw), np.float64)
+  for i, (r, line) in enumerate(zip(raw, lines)):
+    try:
+      score_N[i] = float(r)
+    except ValueError:
+      score_N[i] = float("nan")
+    if not np.isfinite(score_N[i]):
+      raise ValueError(f"{path} line {line}: the score {r!r} in {names[2]!r} is not a finite number")
+  if len(rows) < min_pairs or len(set(score_N.tolist())) < 2:
+    raise ValueError(f"STS file {path}: {len(rows)} pairs with {len(set(score_N.tolist()))} distinct "
+                     f"scores; a correlation needs at least {min_pairs} pairs and 2 scores")
+  return Pairs(os.path.basename(path), a, b, score_N)
+
+
+def sts_hub(name: str) -> Pairs:
+  """An STS set of STS_HUB from the hub, through `datasets`; unreachable is a one-line ValueError."""
+  import datasets
+  path, config, split, cols = STS_HUB[name]
+  try:
+    ds = datasets.load_dataset(path, config, split=split)
+  except Exception as e:  # the hub's errors are of many types; the user needs one line
+    raise ValueError(f"--sts {name}: `datasets` could not load {path} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); give the pairs as a local "
+                     "FILE:text_a,text_b,score instead") from None
+  a, b, score = (list(ds[c]) for c in cols)
+  return Pairs(name, [str(x) for x in a], [str(x) for x in b], np.asarray(score, np.float64))
+
+
+def load_sts(spec: str) -> Pairs:
+  """The STS set a --sts spec names: a key of STS_HUB, or a pair file (sts_file)."""
+  if spec in STS_HUB:
+    return sts_hub(spec)
+  if spec.startswith("glue:"):
+    raise ValueError(f"--sts {spec}: the STS sets on the hub are {', '.join(sorted(STS_HUB))}")
+  return sts_file(spec)
 
 
 def load_task(spec: str, seed: int = 0, docs: Optional[Sequence[str]] = None,
