@@ -2,7 +2,7 @@
 [B, H, T, T] array (scores, probabilities, dropout mask, or their gradients) ever reaches HBM.
 
 attention(q, k, v, mask, num_heads, rate=, seeds_B=) gives model.attention(q, k, v, mask, num_heads,
-dropout) with the dropout mask keep_mask(seeds_B, num_heads, T, rate): 16 bits of a counter-based hash
+dropout) with the mask dropout_hash.keep_mask(seeds_B, num_heads, T, rate): 16 bits of a counter-based hash
 of (seeds_B[b], h, t, s) (two rounds of murmur3's fmix32 on int32, one 32-bit hash for two heads), which
 the kernels compute block by block on the vector units, so the backward pass regenerates the forward's
 mask and no mask exists in HBM. The counter t·T + s is unique for T < 65536.
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from minilm_jax import kernel_blocks
+from minilm_jax import dropout_hash, kernel_blocks
 
 
 # Masked scores: a batch row without any real key attends all keys uniformly (finite, as
@@ -53,11 +53,6 @@ _LANES = kernel_blocks.LANES
 # and backward, heads of 64 with dropout: estimated, not measured on a TPU): the automatic blocks under a
 # window weigh the steps that smaller blocks add against the work they skip.
 _STEP_PAIRS = 8192
-# murmur3's fmix32 multipliers and the golden ratio, as int32 (the hash runs on int32 with wrapping
-# multiplies and logical shifts: Mosaic's vector units and XLA give the same bits).
-_as_i32 = lambda c: c - (1 << 32) if c >= 1 << 31 else c
-_FMIX1, _FMIX2, _GOLDEN = _as_i32(0x85EBCA6B), _as_i32(0xC2B2AE35), _as_i32(0x9E3779B9)
-
 
 class _Plan(NamedTuple):
   """Static shapes of one attention call (hashable: the custom VJP's non-differentiable argument)."""
@@ -152,55 +147,6 @@ _max = lambda a, b: max(a, b) if _static(a, b) else jnp.maximum(a, b)
 _min = lambda a, b: min(a, b) if _static(a, b) else jnp.minimum(a, b)
 _div = lambda a, b: a // b if _static(a) else jax.lax.div(a, jnp.int32(b))
 _select = lambda c, a, b: (a if c else b) if _static(c, a, b) else jnp.where(c, a, b)
-
-
-# ------------------------------------------------------------------------------------------ dropout
-
-
-def _threshold(rate):
-  """Dropped where 16 uniform bits < threshold: the rate exact to 1/65536, as model.dropout."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-  return round(rate * 65536)
-
-
-def _fmix32(x):
-  """murmur3's 32-bit finaliser on int32: a bijection, every output bit depends on every input bit."""
-  srl = lambda y, n: jax.lax.shift_right_logical(y, jnp.int32(n))
-  x = (x ^ srl(x, 16)) * _FMIX1
-  x = (x ^ srl(x, 13)) * _FMIX2
-  return x ^ srl(x, 16)
-
-
-def _pair_key(seed, pair):
-  """int32 key of batch row `seed` (int32: the caller's uint32 bits) and head pair `pair` (heads 2·pair
-  and 2·pair + 1 share one 32-bit hash per position: the low 16 bits go to the even head, the high 16 to
-  the odd one, which halves the hashing on the vector units)."""
-  return _fmix32(seed + _fmix32((pair + 1) * _GOLDEN))
-
-
-def _hash32(key, counter):
-  """32 hash bits per counter (int32, t·T + s). Two rounds with the key folded in before each: with one
-  round of a bijection two keys' masks would be the same bits permuted."""
-  return _fmix32(_fmix32(counter ^ key) + key)
-
-
-def _half16(x, odd):
-  """The 16 bits of a pair's hash x that belong to the even (odd = 0) or odd (odd = 1) head."""
-  return jax.lax.shift_right_logical(x, jnp.int32(16) * odd) & 0xFFFF
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def keep_mask(seeds_B, num_heads, t, rate):
-  """The kernels' dropout mask, densely in plain jnp: bool [B, H, T, T], True where kept."""
-  threshold = _threshold(rate)
-  seeds_B = jax.lax.bitcast_convert_type(jnp.asarray(seeds_B, jnp.uint32), jnp.int32)
-  heads = jnp.arange(num_heads, dtype=jnp.int32)
-  keys_BH = _pair_key(seeds_B[:, None], heads[None, :] // 2)
-  pos = jnp.arange(t, dtype=jnp.int32)
-  counter_TT = pos[:, None] * t + pos[None, :]
-  bits_BHTT = _half16(_hash32(keys_BH[:, :, None, None], counter_TT), (heads % 2)[None, :, None, None])
-  return bits_BHTT >= threshold
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -306,10 +252,11 @@ def _step_bits(seeds_ref, counter, plan, b, g):
   def bits(h):
     if plan.hc % 2 == 0:  # pairs lie within the step: static pair and half
       if h // 2 not in cache:
-        cache[h // 2] = _hash32(_pair_key(seed, g * (plan.hc // 2) + h // 2), counter)
-      return _half16(cache[h // 2], h % 2)
+        cache[h // 2] = dropout_hash.pair_bits(seed, g * (plan.hc // 2) + h // 2, counter)
+      return dropout_hash.half16(cache[h // 2], h % 2)
     head = g * plan.hc + h  # one head a step, or an odd number of heads in one step
-    return _half16(_hash32(_pair_key(seed, jax.lax.shift_right_logical(head, 1)), counter), head & 1)
+    pair = jax.lax.shift_right_logical(head, 1)
+    return dropout_hash.half16(dropout_hash.pair_bits(seed, pair, counter), head & 1)
 
   return bits
 
@@ -668,7 +615,7 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, window: Optional[int] 
   with |t − s| ≤ w (a query without a real key within reach stays finite, as a row without any real key
   does, though its values are not the reference's); the grids then visit only the block pairs within
   reach. rate: dropout on the normalised probabilities, ctx = (P ∘ M / keep) V with
-  M = keep_mask(seeds_B, num_heads, T, rate) and keep = 1 − rate (exact to 1/65536); seeds_B: uint32
+  M = dropout_hash.keep_mask(seeds_B, num_heads, T, rate), keep = 1 − rate (exact to 1/65536); seeds_B: uint32
   [B], one seed per batch row (None, or rate 0: no dropout). block_q, block_k: multiples of 128
   (default: up to 512 as VMEM allows; with a window, the size of least work and step overhead:
   _window_block); T is padded to a multiple of both with masked keys. interpret: Pallas interpret mode
@@ -686,7 +633,7 @@ def attention(q_BTD, k_BTD, v_BTD, mask_BT, num_heads, *, window: Optional[int] 
   dtype = jnp.dtype(q_BTD.dtype)
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f"attention takes bf16 or fp32 inputs, got {dtype}")
-  threshold = _threshold(rate) if seeds_B is not None else 0
+  threshold = dropout_hash.threshold(rate) if seeds_B is not None else 0
   if seeds_B is not None and jnp.shape(seeds_B) != (b,):
     raise ValueError(f"seeds_B must be [B] = {(b,)}, got {jnp.shape(seeds_B)}")
   plan = _make_plan(b, num_heads, t, d // num_heads, dtype, block_q, block_k, threshold, interpret,

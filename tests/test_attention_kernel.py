@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import attention_kernel as ak
+from minilm_jax import attention_kernel as ak, dropout_hash
 from minilm_jax import model, modernbert
 
 jax.config.update("jax_enable_x64", False)
@@ -100,7 +100,7 @@ CASES = [
 def test_values_and_gradients_match_reference(name, b, h, t, d, bq, bk, rate):
   q, k, v = _qkv(len(name), b, t, d)
   mask, seeds = _mask(b, t), _seeds(b)
-  keep = ak.keep_mask(seeds, h, t, rate) if rate else None
+  keep = dropout_hash.keep_mask(seeds, h, t, rate) if rate else None
   kernel = lambda *x: ak.attention(*x, mask, h, rate=rate, seeds_B=seeds, block_q=bq, block_k=bk,
                                    interpret=True)
   g = np.random.default_rng(1).standard_normal((b, t, d)).astype(np.float32)
@@ -152,7 +152,7 @@ def test_bf16_inputs():
   assert out.dtype == jnp.bfloat16
   g = np.ones((b, t, d), jnp.bfloat16)
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # the fp32 truth on the same bf16 numbers
-  want, want_grads = _reference_vjp(f32(q), f32(k), f32(v), mask, h, ak.keep_mask(seeds, h, t, RATE),
+  want, want_grads = _reference_vjp(f32(q), f32(k), f32(v), mask, h, dropout_hash.keep_mask(seeds, h, t, RATE),
                                     f32(g))
   # bf16 rounding of the output and of P, dS before their matmuls (model.attention's own bf16 error
   # here is 1.2e-2 without dropout, the kernel's 4e-3).
@@ -203,7 +203,7 @@ def _reached(mask, window):
 def test_window_values_and_gradients_match_reference(name, b, h, t, d, bq, bk, window, rate):
   q, k, v = _qkv(len(name), b, t, d)
   mask, seeds = _mask(b, t), _seeds(b)
-  keep = ak.keep_mask(seeds, h, t, rate) if rate else None
+  keep = dropout_hash.keep_mask(seeds, h, t, rate) if rate else None
   kernel = lambda *x: ak.attention(*x, mask, h, window=window, rate=rate, seeds_B=seeds, block_q=bq,
                                    block_k=bk, interpret=True)
   reached = _reached(mask, window)
@@ -279,39 +279,6 @@ def test_window_never_reads_blocks_out_of_reach(poisoned, inputs, q_rows, k_rows
 # ------------------------------------------------------------------------------------------ mask
 
 
-def test_mask_keeps_the_right_fraction_and_is_deterministic():
-  b, h, t = 4, 12, 256
-  seeds = _seeds(b, seed=3)
-  keep = np.asarray(ak.keep_mask(seeds, h, t, RATE))
-  assert keep.shape == (b, h, t, t) and keep.dtype == bool
-  n = keep.size
-  # Kept with probability KEEP each: the fraction lies within 6 standard deviations.
-  assert abs(keep.mean() - KEEP) < 6 * np.sqrt(KEEP * (1 - KEEP) / n)
-  # Every head and row of it too, within 6 of their (wider) deviations.
-  per_head = keep.mean((2, 3))
-  assert np.all(np.abs(per_head - KEEP) < 6 * np.sqrt(KEEP * (1 - KEEP) / (t * t)))
-  # The two heads that share a 32-bit hash, and neighbouring keys, drop independently.
-  both = (keep[:, 0::2] & keep[:, 1::2]).mean()
-  assert abs(both - KEEP**2) < 6 * np.sqrt(KEEP**2 * (1 - KEEP**2) / (n / 2))
-  neighbours = (keep[..., :-1] & keep[..., 1:]).mean()
-  assert abs(neighbours - KEEP**2) < 6 * np.sqrt(KEEP**2 * (1 - KEEP**2) / (n / 2))
-  np.testing.assert_array_equal(ak.keep_mask(seeds, h, t, RATE), keep)  # identical between calls
-  assert np.asarray(ak.keep_mask(seeds, h, t, 0.0)).all()
-  np.testing.assert_allclose(np.asarray(ak.keep_mask(seeds, h, t, 0.5)).mean(), 0.5, atol=2e-3)
-
-
-def test_different_seeds_give_different_masks():
-  h, t = 4, 64
-  seeds = np.array([0, 1, 2**31, 2**32 - 1], np.uint32)
-  keep = np.asarray(ak.keep_mask(seeds, h, t, RATE))
-  masks = keep.reshape(len(seeds) * h, -1)  # every (row, head) a mask of its own
-  differ = (masks[:, None, :] != masks[None, :, :]).mean(-1)
-  off_diagonal = differ[~np.eye(len(masks), dtype=bool)]
-  # Two independent masks differ in 2·keep·(1 − keep) of their entries (0.18).
-  assert off_diagonal.min() > 0.15 and off_diagonal.max() < 0.21
-  np.testing.assert_array_equal(ak.keep_mask(seeds[2:3], h, t, RATE), keep[2:3])  # per row, not batch
-
-
 def test_kernel_applies_keep_mask_exactly():
   # With v = identity rows, the context is (P ∘ M / keep) itself: its zeros are the mask's.
   b, h, t = 2, 1, 128
@@ -320,7 +287,7 @@ def test_kernel_applies_keep_mask_exactly():
   v = np.broadcast_to(np.eye(t, 128, dtype=np.float32), (b, t, 128))
   seeds = _seeds(b, seed=7)
   ctx = ak.attention(q, k, v, np.ones((b, t), np.int32), h, rate=RATE, seeds_B=seeds, interpret=True)
-  np.testing.assert_array_equal(np.asarray(ctx) != 0, np.asarray(ak.keep_mask(seeds, h, t, RATE))[:, 0])
+  np.testing.assert_array_equal(np.asarray(ctx) != 0, np.asarray(dropout_hash.keep_mask(seeds, h, t, RATE))[:, 0])
 
 
 # ------------------------------------------------------------------------------------------- plan

@@ -318,7 +318,7 @@ def test_fused_attention_only_for_bfloat16_on_a_gpu(monkeypatch):
 def test_tpu_attention_per_device_is_the_reference_with_the_kernels_dropout_mask(monkeypatch):
   # The trainer's TPU attention (Pallas kernel per device, here in interpret mode): the reference
   # attention whose dropout mask is the kernel's keep_mask of one seed per row drawn from the key.
-  from minilm_jax import attention_kernel, model, modernbert
+  from minilm_jax import attention_kernel, dropout_hash, model, modernbert
   monkeypatch.setattr(attention_kernel, "attention",
                       functools.partial(attention_kernel.attention, interpret=True))
   b, t, heads, d, rate = 2, 24, 4, 64, 0.2
@@ -329,7 +329,7 @@ def test_tpu_attention_per_device_is_the_reference_with_the_kernels_dropout_mask
   with jax.set_mesh(mesh):
     got = jax.jit(lambda *a: train.tpu_attention(mesh, *a, heads, rate=rate, key=key))(q, k, v, mask)
     plain = jax.jit(lambda *a: train.tpu_attention(mesh, *a, heads))(q, k, v, mask)
-  keep = attention_kernel.keep_mask(jax.random.bits(key, (b,), jnp.uint32), heads, t, rate)
+  keep = dropout_hash.keep_mask(jax.random.bits(key, (b,), jnp.uint32), heads, t, rate)
   want = model.attention(q, k, v, mask, heads, lambda p: jnp.where(keep, p / (1 - rate), 0))
   valid = np.asarray(mask)[..., None] > 0
   np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5)
