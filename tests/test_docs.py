@@ -26,7 +26,8 @@ def _make_tables():
 
 
 make_tables = _make_tables()
-PAGES = make_tables.pages()
+# experiments/README.md, the one-off studies' index, is held to the docs' checks (links, commands, paths).
+PAGES = make_tables.pages() + [os.path.join(ROOT, "experiments", "README.md")]
 FENCE = re.compile(r"^(```|~~~)")
 
 
@@ -140,6 +141,13 @@ def test_every_transcribed_table_is_used_and_labelled():
       assert f"{f[:-5]}.{key}" in used, f"{f}: table {key} is on no page"
 
 
+def test_every_experiment_is_in_its_index():
+  folder = os.path.join(ROOT, "experiments")
+  index = read(os.path.join(folder, "README.md"))
+  scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+  assert scripts and not [f for f in scripts if f"`experiments/{f}`" not in index], "experiments/README.md"
+
+
 def test_the_readme_is_a_manual():
   with open(os.path.join(ROOT, "README.md")) as f:
     n = sum(1 for _ in f)
@@ -167,7 +175,7 @@ def entry_points() -> set[tuple[str, ...]]:
     for m in re.finditer(r"(?:^|[;&|]|\bdo|\bthen)\s*(?:[A-Z_]+=\S+\s+)*(?:\S*/)?(minilm-[a-z]+)\b", block,
                          re.M):
       found.add((m.group(1),))
-    for m in re.finditer(r"\bpython3? ((?:benchmarks|docs)/[\w/.-]+\.py)\b", block):
+    for m in re.finditer(r"\bpython3? ((?:benchmarks|experiments|docs)/[\w/.-]+\.py)\b", block):
       found.add(("python", m.group(1)))
     for m in re.finditer(r"\bpython3? -m (minilm_jax\.\w+)", block):
       found.add(("python", "-m", m.group(1)))
@@ -234,7 +242,7 @@ def test_make_targets_shown_exist():
 def test_paths_the_pages_name_exist():
   # A file of this repository named in backticks (`configs/quality.py`, `benchmarks/compare.py`, ...).
   missing = set()
-  pattern = r"`((?:configs|benchmarks|launch|tests|minilm_jax|docs)/[\w./-]*[\w/])`"
+  pattern = r"`((?:configs|benchmarks|experiments|launch|tests|minilm_jax|docs)/[\w./-]*[\w/])`"
   for page in PAGES:
     for path in re.findall(pattern, read(page)):
       if "*" not in path and not os.path.exists(os.path.join(ROOT, path)):

@@ -6,7 +6,7 @@ default 2-epoch grid uses it. `--teacher-layers` adds students made of other tea
 lies; `--checkpoint DIR@STEP` adds the student of another run's checkpoint (a screen, of any depth),
 paired with the rest.
 
-  python benchmarks/nsp_models.py --workdir workdirs/quality_l3 --text /tmp/book.txt --epochs 4 \
+  python experiments/nsp_models.py --workdir workdirs/quality_l3 --text /tmp/book.txt --epochs 4 \
       --model teacher --model "student: quality_l3" --model "baseline: first teacher layers"
 
 Everything else is the evaluation's protocol (3 seeds, the dev split carved from the training pairs, the

@@ -1,6 +1,6 @@
 """The MFU ceiling of the distillation step's matmuls alone, under XLA:CPU and under PyTorch (MKL).
 
-  python benchmarks/matmul_ceiling.py [--batch 32 --seq 128 --reps 5]
+  python experiments/matmul_ceiling.py [--batch 32 --seq 128 --reps 5]
 
 Every matmul the MiniLMv2 step performs at the target shape (all-MiniLM-L6-v2 teacher 6×384 up to its last
 layer's Q/K/V; a 3×384 student forward and backward up to its last Q/K/V; the relation logits and their
@@ -9,7 +9,7 @@ its count. Nothing but matmuls: no softmax, GELU, dropout, LayerNorm or optimize
 lower bound for any step built from these kernels, so FLOPs ÷ that time ÷ the measured peak is the most
 MFU the step could reach with every other op free. Prints a table and one JSON line.
 
-  python benchmarks/matmul_ceiling.py --routes all [--rounds 3]
+  python experiments/matmul_ceiling.py --routes all [--rounds 3]
 
 times the same matmuls under each XLA:CPU route (minilm_jax.xla_flags.ROUTES: YNNPACK fusions as XLA
 makes them, each YNN fusion type taken out, XLA's own dots, oneDNN), each route in its own process
@@ -111,7 +111,8 @@ def rel_error(outputs, reference_path):
 
 def run_routes(args):
   """Each route in its own process, alternating; one table of GFLOP/s by matmul and route."""
-  import routes as R
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+  import routes as R  # benchmarks/routes.py: the runner the benchmarks use
   names = R.parse_routes(args.routes)
   tmp = tempfile.mkdtemp(prefix="matmul_routes_")
   ref = os.path.join(tmp, "default.npz")

@@ -1,7 +1,7 @@
 """The next-sentence fine-tuning probe of `minilm-eval` (its protocol: 3 seeds, lr and epoch chosen on
 dev) for one checkpoint of a run, also one still training; the recipe screens of docs/experiments.md use it.
 
-  python benchmarks/nsp_checkpoint.py --workdir workdirs/quality_l3 --step 500 [--text /tmp/book.txt]
+  python experiments/nsp_checkpoint.py --workdir workdirs/quality_l3 --step 500 [--text /tmp/book.txt]
 
 The student's config comes from the checkpoint's own record (any depth or width), its tokenizer and
 pooling from the run's teacher. About 5 minutes for a 3×384 student on this project's 2 cores. Prints

@@ -4,7 +4,7 @@ with its differences, paired over the same items, from every row of that run's t
 whether such a merge gives back the start's sentence-pair skill while keeping the distilled probes.
 
   minilm-eval --workdir workdirs/quality_l3 --out workdirs/l3_paired                  # the table first
-  python benchmarks/merge_start.py --workdir workdirs/quality_l3 --table workdirs/l3_paired --alpha 0.5
+  python experiments/merge_start.py --workdir workdirs/quality_l3 --table workdirs/l3_paired --alpha 0.5
 
 Give `--text` exactly as the table was made (the table's settings are checked). About 6 minutes per α
 for a 3×384 student on this project's 2 cores with fine-tuning. Prints one JSON line per α: the merged
