@@ -11,7 +11,8 @@ slow drift of the machine falls on every route alike. COMMAND prints a JSON obje
 `--metric` is the number compared (min-median-max over rounds), `--check` a number that must equal the
 default route's to `--rtol` (a route that is fast but wrong is reported as wrong). A run that exits
 non-zero is reported with its exit status and last line of stderr. Prints the table, then one JSON line.
-`experiments/matmul_ceiling.py --routes` and `benchmarks/step_parts.py --routes` use the same runner.
+`benchmarks/step_profile.py --parts --routes` and `experiments/matmul_ceiling.py --routes` use the same
+runner.
 """
 
 from __future__ import annotations
