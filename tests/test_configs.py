@@ -22,7 +22,7 @@ TEACHERS = {
                                 num_attention_heads=16, intermediate_size=4096,
                                 max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                                 model_type="roberta"),
-    "answerdotai/ModernBERT-base": ModernBertConfig(),  # its hub config (benchmarks/modernbert-base)
+    "answerdotai/ModernBERT-base": ModernBertConfig(),  # its hub config (minilm_jax/teacher_configs)
 }
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -60,10 +60,12 @@ def test_paper_recipes_are_all_there():
 
 
 def test_the_modernbert_base_config_reads_as_its_defaults():
-  # benchmarks/modernbert-base/config.json is answerdotai/ModernBERT-base's hub config (transformers 4
-  # keys), for the benchmark's random teacher of that shape.
+  # The package's minilm_jax/teacher_configs/answerdotai--ModernBERT-base/config.json is that model's hub
+  # config (transformers 4 keys): minilm-compile's teacher for the recipe, and the benchmark's random
+  # teacher of that shape (docs/modernbert.md).
   from minilm_jax import hf
-  assert hf.load_config(os.path.join(ROOT, "benchmarks", "modernbert-base")) == ModernBertConfig()
+  folder = os.path.join(ROOT, "minilm_jax", "teacher_configs", "answerdotai--ModernBERT-base")
+  assert hf.load_config(folder) == ModernBertConfig()
 
 
 def test_every_recipe_names_its_target_and_its_compiled_figures_are_stored():
