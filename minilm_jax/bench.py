@@ -175,10 +175,10 @@ def run(args) -> dict:
   tcfg = hf.load_config(teacher_dir)
   if args.random_teacher_layers:
     tcfg = dataclasses.replace(tcfg, max_position_embeddings=max(args.seq, tcfg.max_position_embeddings))
-    if modernbert.is_modernbert(tcfg):  # its layer pattern follows the depth
-      tcfg = dataclasses.replace(tcfg, layer_types=modernbert.every_nth_global(
-          args.random_teacher_layers, tcfg.global_every or 3))
-    tcfg = dataclasses.replace(tcfg, num_hidden_layers=args.random_teacher_layers)
+    depth = {"num_hidden_layers": args.random_teacher_layers}
+    if modernbert.is_modernbert(tcfg):  # its layer pattern follows the depth (checked with it: one replace)
+      depth["layer_types"] = modernbert.every_nth_global(args.random_teacher_layers, tcfg.global_every or 3)
+    tcfg = dataclasses.replace(tcfg, **depth)
     tparams = jax.device_get(encoder_for(tcfg).init_params(jax.random.key(1)))
   else:
     tcfg, tparams = hf.load_pretrained(teacher_dir)
