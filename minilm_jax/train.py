@@ -307,19 +307,36 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   has its own checkpoints and export, and resumes on its own). The workdir's lock (lock.py) is held
   throughout: a second run on it stops with a one-line error before writing anything."""
   check_ranges(cfg)  # before the lock makes the workdir: a bad value leaves nothing behind
-  with lock.acquire(workdir, sharding.hosts(), log) as held:
-    return _train_chain(cfg, workdir, held, progress, log)
-
-
-def _train_chain(cfg, workdir: str, held: lock.Lock, progress: Optional[bool], log) -> dict:
-  if not cfg.assistant.enabled:
-    return _train_stage(cfg, workdir, progress, log, held)
-  from minilm_jax import plots
   teacher_config = hf.load_config(hf.resolve(cfg.teacher))
+  stages = _stages(cfg, teacher_config)
+  # Each stage's values against its teacher (the assistant's is made from the teacher's config), also
+  # before the lock: a bad combination leaves nothing behind either.
+  for stage_cfg, stage_teacher in zip(stages, (teacher_config, student_config(stages[0], teacher_config))):
+    check_config(stage_cfg, stage_teacher)
+  with lock.acquire(workdir, sharding.hosts(), log) as held:
+    if len(stages) == 1:
+      return _train_stage(cfg, workdir, progress, log, held)
+    return _train_chain(stages, workdir, held, progress, log)
+
+
+def _stages(cfg, teacher_config) -> list:
+  """[cfg] or, with a teaching assistant, [assistant stage, student stage] (the student stage's teacher is
+  set once the assistant is exported)."""
+  if not cfg.assistant.enabled:
+    return [cfg]
   a_cfg = copy.deepcopy(cfg)
   a_cfg.assistant.enabled = False
   a_cfg.student.num_layers = teacher_config.num_hidden_layers
   a_cfg.steps = cfg.assistant.steps or cfg.steps
+  s_cfg = copy.deepcopy(cfg)
+  s_cfg.assistant.enabled = False
+  s_cfg.loss.teacher_layer = -1  # the assistant is distilled from its own last layer
+  return [a_cfg, s_cfg]
+
+
+def _train_chain(stages, workdir: str, held: lock.Lock, progress: Optional[bool], log) -> dict:
+  from minilm_jax import plots
+  a_cfg, s_cfg = stages
   a_dir = wd.join(workdir, wd.ASSISTANT)
   log(f"stage 1/2: teacher -> assistant ({a_cfg.student.num_layers}x{a_cfg.student.hidden_size}) "
       f"in {a_dir}")
@@ -329,10 +346,7 @@ def _train_chain(cfg, workdir: str, held: lock.Lock, progress: Optional[bool], l
   if jax.process_count() > 1:  # host 0 wrote the assistant's export; the others read it next
     from jax.experimental.multihost_utils import sync_global_devices
     sync_global_devices("minilm_jax_assistant_exported")
-  s_cfg = copy.deepcopy(cfg)
-  s_cfg.assistant.enabled = False
   s_cfg.teacher = first["student_dir"]
-  s_cfg.loss.teacher_layer = -1  # the assistant is distilled from its own last layer
   log(f"stage 2/2: assistant -> student in {workdir}")
   second = _train_stage(s_cfg, workdir, progress, log, held)
   if not second["preempted"] and jax.process_index() == 0:

@@ -244,6 +244,8 @@ def test_bad_input(tiny_teacher, tiny_corpus, tmp_path, extra, fragments):
     (["--config.optim.lr=-1"], "optim.lr -1.0 must be positive and finite"),
     (["--config.student.dropout=1.0"], "student.dropout 1.0 must be in [0, 1)"),
     (["--config.teacher="], "teacher is empty"),
+    (["--config.loss.relation_heads=5"], "loss.relation_heads 5 does not divide"),  # checked with the teacher
+    (["--config.assistant.enabled=true", "--config.student.num_heads=5"], "does not divide"),
 ])
 def test_a_value_out_of_range_leaves_no_workdir(tiny_teacher, tiny_corpus, tmp_path, extra, fragment):
   r = run(*tiny_args(tiny_teacher, tiny_corpus), *extra, "--workdir", str(tmp_path / "w"))
