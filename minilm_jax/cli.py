@@ -140,7 +140,19 @@ def main(argv=None, prog="minilm-distill", command=None):
     if "--verbose" in argv:
       raise
     _fail(prog, e)
-  (command or _distill)(rest)
+  try:
+    (command or _distill)(rest)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints instead): one line
+    if "--verbose" in argv:
+      raise
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    # A normal exit, so that multiprocessing's finalisers release what the tokenising pool held (else
+    # its resource tracker warns of leaked semaphores); forced after 10 s if a thread keeps it alive.
+    import threading
+    timer = threading.Timer(10.0, os._exit, (130,))
+    timer.daemon = True
+    timer.start()
+    sys.exit(130)
 
 
 def _compile(argv):

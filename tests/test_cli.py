@@ -182,3 +182,31 @@ def test_minilm_prepare_makes_the_shards_the_run_then_reads(tiny_teacher, tiny_c
       "minilm-prepare: error: --config and --workdir (or --config.data.cache_dir) are required (see --help)")
   r = prepare(*args, "--workdir", str(tmp_path / "bad"), f"--config.data.source={tmp_path / 'none.txt'}")
   assert r.returncode == 2 and "no such file or folder" in r.stderr and not os.path.exists(tmp_path / "bad")
+
+
+def test_ctrl_c_while_tokenising_is_one_line(tiny_teacher, tmp_path):
+  # Outside the training loop (which checkpoints on Ctrl-C instead), an interrupt ends the command with
+  # one line and exit code 130, not a traceback from the parent or its tokenising workers.
+  corpus = tmp_path / "c.txt"
+  para = " ".join(f"word{i % 97} of a sentence." for i in range(60))
+  with open(corpus, "w") as f:
+    for _ in range(40000):  # ~20 MB: tokenising takes far longer than the test waits
+      f.write(para + "\n\n")
+  code = "import sys; from minilm_jax import cli; cli.prepare_main(sys.argv)"
+  p = subprocess.Popen([sys.executable, "-c", code, "--config", DEMO, f"--config.teacher={tiny_teacher}",
+                        f"--config.data.source={corpus}", *TINY_CLI_ARGS, "--workdir", str(tmp_path / "w")],
+                       env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       start_new_session=True)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(tmp_path / "w" / "cache"):
+      assert p.poll() is None, p.stderr.read()[-2000:]
+      time.sleep(0.1)
+    time.sleep(1.0)  # the workers are tokenising
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, err = p.communicate(timeout=60)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+  assert p.returncode == 130, err[-2000:]
+  assert err.strip().splitlines()[-1] == "minilm-prepare: interrupted" and "Traceback" not in err, err[-2000:]
