@@ -1,9 +1,10 @@
-"""The student: its shape from the teacher's, its initialisation (random, or teacher layers), the teacher
-layer it learns from, and which of its parameters the objective cannot reach (frozen)."""
+"""The student: its shape from the teacher's, its initialisation (random, or teacher layers: every k-th,
+the first n, a list, or the best subset chosen before training), the teacher layer it learns from, and
+which of its parameters the objective cannot reach (frozen)."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 
@@ -27,15 +28,63 @@ def student_config(cfg, teacher):
   return teacher.resized(s.num_layers, s.hidden_size, s.num_heads, s.intermediate_size, s.dropout)
 
 
-def teacher_init_layers(init: str, teacher_layers: int, student_layers: int) -> list:
-  """Teacher layer indices a "teacher"/"teacher_first" init copies into student layers 0..n-1."""
+# student.init: "random" (the papers), "teacher" (every k-th teacher layer from the first), "teacher_first"
+# (the first n), "best" (the subset evaluation.subsets chooses on the training corpus before training),
+# or LAYERS + "I,J,...": those teacher layers, 0-based, increasing.
+STUDENT_INITS = ("random", "teacher", "teacher_first", "best")
+LAYERS = "layers:"
+
+
+def every_kth(teacher_layers: int, student_layers: int) -> Dict[int, List[int]]:
+  """{offset: layers}: every k-th teacher layer (k = L // n, 0-based) from each offset 0..k-1."""
+  k = teacher_layers // student_layers
+  return {o: [o + i * k for i in range(student_layers)] for o in range(k)}
+
+
+def check_init(init: str, student_layers: int, teacher_layers: Optional[int] = None) -> None:
+  """student.init as one-line ValueErrors: an unknown name, or a LAYERS list that is not integers, not
+  one per student layer, not increasing or (given the teacher's depth) out of its range."""
+  if init in STUDENT_INITS:
+    return
+  if not init.startswith(LAYERS):
+    raise ValueError(f"student.init {init!r}: use one of {', '.join(STUDENT_INITS)}, or {LAYERS}I,J,... "
+                     "(those teacher layers, 0-based)")
+  try:
+    layers = [int(x) for x in init[len(LAYERS):].split(",")]
+  except ValueError:
+    raise ValueError(f"student.init {init!r}: give the teacher layers as 0-based integers joined by commas, "
+                     f"e.g. {LAYERS}1,3,5") from None
+  if len(layers) != student_layers:
+    raise ValueError(f"student.init {init!r}: {len(layers)} teacher layers for a {student_layers}-layer "
+                     "student (student.num_layers): give one per student layer")
+  if any(b <= a for a, b in zip(layers, layers[1:])):
+    raise ValueError(f"student.init {init!r}: the layers must increase (each teacher layer once, in the "
+                     "teacher's order)")
+  bad = [x for x in layers if x < 0 or (teacher_layers is not None and x >= teacher_layers)]
+  if bad:
+    top = f"0..{teacher_layers - 1}" if teacher_layers is not None else "0 or more"
+    raise ValueError(f"student.init {init!r}: teacher layer {bad[0]} is out of range (0-based: {top})")
+
+
+def teacher_init_layers(init: str, teacher_layers: int, student_layers: int,
+                        chosen: Optional[Sequence[int]] = None) -> list:
+  """Teacher layer indices (0-based) a "teacher", "teacher_first", LAYERS or "best" init copies into
+  student layers 0..n-1; "best" needs `chosen`, the layers evaluation.subsets chose before training."""
   if student_layers > teacher_layers:
     raise ValueError(f"student.init={init!r} needs a student no deeper than the teacher "
                      f"({student_layers} > {teacher_layers} layers)")
+  check_init(init, student_layers, teacher_layers)
+  if init == "best":
+    if chosen is None:
+      raise ValueError("student.init 'best' is chosen on the training corpus before training "
+                       "(evaluation.subsets.choose_for_training): pass the layers it chose")
+    check_init(LAYERS + ",".join(map(str, chosen)), student_layers, teacher_layers)
+    return list(chosen)
+  if init.startswith(LAYERS):
+    return [int(x) for x in init[len(LAYERS):].split(",")]
   if init == "teacher_first":
     return list(range(student_layers))
-  k = teacher_layers // student_layers  # every k-th layer, starting from the first
-  return [i * k for i in range(student_layers)]
+  return every_kth(teacher_layers, student_layers)[0]  # every k-th layer, starting from the first
 
 
 def _subtree(tree, path):
@@ -55,11 +104,13 @@ def _slice_to(path, t, s, fused):
   return t[tuple(slice(0, n) for n in s.shape)].astype(s.dtype)
 
 
-def init_student(cfg, scfg, teacher_params: Any, teacher_layers: int, rng) -> Any:
-  """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns)."""
+def init_student(cfg, scfg, teacher_params: Any, teacher_layers: int, rng,
+                 chosen: Optional[Sequence[int]] = None) -> Any:
+  """Random init (the paper), or teacher layers sliced to the student's width (first rows/columns);
+  `chosen`: the layers of a "best" init (teacher_init_layers)."""
   if cfg.student.init == "random":
     return encoder_for(scfg).init_params(rng)
-  layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers)
+  layers = teacher_init_layers(cfg.student.init, teacher_layers, scfg.num_hidden_layers, chosen)
   return copy_teacher_layers(scfg, teacher_params, layers, rng)
 
 
@@ -74,8 +125,15 @@ def copy_teacher_layers(scfg, teacher_params: Any, layers, rng) -> Any:
   if missing:
     raise ValueError(f"the teacher has no layer {missing[0]} (0-based; it has {len(have)})")
   params = encoder_for(scfg).init_params(rng)
-  cut = lambda tree_t, tree_s: jax.tree_util.tree_map_with_path(
-      lambda path, t, s: _slice_to(path, t, s, scfg.FUSED), tree_t, tree_s)
+
+  def cut(tree_t, tree_s, path=()):
+    # The student's structure: a part the teacher layer lacks keeps its init, and a teacher part the
+    # student layer lacks is left out (ModernBERT's layer 0 has no attn_norm: a later teacher layer
+    # copied there loses its own, and teacher layer 0 copied higher up gets the init's norm).
+    if not isinstance(tree_s, dict):
+      return _slice_to(path, tree_t, tree_s, scfg.FUSED)
+    return {k: cut(tree_t[k], v, path + (k,)) if k in tree_t else v for k, v in tree_s.items()}
+
   top = scfg.LAYERS[0]
   out = cut({k: v for k, v in teacher_params.items() if k != top},
             {k: v for k, v in params.items() if k != top})

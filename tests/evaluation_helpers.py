@@ -15,7 +15,8 @@ from conftest import tiny_config
 
 # Small enough for tiny models in seconds; the protocol is the same as the default's.
 TINY = protocol.Protocol(queries=150, pairs=300, bootstrap=50, package_classes=12, package_per_class=10,
-                         seeds=2, lrs=(1e-3,), epochs=1, nsp_train=40, nsp_test=32, finetune_len=32)
+                         seeds=2, lrs=(1e-3,), epochs=1, nsp_train=40, nsp_test=32, finetune_len=32,
+                         dev_queries=60)
 held = lambda d: int(hashlib.sha1(d.encode()).hexdigest(), 16) % 5 == 0
 
 

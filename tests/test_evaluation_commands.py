@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minilm_jax import remote
-from minilm_jax.evaluation import commands, protocol, runs
+from minilm_jax.evaluation import commands, protocol, runs, subsets
 from evaluation_helpers import TINY, eval_cli, site, snapshot, train_run  # noqa: F401 (site: a fixture)
 
 
@@ -103,7 +103,8 @@ def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_p
   assert not os.path.exists(tmp_path / "out2")
 
 
-def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site):
+def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site,
+                                                             monkeypatch):
   a = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "a"))
   b = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "b"), seed=1, **{"optim.lr": 1e-3})
   with pytest.raises(ValueError, match="--out"):
@@ -115,11 +116,23 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   pairs.write_text("".join(json.dumps({"s1": " ".join(rng.choice(words, 4)), "s2": " ".join(rng.choice(words, 4)),
                                        "sim": float(i % 5)}) + "\n" for i in range(29)) +
                    json.dumps({"s1": "long " * 40, "s2": "short one", "sim": 2.5}) + "\n")
+  seen = {}   # what the best-subset chooser is given, and the test probe
+  choose, make_suite = subsets.choose, commands.make_suite
+  monkeypatch.setattr(subsets, "choose", lambda *a: seen.setdefault("dev", a[4]) and choose(*a))
+  monkeypatch.setattr(commands, "make_suite", lambda *a: seen.setdefault("suite", make_suite(*a)))
   results = commands.evaluate_run([a, b], out, protocol=TINY, finetune_too=False, package_roots=site,
                                   log=lambda m: None, sts=[f"{pairs}:s1,s2,sim"])
-  # 1 of the teacher's 2 layers: every 2nd layer is the first, one baseline (baseline_inits).
+  # 1 of the teacher's 2 layers: every 2nd layer from layer 0 is the first, from layer 1 another model;
+  # the best subset is one of the two, scored once.
   assert list(results) == ["teacher", "student: a", "student: b", "baseline: random init",
-                           "baseline: first teacher layers"]
+                           "baseline: first teacher layers", "baseline: every k-th teacher layer from layer 1",
+                           "baseline: best layer subset"]
+  best = results["baseline: best layer subset"]
+  assert best["same_as"] in ("baseline: first teacher layers", "baseline: every k-th teacher layer from layer 1")
+  assert best["teacher_layers"] == results[best["same_as"]]["teacher_layers"] in ([0], [1])
+  assert best["retrieval_mrr"] == results[best["same_as"]]["retrieval_mrr"]
+  assert "teacher_layers" not in results["student: a"]   # a random init
+  assert len(seen["dev"].query_N) == 60 and not set(seen["dev"].sentences) & set(seen["suite"].probe.sentences)
   assert results["student: a"]["heldout_relation_loss"] != results["student: b"]["heldout_relation_loss"]
   assert all("nsp" not in row for row in results.values())
   table, differences = open(os.path.join(out, "results.md")).read().split("\n\nDifferences, paired")
@@ -135,6 +148,10 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
       assert -1 <= r["value"] <= 1 and r["se"] > 0 and r["n"] == 30 and r["truncated"] == 1, (name, stat)
   assert set(saved["differences"]["student: a − teacher"]) >= {"sts:pairs.jsonl:spearman", "sts:pairs.jsonl:pearson"}
   assert "pairs.jsonl: 1 of 30 pairs (cut to 64 tokens)" in table
+  assert f"| baseline: best layer subset (teacher layers {best['teacher_layers'][0]}) |" in table
+  assert saved["best_subset"]["layers"] == best["teacher_layers"] and saved["best_subset"]["how"] == "every subset"
+  assert f"The best layer subset, teacher layers {best['teacher_layers'][0]} (the same model as" in table
+  assert "| student: a − baseline: best layer subset |" in differences
   c = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "c"), **{"student.hidden_size": 32})
   with pytest.raises(ValueError, match="another student shape.*hidden_size"):
     commands.evaluate_run([a, c], out, protocol=TINY, finetune_too=False, package_roots=site)
@@ -246,9 +263,14 @@ def test_a_modernbert_run_is_evaluated_with_its_baselines(tiny_modernbert, tiny_
   results = commands.evaluate_run(w, protocol=TINY, finetune_too=False, package_roots=site,
                                   log=lambda m: None)
   assert set(results) == {"teacher", "student: mb", "baseline: random init",
-                          "baseline: first teacher layers", "baseline: every k-th teacher layer"}
+                          "baseline: first teacher layers", "baseline: every k-th teacher layer",
+                          "baseline: every k-th teacher layer from layer 1", "baseline: best layer subset"}
   for name, row in results.items():
     assert 0 <= row["retrieval_mrr"]["value"] <= 1, name
   # The baselines are the student's architecture without distillation, so their relation loss differs.
-  losses_ = {n: r["heldout_relation_loss"]["value"] for n, r in results.items() if n != "teacher"}
-  assert len(set(losses_.values())) == 4 and all(np.isfinite(v) for v in losses_.values())
+  losses_ = {n: r["heldout_relation_loss"]["value"] for n, r in results.items()
+             if n not in ("teacher", "baseline: best layer subset")}
+  assert len(set(losses_.values())) == 5 and all(np.isfinite(v) for v in losses_.values())
+  # 2 of 4 ModernBERT layers: every one of the 6 subsets scored, the best sliced like the others.
+  best = json.load(open(os.path.join(w, "eval", "results.json")))["best_subset"]
+  assert len(best["scored"]) == 6 and results["baseline: best layer subset"]["teacher_layers"] == best["layers"]

@@ -9,13 +9,16 @@ from minilm_jax.evaluation import runs
 from evaluation_helpers import train_run
 
 
-def test_every_kth_layer_is_a_baseline_only_where_it_is_not_the_first_n_layers():
-  three = ["random", "teacher_first", "teacher"]
-  assert runs.baseline_inits(6, 3) == three           # layers 0, 2, 4 against 0, 1, 2
-  assert runs.baseline_inits(24, 6) == three
-  assert runs.baseline_inits(6, 4) == three[:2]       # k = 1: every layer from the first is the first 4
-  assert runs.baseline_inits(12, 8) == three[:2]
-  assert runs.baseline_inits(2, 1) == three[:2]       # k = 2, but one layer: layer 0 either way
+def test_every_kth_layer_from_each_offset_is_a_baseline_where_it_is_not_the_first_n_layers():
+  every = "baseline: every k-th teacher layer"
+  fixed = {"baseline: random init": None, "baseline: first teacher layers": [0, 1, 2]}
+  assert runs.baseline_layers(6, 3) == {**fixed, every: [0, 2, 4], f"{every} from layer 1": [1, 3, 5]}
+  assert list(runs.baseline_layers(24, 6))[2:] == [every] + [f"{every} from layer {o}" for o in (1, 2, 3)]
+  assert runs.baseline_layers(24, 6)[f"{every} from layer 3"] == [3, 7, 11, 15, 19, 23]
+  assert list(runs.baseline_layers(6, 4)) == list(fixed)   # k = 1: every layer from the first is the first 4
+  assert list(runs.baseline_layers(12, 8)) == list(fixed)
+  assert runs.baseline_layers(2, 1) == {**fixed, "baseline: first teacher layers": [0], f"{every} from layer 1": [1]}
+  assert runs.baseline_inits(6, 3) == ["random", "teacher_first", "teacher"]   # scripts' older name
 
 
 def test_checkpoint_student_reads_any_kept_step_with_the_run_s_own_shape(tiny_teacher, tiny_corpus, tmp_path):

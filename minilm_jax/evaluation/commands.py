@@ -14,7 +14,7 @@ import numpy as np
 
 from minilm_jax import checkpoint, hf, objective
 from minilm_jax import workdir as wd
-from minilm_jax.evaluation import report, runs
+from minilm_jax.evaluation import report, runs, subsets
 from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL, Protocol, made_with, settings_of
 from minilm_jax.evaluation.suite import encode_speed, make_suite, quality
 
@@ -42,12 +42,19 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   t0 = time.time()
   s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field,
                  sts, log)
+  made_of, best, same_as = _best_subset(workdirs, models, s, baselines, cfg.seed, log)
   results = {}
   for name, (mcfg, params) in models.items():
     t = time.time()
+    if name == runs.BEST and same_as:  # the same params as that baseline: the same scores, scored once
+      results[name] = {**results[same_as], "teacher_layers": made_of[name], "same_as": same_as,
+                       "eval_seconds": 0.0}
+      continue
     row = {"layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
            "params_M": sum(np.size(x) for x in jax.tree.leaves(params)) / 1e6,
            "encode_tokens_per_s": encode_speed(mcfg, params)}
+    if made_of.get(name) is not None:
+      row["teacher_layers"] = made_of[name]
     row.update(quality(s, (mcfg, params), name == "teacher", finetune_too, log))
     row["eval_seconds"] = time.time() - t
     log(f"{name}: " + ", ".join(f"{k} {report.fmt(v)}" for k, v in row.items() if isinstance(v, dict)) +
@@ -59,11 +66,33 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
   hf.write_json(os.path.join(out, "results.json"), {
       "workdirs": workdirs, "teacher": teacher_dir, "pooling": list(s.pooling), "settings": settings,
       "package_labels": s.package.labels, "seconds": time.time() - t0, "results": results,
-      "differences": diffs})
+      "differences": diffs, "best_subset": best and {**best, "same_as": same_as}})
   metrics = report.metrics_of(results)
-  report.write_table(results, metrics, protocol.seeds, os.path.join(out, "results.md"), diffs)
+  note = report.best_subset_note(best, same_as) if best else \
+      (f"No best layer subset: {s.dev_note}." if baselines and s.dev_note else "")
+  report.write_table(results, metrics, protocol.seeds, os.path.join(out, "results.md"), diffs, note)
   report.plot_results(results, metrics, os.path.join(out, "results.png"))
   return results
+
+
+def _best_subset(workdirs, models: dict, s, baselines: bool, seed: int, log):
+  """({model: the teacher layers it is made of, or None}, the best subset's record or None, the name of
+  the baseline it equals or ""). With baselines, the best layer subset is chosen on the suite's dev
+  split (subsets.choose) and added to `models` as runs.BEST."""
+  teacher_of_students = models.get("assistant", models["teacher"])[0].num_hidden_layers
+  names = runs.student_names(workdirs)
+  made_of = {name: runs.init_layers(w, teacher_of_students) for name, w in zip(names, workdirs)}
+  if not baselines:
+    return made_of, None, ""
+  scfg = models[names[0]][0]
+  made_of.update(runs.baseline_layers(models["teacher"][0].num_hidden_layers, scfg.num_hidden_layers))
+  if s.dev is None:
+    log(f"no best layer subset: {s.dev_note}")
+    return made_of, None, ""
+  best, params = subsets.choose(models["teacher"], scfg, s.tok, s.pooling, s.dev, s.protocol, seed, log)
+  same_as = subsets.best_of(models, made_of, best["layers"])
+  models[runs.BEST], made_of[runs.BEST] = (scfg, params), best["layers"]
+  return made_of, best, same_as
 
 
 def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Collection, Dict, List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +64,18 @@ class ProbeText:
   pairs_P2: np.ndarray     # agreement pairs (sentence indices)
 
 
-def probe_text(docs: Sequence[str], queries: int, pairs: int, seed: int) -> ProbeText:
+def probe_text(docs: Sequence[str], queries: int, pairs: int, seed: int,
+               exclude: Collection[str] = frozenset(), what: str = "the probes") -> ProbeText:
   """Up to `queries` pairs of consecutive sentences of `docs` (seeded) as retrieval queries and their
   successors, and `pairs` agreement pairs (half of them adjacent, the rest random, none a sentence with
-  itself). Fewer than 20 consecutive pairs in the text is a ValueError."""
+  itself). A pair with a sentence in `exclude` (another probe's: a dev split's, kept apart from the
+  test's) is never taken. Fewer than 20 consecutive pairs to take from is a ValueError."""
   rng = np.random.default_rng(seed)
-  succ = [(a, b) for d in docs for a, b in zip(corpus.sentences(d), corpus.sentences(d)[1:])]
+  succ = [(a, b) for d in docs for a, b in zip(corpus.sentences(d), corpus.sentences(d)[1:])
+          if a not in exclude and b not in exclude]
   if len(succ) < 20:
-    raise ValueError(f"the held-out text has {len(succ)} pairs of consecutive sentences; the probes "
+    other = " outside the test probe's" if exclude else ""
+    raise ValueError(f"the held-out text has {len(succ)} pairs of consecutive sentences{other}; {what} "
                      "need at least 20")
   chosen = [succ[i] for i in rng.choice(len(succ), min(queries, len(succ)), replace=False)]
   index = {s: i for i, s in enumerate(dict.fromkeys(s for p in chosen for s in p))}

@@ -27,6 +27,12 @@ class Protocol:
   finetune_len: int = 64
   batch: int = 32
   seed: int = 0                  # probe sampling
+  # The best layer subset (subsets.py), chosen on a dev split of the text that shares no sentence with
+  # the test probe: `dev_queries` retrieval queries and twice as many agreement pairs.
+  dev_queries: int = 300
+  subsets_exhaustive: int = 100  # score every subset of the teacher's layers where there are this many or fewer,
+  subset_beam: int = 4           # else a beam search of this width
+  subset_budget: int = 100       # that scores at most this many subsets
 
 
 # Cost on this project's 2 CPU cores, alone: 38 minutes for the quality table (a 6x384 teacher, one 3x384

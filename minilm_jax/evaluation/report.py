@@ -99,16 +99,43 @@ def last_epoch_everywhere(results: dict) -> List[str]:
           all(s["epoch"] == max(g["epoch"] for g in s["dev_grid"]) for s in v["seeds"])]
 
 
+def made_of(name: str, row: dict) -> str:
+  """The table's model cell: the name, and the teacher layers (0-based) a baseline is made of or a
+  student started from, where the row has them."""
+  layers = row.get("teacher_layers")
+  if layers is None:
+    return name
+  said = ", ".join(map(str, layers))
+  return f"{name} (from teacher layers {said})" if name.startswith("student") else f"{name} (teacher layers {said})"
+
+
+def best_subset_note(best: dict, same_as: str) -> str:
+  """What results.md says under the table of the best layer subset: its layers, how and on what it was
+  chosen, and the baseline it is, if any."""
+  scored = {tuple(x["layers"]): x for x in best["scored"]}
+  top = scored[tuple(best["layers"])]
+  dev = best["dev"]
+  return (f"The best layer subset, teacher layers {', '.join(map(str, best['layers']))}"
+          f"{f' (the same model as {same_as})' if same_as else ''}, was chosen by {best['score']} "
+          f"({top['retrieval']:.3f} + {top['agreement']:.3f}) among {len(scored)} of the "
+          f"{best['subsets']} subsets ({best['how']}), on a dev split of {dev['queries']} retrieval "
+          f"queries and {dev['pairs']} agreement pairs that shares no sentence with the test probe; "
+          f"{best['seconds']:.0f} s.")
+
+
 def write_table(results: dict, metrics: Sequence[str], seeds: int, md: str,
-                differences: Optional[Dict[str, Dict[str, dict]]] = None) -> None:
-  """results.md: one row per model (its size, then each metric ± its error), a note where fine-tuning
-  stopped at its last epoch, and the paired differences."""
+                differences: Optional[Dict[str, Dict[str, dict]]] = None, note: str = "") -> None:
+  """results.md: one row per model (its size, then each metric ± its error), `note` (the best layer
+  subset's), a note where fine-tuning stopped at its last epoch or STS texts were cut, and the paired
+  differences."""
   head = [label(m) + (f" (± sd, {seeds} seeds)" if is_finetune(m) else " (± SE)") for m in metrics]
   lines = ["| model | size | " + " | ".join(head) + " |", "| --- " * (len(metrics) + 2) + "|"]
   for name, row in results.items():
     cells = [fmt(row[m]) if m in row else "" for m in metrics]
     size = f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params"
-    lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
+    lines.append(f"| {made_of(name, row)} | {size} | " + " | ".join(cells) + " |")
+  if note:
+    lines += ["", note]
   cut = sts_truncation(results)
   if cut:
     lines += ["", "STS pairs with a text longer than the model embeds whole, embedded from its first tokens: "

@@ -1,11 +1,12 @@
 """minilm-distill runs, read-only: their checkpoints and records, the teacher a run was distilled from,
 and the models a table compares (the teacher, the assistant of a chain, each run's student and the
-undistilled baselines of its shape). Nothing here writes to a run."""
+undistilled baselines of its shape: random init, the first n teacher layers, every k-th from each
+offset; the best layer subset is chosen on the text, in subsets.py). Nothing here writes to a run."""
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +15,12 @@ import ml_collections
 from minilm_jax import checkpoint, hf, objective
 from minilm_jax import workdir as wd
 from minilm_jax.config import teacher_differs, teacher_identity
-from minilm_jax.families import config_from_dict
-from minilm_jax.student import init_student, teacher_init_layers
+from minilm_jax.families import config_from_dict, encoder_for
+from minilm_jax.student import copy_teacher_layers, every_kth, teacher_init_layers
 
 BASELINE_NAMES = {"random": "baseline: random init", "teacher_first": "baseline: first teacher layers",
                   "teacher": "baseline: every k-th teacher layer"}
+BEST = "baseline: best layer subset"   # chosen on the text's dev split (subsets.py)
 
 
 def open_checkpoints(workdir: str):
@@ -92,12 +94,43 @@ def student_name(workdir: str) -> str:
   return f"student: {os.path.basename(os.path.normpath(workdir))}"
 
 
+def student_names(workdirs: Sequence[str]) -> List[str]:
+  """The table's names of the runs' students: student_name, or "student: " and the whole workdir where
+  two runs' folders share a name."""
+  names = [student_name(w) for w in workdirs]
+  return names if len(set(names)) == len(names) else [f"student: {w}" for w in workdirs]
+
+
 def baseline_inits(teacher_layers: int, student_layers: int) -> List[str]:
-  """The student inits that make the undistilled baselines. Every k-th layer is left out where it is the
-  first n layers (k = 1: 6 → 4 layers, 12 → 8): the same model, scored once."""
+  """The student inits of the baselines before every offset was one (scripts written against
+  minilm_jax.evaluate import it; minilm-eval builds baseline_layers). Every k-th layer is left out where
+  it is the first n layers (k = 1: 6 → 4 layers, 12 → 8): the same model, scored once."""
   same = teacher_init_layers("teacher", teacher_layers, student_layers) == \
       teacher_init_layers("teacher_first", teacher_layers, student_layers)
   return ["random", "teacher_first"] + ([] if same else ["teacher"])
+
+
+def baseline_layers(teacher_layers: int, student_layers: int) -> Dict[str, Optional[List[int]]]:
+  """The fixed undistilled baselines of a student's depth by name, each with the teacher layers it is
+  made of (0-based; None: random init): the first n, and every k-th from each of the k offsets (from
+  layer 0: "every k-th teacher layer", the paper's start; from layer o: "... from layer o"), each one
+  once: where k = 1 every k-th is the first n."""
+  out = {BASELINE_NAMES["random"]: None, BASELINE_NAMES["teacher_first"]: list(range(student_layers))}
+  for offset, layers in every_kth(teacher_layers, student_layers).items():
+    if layers not in out.values():
+      out[BASELINE_NAMES["teacher"] + (f" from layer {offset}" if offset else "")] = layers
+  return out
+
+
+def init_layers(workdir: str, teacher_layers: int) -> Optional[List[int]]:
+  """The teacher layers (0-based) a run's student started from, or None: a random init, or a "best" init
+  whose choice the run did not record (its checkpoint's student_init_layers)."""
+  cfg, meta, _, _ = read_run(workdir)
+  if cfg.student.init == "random":
+    return None
+  if cfg.student.init == "best":
+    return meta.get("student_init_layers")
+  return teacher_init_layers(cfg.student.init, teacher_layers, cfg.student.num_layers)
 
 
 def models_of_runs(workdirs: Sequence[str], baselines: bool = True, teacher: Optional[str] = None):
@@ -128,19 +161,15 @@ def models_of_runs(workdirs: Sequence[str], baselines: bool = True, teacher: Opt
   else:
     teacher_dir = run_teacher_dir(meta, workdirs[0], teacher)
     models["teacher"] = hf.load_pretrained(teacher_dir)
-  names = [student_name(w) for w in workdirs]
-  if len(set(names)) < len(names):
-    names = [f"student: {w}" for w in workdirs]
-  for name, w in zip(names, workdirs):
+  for name, w in zip(student_names(workdirs), workdirs):
     encoder, sparams = hf.load_student(wd.local_student(w))
     models[name] = (encoder.config, objective.student_params(sparams))
   if baselines:
     tcfg, tparams = models["teacher"]
-    for init in baseline_inits(tcfg.num_hidden_layers, cfg.student.num_layers):
-      c = ml_collections.ConfigDict(cfg.to_dict())
-      c.student.init = init
-      name = BASELINE_NAMES[init]
-      p = init_student(c, encoder.config, jax.tree.map(jnp.asarray, tparams), tcfg.num_hidden_layers,
-                       jax.random.key(cfg.seed))
-      models[name] = (encoder.config, jax.device_get(p))
+    scfg, key = encoder.config, jax.random.key(cfg.seed)
+    tparams = jax.tree.map(jnp.asarray, tparams)
+    for name, layers in baseline_layers(tcfg.num_hidden_layers, cfg.student.num_layers).items():
+      p = encoder_for(scfg).init_params(key) if layers is None else \
+          copy_teacher_layers(scfg, tparams, layers, key)
+      models[name] = (scfg, jax.device_get(p))
   return cfg, models, teacher_dir

@@ -38,6 +38,8 @@ class Suite:
   sts: Dict[str, Pairs] = dataclasses.field(default_factory=dict)   # by name
   sts_len: int = 0                     # max tokens of an STS text; longer ones are cut
   sts_truncated: Dict[str, int] = dataclasses.field(default_factory=dict)   # pairs cut, by name
+  dev: Optional[probes.ProbeText] = None   # the best-subset chooser's dev split (no test sentence)
+  dev_note: str = ""                       # why there is none
 
 
 def sts_max_len(teacher_dir: str, tcfg: BertConfig) -> int:
@@ -79,6 +81,11 @@ def make_suite(cfg, tok, teacher, teacher_dir, protocol: Protocol, text=None, ta
   s = Suite(cfg, tok, hf.sentence_pooling(teacher_dir) or ("mean", False), teacher, probe,
             data.tokenize_and_pack(docs[:2000], tok, cfg.data.max_len), pkg, loaded, p, sts=sts_sets,
             sts_len=sts_max_len(teacher_dir, teacher[0]))
+  try:  # the text's sentences that the test probe does not use
+    s.dev = probes.probe_text(docs, p.dev_queries, 2 * p.dev_queries, p.seed + 1, set(probe.sentences),
+                              "the best-subset chooser's dev split")
+  except ValueError as e:
+    s.dev_note = str(e)
   for name, x in sts_sets.items():
     s.sts_truncated[name] = probes.truncated_pairs(tok, x.a, x.b, s.sts_len)
     log(f"STS {name}: {len(x.a)} pairs, {s.sts_truncated[name]} with a text longer than {s.sts_len} "
