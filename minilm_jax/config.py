@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from minilm_jax import hf, objective
 from minilm_jax.model import BertConfig
-
-STUDENT_INITS = ("random", "teacher", "teacher_first")
+from minilm_jax.student import STUDENT_INITS, check_init  # noqa: F401 (STUDENT_INITS: its old home)
 
 
 def default_config():
@@ -21,7 +20,10 @@ def default_config():
   c = ml_collections.ConfigDict()
   c.teacher = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder or hub id (this one ships offline)
   c.student = dict(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536,
-                   init="random",   # "random" (the papers) | "teacher" (every k-th layer) | "teacher_first"
+                   # "random" (the papers) | "teacher" (every k-th layer) | "teacher_first" | "best" (the
+                   # subset of teacher layers that scores best on the training corpus, chosen before
+                   # training) | "layers:1,3,5" (those teacher layers, 0-based, increasing)
+                   init="random",
                    dropout=0.1)
   c.loss = dict(version="v2",       # "v1": attention + value relation | "v2": Q-Q + K-K + V-V
                 relation_heads=12,  # v1: the native head count; v2: A_r (48 base, 64 large in the paper)
@@ -115,14 +117,14 @@ def check_ranges(cfg) -> None:
                      "or () for all 1")
   if cfg.loss.reduction not in ("example", "token"):
     raise ValueError(f"loss.reduction {cfg.loss.reduction!r}: use 'example' or 'token'")
+  check_init(cfg.student.init, cfg.student.num_layers)
 
 
 def check_config(cfg, tcfg: BertConfig) -> None:
   """Bad values and bad combinations as one-line ValueErrors, before any compile."""
   check_ranges(cfg)
   s, l = cfg.student, cfg.loss
-  if s.init not in STUDENT_INITS:
-    raise ValueError(f"student.init {s.init!r}: use one of {', '.join(STUDENT_INITS)}")
+  check_init(s.init, s.num_layers, tcfg.num_hidden_layers)
   if s.hidden_size % s.num_heads:
     raise ValueError(f"student.num_heads {s.num_heads} does not divide student.hidden_size {s.hidden_size}")
   objective.check_terms(cfg)

@@ -48,3 +48,33 @@ def test_every_ranged_key_is_tested_and_exists():
 def test_loss_weights_and_reduction(key, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config.check_ranges(with_value(key, value))
+
+
+@pytest.mark.parametrize("init, message", [
+    ("layers:1,3", "student.init 'layers:1,3': 2 teacher layers for a 3-layer student"),
+    ("layers:3,1,5", "student.init 'layers:3,1,5': the layers must increase"),
+    ("magic", "student.init 'magic': use one of random, teacher, teacher_first, best, or layers:I,J,..."),
+])
+def test_student_init_is_checked_before_the_teacher_loads(init, message):
+  with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(".", "[.]")):
+    config.check_ranges(with_value("student.init", init))
+  for good in ("layers:1,3,5", "best", "teacher_first"):
+    config.check_ranges(with_value("student.init", good))
+
+
+def test_a_list_of_teacher_layers_on_the_command_line(tmp_path):
+  """--config.student.init=layers:I,J,K is a string to ml_collections (a tuple would need another type);
+  a bad list is one line, before anything is written."""
+  import subprocess
+  import sys
+  run = lambda init: subprocess.run(
+      [sys.executable, "-c", "from minilm_jax.cli import main; main()", "--config", "configs/demo.py",
+       f"--config.student.init={init}", "--config.teacher=/nonexistent", "--workdir", str(tmp_path / "w")],
+      capture_output=True, text=True, timeout=120)
+  r = run("layers:4,2,0")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "minilm-distill: error: student.init 'layers:4,2,0': the layers must increase (each teacher layer once, "
+      "in the teacher's order)")
+  assert not (tmp_path / "w").exists()
+  r = run("layers:1,3,5")   # parsed and accepted: the next error is the teacher's
+  assert r.returncode == 2 and "student.init" not in r.stderr and "/nonexistent" in r.stderr
