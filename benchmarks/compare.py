@@ -1,12 +1,14 @@
 """Our jitted step against the PyTorch peers (eager, and torch.compile), side by side in one run.
 
-  python benchmarks/compare.py [--rounds 2] [--steps 10] [-- extra args for both]
+  python benchmarks/compare.py [--rounds 2] [--steps 10] [--out FILE.jsonl] [-- extra args for both]
 
 Defaults: the packaged all-MiniLM-L6-v2 teacher (6×384) → 3×384 student (12 heads, FFN 1536), batch 32,
 seq 128, MiniLMv2 with 12 relation heads, a quarter of the rows half padded, fp32. The three run
 alternately in separate processes (so none inherits another's thread pools), `--rounds` times, and
 the best of each is compared: this machine's speed drifts by tens of percent between minutes.
-`--no-compile` leaves the torch.compile peer out.
+`--no-compile` leaves the torch.compile peer out. `--out` writes every round's JSON line and the summary
+(with the date, the commit and the command) to a file: docs/results/compare.jsonl holds the one that
+docs/make_tables.py turns into the peers table.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,6 +33,7 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--no-compile", action="store_true")
+  p.add_argument("--out", help="write every round and the summary here (JSON lines)")
   args, extra = p.parse_known_args()
   extra = [a for a in extra if a != "--"]
   if not args.teacher:
@@ -39,14 +43,19 @@ def main():
            "--student-heads", "12", "--student-intermediate", "1536", "--batch", "32", "--seq", "128",
            "--relation-heads", "12", "--steps", str(args.steps), "--padded-fraction", "0.25", *extra]
   peers = {"torch_eager": []} if args.no_compile else {"torch_eager": [], "torch_compile": []}
-  ours = []
-  for _ in range(args.rounds):
+  ours, lines = [], []
+
+  def record(impl, r, round_):
+    lines.append({"impl": impl, "round": round_, **r})
+    print(json.dumps(r), flush=True)
+
+  for i in range(args.rounds):
     ours.append(run([sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]))
-    print(json.dumps(ours[-1]), flush=True)
+    record("minilm_jax", ours[-1], i)
     for name, runs in peers.items():
       flag = ["--compile"] if name == "torch_compile" else []
       runs.append(run([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape, *flag]))
-      print(json.dumps(runs[-1]), flush=True)
+      record(name, runs[-1], i)
   best_ours = max(ours, key=lambda r: r["tokens_per_s"])
   peak = max(r["peak_flops_per_s"] for r in ours)
   mfu = lambda r: r["model_flops_per_step"] * r["tokens_per_s"] / (32 * 128) / peak
@@ -57,6 +66,14 @@ def main():
     summary.update({f"{name}_tokens_per_s": best["tokens_per_s"], f"{name}_mfu": mfu(best),
                     f"speedup_over_{name}": best_ours["tokens_per_s"] / best["tokens_per_s"]})
   print(json.dumps(summary))
+  if args.out:
+    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    summary = {"impl": "summary", "date": time.strftime("%Y-%m-%d"), "commit": commit,
+               "command": " ".join(["python benchmarks/compare.py", *sys.argv[1:]]), **summary}
+    with open(args.out + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in lines + [summary])
+    os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,9 @@ BERT_BASE = [
 BERT_BASE_RESULTS = os.path.join(ROOT, "docs", "results", "compile_bert_base.jsonl")
 
 
-def compile_one(name: str, target=None, overrides=(), key="config") -> dict:
+def compile_one(name: str, target=None, overrides=(), label=None) -> dict:
   """minilm-compile's report of configs/NAME.py for `target` (default: its docstring's), with the
-  commit and the command."""
+  commit and the command; `label`: a name for the run (then stored as "run")."""
   path = os.path.join(ROOT, "configs", f"{name}.py")
   exe = os.path.join(os.path.dirname(sys.executable), "minilm-compile")
   argv = ["--config", path, "--target", target or recipe_target(path), *overrides]
@@ -67,7 +67,8 @@ def compile_one(name: str, target=None, overrides=(), key="config") -> dict:
   commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
   command = " ".join(["minilm-compile", "--config", f"configs/{name}.py", *argv[2:]])
-  return {key: name, "commit": commit, "command": command, **json.loads(lines[-1])}
+  return {**({"run": label} if label else {}), "config": name, "commit": commit, "command": command,
+          **json.loads(lines[-1])}
 
 
 def load(path=RESULTS, key="config") -> dict:
@@ -106,7 +107,7 @@ def main():
     runs = load(BERT_BASE_RESULTS, "run")
     for run, target, overrides in BERT_BASE:
       print(f"compiling {run} ...", file=sys.stderr, flush=True)
-      runs[run] = compile_one(BERT_BASE_CONFIG, target, overrides, key="run")
+      runs[run] = compile_one(BERT_BASE_CONFIG, target, overrides, label=run)
       save(runs, BERT_BASE_RESULTS)
     write_page()
     return

@@ -101,6 +101,67 @@ def compile_recipes(page: str) -> str:
           f"`python benchmarks/compile_recipes.py` wrote at commit {', '.join(commits)}.</sub>")
 
 
+# ---- the BERT-base step on its targets: docs/results/compile_bert_base.jsonl (compile_recipes.py --bert-base)
+
+COMPILE_BERT_BASE = os.path.join(RESULTS, "compile_bert_base.jsonl")
+
+
+def _bert_base_runs() -> list[dict]:
+  return load_jsonl(COMPILE_BERT_BASE)
+
+
+def _compile_caption(page: str, runs: list[dict]) -> str:
+  commits = sorted({r["commit"] for r in runs})
+  return (f"<sub>Made from {_link(page, COMPILE_BERT_BASE)}, the `minilm-compile` reports that "
+          f"`python benchmarks/compile_recipes.py --bert-base` wrote at commit {', '.join(commits)}; each "
+          f"row's command is in its `command` field.</sub>")
+
+
+def compile_bert_base(page: str) -> str:
+  runs = _bert_base_runs()
+  rows = [[r["run"], f"{1e3 * r['step_seconds_estimate']:.1f} ms", f"{r['tokens_per_s_estimate']:,.0f}",
+           f"{r['mfu_estimate']:.2f}", f"{r['memory_per_device_bytes'] / 2**30:.2f} of "
+           f"{r['hbm_bytes'] / 2**30:.0f} GiB", f"{r['hbm_bytes_accessed_per_device'] / 1e9:.1f} GB",
+           ", ".join(f"{k} ×{v['count']}" for k, v in sorted(r["collectives"].items()))] for r in runs]
+  return (markdown_table(["target, T", "compiler's step", "tokens/s", "MFU", "memory per chip",
+                          "HBM bytes per chip", "collectives"], rows) + "\n\n" + _compile_caption(page, runs))
+
+
+def compile_bert_base_traffic(page: str) -> str:
+  """The six largest entries of hlo.top_traffic for v4-32 at T = 128 and 512, side by side."""
+  runs = {r["run"]: r for r in _bert_base_runs()}
+  a, b = runs["v4-32, T=128"]["top_traffic"][:6], runs["v4-32, T=512"]["top_traffic"][:6]
+  cell = lambda e: [f"`{e[0]}`", f"{e[1] / 1e9:.2f}"]
+  rows = [cell(x) + cell(y) for x, y in zip(a, b)]
+  return (markdown_table(["v4-32, T=128: program source", "GB", "v4-32, T=512: program source", "GB"], rows)
+          + "\n\n" + _compile_caption(page, list(runs.values())))
+
+
+# ---- the step against its PyTorch peers on this CPU: docs/results/compare.jsonl (benchmarks/compare.py --out)
+
+COMPARE = os.path.join(RESULTS, "compare.jsonl")
+PEER_NAMES = {"minilm_jax": "minilm_jax", "torch_eager": "PyTorch eager peer",
+              "torch_compile": "PyTorch peer under `torch.compile`"}
+
+
+def compare_peers(page: str) -> str:
+  lines = load_jsonl(COMPARE)
+  summary = next(r for r in lines if r["impl"] == "summary")
+  rows = []
+  for impl, name in PEER_NAMES.items():
+    tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
+    if not tokens:
+      continue
+    mfu = summary.get("minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu")
+    ratio = "" if impl == "minilm_jax" else f"{summary[f'speedup_over_{impl}']:.2f}×"
+    rows.append([name, f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}", ratio])
+  return (markdown_table(["impl", "tokens/s (min-max of the rounds)", "MFU (best round)",
+                          "minilm_jax's best round over this one's"], rows) + "\n\n"
+          f"<sub>Made from {_link(page, COMPARE)}, which `{summary['command']}` wrote on {summary['date']} "
+          f"at commit {summary['commit']} (MFU against the peak measured in the same run, "
+          f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).</sub>")
+
+
 # ---- minilm-eval: results.json as minilm-eval's own results.md lays it out --------------------------------
 
 # minilm_jax.evaluation.report's labels and number format, repeated so that this script needs no JAX.
@@ -257,6 +318,9 @@ def readme_performance(page: str) -> str:
 
 
 RENDERERS = {
+    "compare_peers": compare_peers,
+    "compile_bert_base": compile_bert_base,
+    "compile_bert_base_traffic": compile_bert_base_traffic,
     "compile_recipes": compile_recipes,
     "demo": demo,
     "demo_differences": demo_differences,
