@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import attention_kernel as ak, dropout_hash
+from minilm_jax import attention_kernel as ak, attention_plan, dropout_hash
 from minilm_jax import model, modernbert
 
 jax.config.update("jax_enable_x64", False)
@@ -294,19 +294,19 @@ def test_kernel_applies_keep_mask_exactly():
 
 
 def test_plan_blocks_and_widths():
-  plan = lambda t, dtype="bfloat16", d=32: ak._make_plan(64, 12, t, d, dtype, None, None, 0, False)
+  plan = lambda t, dtype="bfloat16", d=32: attention_plan.make_plan(64, 12, t, d, dtype, None, None, 0, False)
   assert [(plan(t).bq, plan(t).tp) for t in (7, 128, 200, 512, 640, 2048, 8192)] == [
       (128, 128), (128, 128), (256, 256), (512, 512), (128, 640), (512, 2048), (256, 8192)]
   # fp32 temporaries are twice as large: 256-blocks at T = 512 in v4's 16 MiB.
   assert plan(512, "float32").bq == 256
   assert (plan(512).hc, plan(512).width, plan(512, d=64).hc, plan(512, d=128).hc) == (4, 128, 2, 1)
   assert (plan(512, d=48).dw, plan(512, d=48).hc) == (64, 2)
-  uneven = ak._make_plan(2, 8, 130, 32, "float32", 256, 128, 6554, True)
+  uneven = attention_plan.make_plan(2, 8, 130, 32, "float32", 256, 128, 6554, True)
   assert (uneven.tp, uneven.nq, uneven.nk) == (256, 1, 2)
 
 
 def test_window_plan_bands_and_blocks():
-  plan = lambda t, window, bq=None, bk=None: ak._make_plan(8, 12, t, 64, "bfloat16", bq, bk, 0, False,
+  plan = lambda t, window, bq=None, bk=None: attention_plan.make_plan(8, 12, t, 64, "bfloat16", bq, bk, 0, False,
                                                            window)
   # Automatic blocks: 128 at T = 512, w = 64 (10 of 16 block pairs, bands of 3); the full 512 where
   # 128-blocks would skip little (w = 256: 14 of 16 pairs in 16 steps instead of one).
@@ -316,7 +316,7 @@ def test_window_plan_bands_and_blocks():
   assert plan(8192, 64).bq == 128 and plan(8192, 512).bq == 256
   # A window over all of T is no window; without one, the plan is the full attention's.
   assert plan(200, 199).window is None and plan(200, 198).window == 198
-  assert plan(512, None) == ak._make_plan(8, 12, 512, 64, "bfloat16", None, None, 0, False)
+  assert plan(512, None) == attention_plan.make_plan(8, 12, 512, 64, "bfloat16", None, None, 0, False)
   assert (plan(512, None).kband, plan(512, None).visits) == (1, 1)
   # Uneven blocks: query blocks of 256 reach 3 key blocks of 128, key blocks 2 query blocks.
   p = plan(300, 8, 256, 128)
@@ -331,13 +331,13 @@ def test_window_cost_counts_the_block_pairs_in_reach(t, window, bq, bk):
   """The CostEstimates' pairs are those of the block pairs holding a pair within ±window, counted
   here by brute force over positions; the copies of k, v (forward) and q, dO (backward) shrink with
   them."""
-  p = ak._make_plan(2, 4, t, 64, "float32", bq, bk, 0, True, window)
+  p = attention_plan.make_plan(2, 4, t, 64, "float32", bq, bk, 0, True, window)
   full = p._replace(window=None)
   pos = np.arange(p.tp)
   near = np.abs(pos[:, None] - pos[None, :]) <= window
   pairs = near.reshape(p.nq, bq, p.nk, bk).any((1, 3)).sum() * bq * bk * 2 * 4
   for kind in ("forward", "backward"):
-    cost, cost_full = ak._cost(p, kind), ak._cost(full, kind)
+    cost, cost_full = attention_plan.cost(p, kind), attention_plan.cost(full, kind)
     per_row = 0 if kind == "backward" else 2 * 4 * (p.tp + p.visits * bq)  # exp(m_old − m_new), log
     assert cost.transcendentals - per_row == pairs, kind
     assert cost.flops < cost_full.flops and cost.bytes_accessed < cost_full.bytes_accessed, kind
