@@ -135,9 +135,10 @@ def window_block(t, window, vmem_bytes):
   """Automatic blocks under a window: of the blocks kernel_blocks.auto_block may choose (those that pad T
   no further than 128-alignment does and fit VMEM), the one of least work + overhead,
   visits·B² + steps·STEP_PAIRS (grid steps nq·band: the band's edge steps cost their overhead too).
-  A query block of B meets 1 + 2⌈w/B⌉ key blocks, so blocks near w waste the least, but many small blocks pay the step overhead:
-  at T = 512, w = 64 blocks of 128 do 10 of 16 block pairs in 12 steps (estimated 3% cheaper than one
-  512-block), at w = 256 they would do 14 of 16 in 16 steps (the full 512 wins)."""
+  A query block of B meets 1 + 2⌈w/B⌉ key blocks, so blocks near w waste the least, but many small
+  blocks pay the step overhead: at T = 512, w = 64 blocks of 128 do 10 of 16 block pairs in 12 steps
+  (estimated 3% cheaper than one 512-block), at w = 256 they would do 14 of 16 in 16 steps (the full
+  512 wins)."""
   def score(b):
     plan = Plan(1, 1, t, -(-t // b) * b, 1, 1, 1, b, b, 0, "float32", True, window)
     return plan.visits * b * b + plan.nq * plan.kband * STEP_PAIRS
