@@ -16,7 +16,7 @@ from minilm_jax import checkpoint, hf, objective
 from minilm_jax import workdir as wd
 from minilm_jax.evaluation import report, runs, subsets
 from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL, Protocol, made_with, settings_of
-from minilm_jax.evaluation.suite import encode_speed, make_suite, quality
+from minilm_jax.evaluation.suite import encode_speed, load_sts_sets, make_suite, quality
 
 
 def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence[str] = (),
@@ -36,12 +36,13 @@ def evaluate_run(workdirs, out: Optional[str] = None, text=None, tasks: Sequence
       raise ValueError("several runs: give --out DIR for the shared table")
     out = wd.eval_dir(workdirs[0])
   runs.check_out(out, workdirs)
+  sts_sets = load_sts_sets(sts)  # a bad pair file is refused before minutes of work
   cfg, models, teacher_dir = runs.models_of_runs(workdirs, baselines, teacher)
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdirs[0]))
   ft = list(dict.fromkeys(["nsp", "package", *tasks])) if finetune_too else []
   t0 = time.time()
   s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field,
-                 sts, log)
+                 sts_sets, log)
   made_of, best, same_as = _best_subset(workdirs, models, s, baselines, cfg.seed, log)
   results = {}
   for name, (mcfg, params) in models.items():
@@ -116,12 +117,13 @@ def evaluate_curve(workdir: str, out: Optional[str] = None, text=None, tasks: Se
   if not made_with(flat["settings"], want):
     raise ValueError(f"{table} was made with other settings ({flat['settings']}): evaluate the curve with "
                      "the same settings, or evaluate the run again")
+  sts_sets = load_sts_sets(sts)
   cfg, models, teacher_dir = runs.models_of_runs([workdir], baselines=False, teacher=teacher)
   name = runs.student_name(workdir)
   student_config = models[name][0]
   tok = AutoTokenizer.from_pretrained(wd.local_student(workdir))
   s = make_suite(cfg, tok, models["teacher"], teacher_dir, protocol, text, ft, package_roots, text_field,
-                 sts, log)
+                 sts_sets, log)
   mngr = runs.read_run(workdir)[2]
   curve = {}
   for step in mngr.all_steps():

@@ -63,18 +63,17 @@ def load_sts_sets(specs: Sequence[str]) -> Dict[str, Pairs]:
 
 
 def make_suite(cfg, tok, teacher, teacher_dir, protocol: Protocol, text=None, tasks=("nsp", "package"),
-               package_roots: Sequence[str] = (), text_field: str = "text", sts: Sequence[str] = (),
-               log=lambda m: None) -> Suite:
+               package_roots: Sequence[str] = (), text_field: str = "text",
+               sts_sets: Optional[Dict[str, Pairs]] = None, log=lambda m: None) -> Suite:
   """The suite for a run's config `cfg` and tokenizer, its teacher (config, params) and folder: the
   probes and relation-loss rows from the held-out text (`text`, default the stdlib corpus's held-out
-  split), the STS sets of `sts` (load_sts), the package task, the fine-tuning `tasks`, and the teacher's
-  embeddings of the probes."""
+  split), the STS sets `sts_sets` (load_sts_sets), the package task, the fine-tuning `tasks`, and the
+  teacher's embeddings of the probes."""
   docs = corpus.heldout_docs(text, text_field)
   p = protocol
-  # What the text and the pair files can refuse first: parsing the package task's site-packages takes
-  # minutes.
+  sts_sets = sts_sets or {}
+  # What the text can refuse first: parsing the package task's site-packages takes minutes.
   probe = probes.probe_text(docs, p.queries, p.pairs, p.seed)
-  sts_sets = load_sts_sets(sts)
   loaded = {t: load_task(t, p.seed, docs, p, package_roots) for t in tasks if t != "package"}
   pkg = package_task(package_roots, p.package_classes, p.package_per_class, p.seed)
   loaded = {t: pkg if t == "package" else loaded[t] for t in tasks}
