@@ -295,10 +295,14 @@ def readme_performance(page: str) -> str:
   with open(path) as f:
     tables = json.load(f)["tables"]
   rows = []
-  peers, h200 = tables["peers"], tables["h200"]
-  cpu = f"2 CPU cores (AVX-512), {peers['recorded_on']}, 3 rounds"
-  for impl, tokens, mfu in peers["rows"]:
-    rows.append([cpu, f"{impl}, float32, 32 × 128", tokens, mfu])
+  h200 = tables["h200"]
+  lines = load_jsonl(COMPARE)
+  summary = next(r for r in lines if r["impl"] == "summary")
+  cpu = f"2 CPU cores, {summary['date']}, 3 rounds"
+  for impl, name in PEER_NAMES.items():
+    tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
+    mfu = summary["minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu"]
+    rows.append([cpu, f"{name}, float32, 32 × 128", f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}"])
     cpu = "same"
   gpu, batch = f"one NVIDIA H200, {h200['recorded_on']}", None
   cols = h200["columns"]
@@ -312,9 +316,10 @@ def readme_performance(page: str) -> str:
   h200_link = _rel(page, "docs/performance.md#on-a-gpu-one-nvidia-h200")
   return (markdown_table(["machine", "step, precision, batch × T", "tokens/s", "MFU"], rows) + "\n\n"
           f"<sub>From the tables [Against the PyTorch peers]({peers_link}) (tokens/s: min-max of the "
-          f"rounds; MFU: the best round's, against the peak measured in the same run) and [On a GPU: one NVIDIA "
-          f"H200]({h200_link}) (one run each; MFU against the published bf16 peak), data "
-          f"{_link(page, path)}: transcribed, the runs' own output was not kept.</sub>")
+          f"rounds; MFU: the best round's, against the peak measured in the same run; data "
+          f"{_link(page, COMPARE)}, written by `{summary['command']}` at commit {summary['commit']}) and "
+          f"[On a GPU: one NVIDIA H200]({h200_link}) (one run each; MFU against the published bf16 peak; data "
+          f"{_link(page, path)}: transcribed, the runs' own output was not kept).</sub>")
 
 
 RENDERERS = {
