@@ -38,7 +38,7 @@ from minilm_jax.config import check_config, check_ranges, check_resume, compute_
 from minilm_jax.config import default_config  # noqa: F401  (configs written before config.py import it here)
 from minilm_jax.families import encoder_for
 from minilm_jax.optimizer import lr_schedule, make_optimizer
-from minilm_jax.student import init_student, student_config, teacher_layer_index
+from minilm_jax.student import every_kth, init_student, student_config, teacher_layer_index
 
 
 @flax.struct.dataclass
@@ -131,6 +131,7 @@ class Setup:
   init_state: Callable[[], TrainState]   # jitted, creates the state directly on its shards
   step: Callable                          # jitted (state, teacher_params, batch) -> (state, metrics)
   pooling: Optional[Tuple[str, bool]] = None  # the teacher's sentence pooling, for the "embedding" term
+  init_layers: Optional[list] = None          # the teacher layers student.init "best" chose
 
 
 def attention_implementation(precision: str, platform: Optional[str] = None, mesh=None):
@@ -182,6 +183,12 @@ def setup(cfg, teacher=None, devices=None) -> Setup:
       raise ValueError(f"loss term 'embedding' needs a sentence-transformers teacher (with modules.json), "
                        f"and {teacher_dir} is not one: use 'hidden' instead")
   projection = objective.needs_projection(terms, scfg.hidden_size, tcfg.hidden_size)
+  chosen = None
+  if cfg.student.init == "best" and tparams is None:  # shapes only (aot.py): any subset has the same
+    chosen = every_kth(tcfg.num_hidden_layers, scfg.num_hidden_layers)[0]
+  elif cfg.student.init == "best":  # chosen on the training corpus, before the first step
+    from minilm_jax.evaluation import subsets
+    chosen = subsets.choose_for_training(cfg, teacher_dir, (tcfg, tparams), scfg)["layers"]
   dtype = compute_dtype(cfg.precision)
   mesh = sharding.make_mesh(cfg.parallel.fsdp, devices)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
@@ -206,7 +213,8 @@ def setup(cfg, teacher=None, devices=None) -> Setup:
     teacher_params = jax.device_put(tparams, teacher_sh)
 
   def init_params(teacher_params):
-    params = init_student(cfg, scfg, teacher_params, tcfg.num_hidden_layers, jax.random.key(cfg.seed))
+    params = init_student(cfg, scfg, teacher_params, tcfg.num_hidden_layers, jax.random.key(cfg.seed),
+                          chosen)
     if projection:  # trained with the student, never exported (objective.student_params)
       params[objective.PROJECTION] = objective.init_projection(scfg.hidden_size, tcfg.hidden_size)
     return params
@@ -237,7 +245,7 @@ def setup(cfg, teacher=None, devices=None) -> Setup:
   else:
     raise ValueError(f"parallel.mode {cfg.parallel.mode!r}: use 'jit' (default) or 'pmap'")
   return Setup(cfg, teacher_dir, tcfg, scfg, tl, mesh, teacher_params, state_sh, init_state, step,
-               pooling)
+               pooling, chosen)
 
 
 def _pmap_step(per_device_step, mesh):
@@ -413,6 +421,8 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
           "student_config": s.student_config.to_dict(),
           "config": json.loads(json.dumps(cfg.to_dict())),  # as a checkpoint reads it back
           "data_order": data.ORDER}
+  if s.init_layers is not None:  # what a "best" init chose, for minilm-eval to name
+    meta["student_init_layers"] = s.init_layers
 
   mngr = checkpoint.make_manager(wd.join(workdir, wd.CHECKPOINTS), cfg.checkpoint_every,
                                  cfg.keep_checkpoints, cfg.keep_every)

@@ -341,3 +341,21 @@ def test_tpu_attention_per_device_is_the_reference_with_the_kernels_dropout_mask
   want = modernbert.attention(q, k, v, mask, heads, 5)
   np.testing.assert_allclose(np.where(valid, local, 0), np.where(valid, want, 0), atol=1e-5)
   assert train.attention_implementation("float32", "tpu", mesh).func is train.tpu_attention
+
+
+def test_best_init_is_chosen_recorded_and_named(tiny_teacher, tmp_path):
+  # student.init "best": the layer subset chosen on the training corpus before the first step, recorded in
+  # the run's metadata (minilm-eval names it), and chosen the same on a resume.
+  from minilm_jax.evaluation import runs
+  words = "alpha beta gamma delta omega kappa".split()
+  rng = np.random.default_rng(1)
+  corpus = tmp_path / "train.txt"
+  corpus.write_text("\n\n".join(" ".join(f"{' '.join(rng.choice(words, 5))} line {i}." for i in range(6))
+                                for _ in range(30)))
+  c = tiny_config(tiny_teacher, str(corpus), **{"student.init": "best", "steps": 2, "checkpoint_every": 1})
+  w = str(tmp_path / "run")
+  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
+  layers = runs.init_layers(w, 2)
+  assert layers in ([0], [1]) and runs.read_run(w)[1]["student_init_layers"] == layers
+  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)  # a resume: the same choice
+  assert runs.read_run(w)[1]["student_init_layers"] == layers
