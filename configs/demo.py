@@ -4,15 +4,15 @@ standard-library corpus, with the MiniLMv2 relation loss plus the sentence-embed
   make demo          # = minilm-distill --config configs/demo.py --workdir workdirs/demo
   minilm-eval --workdir workdirs/demo --no-finetune
 
-Cost, measured on this project's 2-core CPU machine: about 5 minutes alone (120 steps of 32×128 tokens
-at ~2.2 s a step, plus ~30 s of tokenising and compiling; 7 minutes with other work on the cores); the
-evaluation about 5 more. The student starts from every 2nd teacher layer (0, 2, 4); the recipe is the
-winner of the recipe study (docs/experiments.md, "The recipe study"). It is ahead of the fixed
-baselines minilm-eval builds (random init, the first layers, every 2nd layer from 0 or 1) on agreement
-(by 13.7 SE or more) and on held-out relation loss; behind the best layer subset (teacher layers 0, 4, 5,
-no training) on retrieval (-8.1 SE), level with it on agreement (+1.4 SE), its relation loss 44% of the
-subset's (docs/results.md, "The demo"). The corpus is a small demo corpus (~425k tokens of Python documentation),
-not a pretraining corpus.
+Cost, measured on this project's 2-core CPU machine: about 5 minutes alone (120 steps of 32×128 tokens at
+~2.2 s a step, plus ~30 s of tokenising and compiling; 7 minutes with other work on the cores); the
+evaluation about 6 more (it also chooses the best layer subset). The student starts from every 2nd
+teacher layer (0, 2, 4); the recipe is the winner of the recipe study (docs/experiments.md, "The recipe
+study"). It is ahead of the fixed baselines minilm-eval builds (random init, the first layers, every 2nd
+layer from 0 or 1) on agreement (by 13.7 SE or more) and on held-out relation loss; behind the best layer
+subset (teacher layers 0, 4, 5, no training) on retrieval (-8.1 SE), level with it on agreement (+1.4
+SE), its relation loss 44% of the subset's (docs/results.md, "The demo"). The corpus is a small demo
+corpus (~425k tokens of Python documentation), not a pretraining corpus.
 Target: v5e-4 (minilm-compile --config configs/demo.py --target v5e-4; its figures: docs/compile.md)
 """
 
