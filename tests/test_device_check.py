@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.py")
 
@@ -20,6 +22,7 @@ def load_script():
 dc = load_script()
 
 
+@pytest.mark.slow  # ~55 s: the whole command on CPU; pytest -m slow
 def test_quick_run_on_cpu(tmp_path, real_teacher):
   """Every kind of row, both precisions, positive times, no error, in one JSON file."""
   out = tmp_path / "x.json"

@@ -49,6 +49,7 @@ def student_bytes(workdir):
 
 # --- Faults ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~40 s of kills at random moments; test_cli's SIGTERM resume stays in the default run
 def test_kill_9_at_random_moments_then_rerun_is_bit_identical(tiny_teacher, tiny_corpus, tmp_path):
   args = tiny_args(tiny_teacher, tiny_corpus, "--config.steps=240", "--config.checkpoint_every=7",
                    "--config.log_every=1")
