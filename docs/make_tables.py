@@ -13,8 +13,8 @@ NAME is either one of RENDERERS below, each made from the JSON a command wrote (
 results.json, minilm-compile's JSON lines, the benchmarks' JSON lines), or FILE.KEY: table KEY of
 docs/results/transcribed/FILE.json, whose cells were transcribed from the README of an earlier commit
 because the run's own output was not kept (the file and the caption under the table say so). The same
-NAME may appear in several pages (README.md and a docs page); each copy is rendered alike. Standard
-library only: the test suite runs --check.
+NAME may appear in several pages (README.md and a docs page); each copy is rendered alike. The
+evaluation's tables use minilm_jax.evaluation.report (no JAX); the test suite runs --check.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import argparse
 import difflib
 import glob
 import json
-import math
 import os
 import re
 import sys
+
+from minilm_jax.evaluation import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -164,71 +165,24 @@ def compare_peers(page: str) -> str:
 
 # ---- minilm-eval: results.json as minilm-eval's own results.md lays it out --------------------------------
 
-# minilm_jax.evaluation.report's labels, model cell and number format, repeated so that this script needs
-# no JAX. Scored once per model, ± their SE: ZERO_SHOT and every STS set's correlation (STS_PREFIX +
-# NAME:spearman|pearson, as minilm_jax.evaluation.protocol names it); every other metric is a fine-tuning
-# task, ± the spread over seeds.
-EVAL_LABELS = {"heldout_relation_loss": "held-out relation loss", "retrieval_mrr": "retrieval MRR",
-               "agreement": "agreement with teacher (Spearman)", "package_linear": "package: linear probe acc",
-               "package": "package: fine-tune acc", "nsp": "nsp: fine-tune acc"}
-ZERO_SHOT = ("heldout_relation_loss", "retrieval_mrr", "agreement", "package_linear")
-STS_PREFIX = "sts:"
-
-
-def _label(metric: str) -> str:
-  """report.label: the metric's column heading."""
-  if metric.startswith(STS_PREFIX):
-    name, statistic = metric[len(STS_PREFIX):].rsplit(":", 1)
-    return f"STS {name}: {statistic.capitalize()} with human scores"
-  return EVAL_LABELS.get(metric, f"{metric}: fine-tune")
-
-
-def _zero_shot(metric: str) -> bool:
-  """Not report.is_finetune: scored once per model, ± its SE."""
-  return metric in ZERO_SHOT or metric.startswith(STS_PREFIX)
-
-
-def _made_of(name: str, row: dict) -> str:
-  """report.made_of: the model cell, with the teacher layers (0-based) a baseline is made of or a student
-  started from, where the row has them."""
-  layers = row.get("teacher_layers")
-  if layers is None:
-    return name
-  said = ", ".join(map(str, layers))
-  return f"{name} (from teacher layers {said})" if name.startswith("student") else f"{name} (teacher layers {said})"
-
-
-def _fmt(m: dict) -> str:
-  """value ± error, the error to 2 significant digits and the value to the same decimals (≥ 3)."""
-  err = m.get("spread", m.get("se"))
-  finite = err is not None and math.isfinite(err)
-  d = 3 if not finite or err <= 0 else int(min(6, max(3, 1 - math.floor(math.log10(err)))))
-  return f"{m['value']:.{d}f} ± {err if finite else float('nan'):.{d}f}"
-
-
-def _fmt_difference(d: dict) -> str:
-  """report.fmt_difference: a paired difference, signed value ± SE, then in SEs."""
-  return f"{'+' if d['value'] >= 0 else ''}{_fmt(d)} ({d['z']:+.1f} SE)"
-
-
-def _metrics(results: dict) -> list[str]:
-  return list(dict.fromkeys(m for row in results.values() for m, v in row.items() if isinstance(v, dict)))
+# The labels, model cell and number format are minilm_jax.evaluation.report's own (it loads without JAX),
+# so a page's table reads as minilm-eval's results.md does.
 
 
 def eval_models_table(doc: dict) -> str:
   results, seeds = doc["results"], doc["settings"]["protocol"]["seeds"]
-  metrics = _metrics(results)
-  head = [_label(m) + (" (± SE)" if _zero_shot(m) else f" (± sd, {seeds} seeds)") for m in metrics]
-  rows = [[_made_of(name, row), f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params",
-           *[_fmt(row[m]) if m in row else "" for m in metrics]] for name, row in results.items()]
+  metrics = report.metrics_of(results)
+  head = [report.label(m) + (" (± SE)" if not report.is_finetune(m) else f" (± sd, {seeds} seeds)") for m in metrics]
+  rows = [[report.made_of(name, row), f"{row['layers']}×{row['hidden']}, {row['params_M']:.1f}M params",
+           *[report.fmt(row[m]) if m in row else "" for m in metrics]] for name, row in results.items()]
   return markdown_table(["model", "size", *head], rows)
 
 
 def eval_differences_table(doc: dict) -> str:
-  diffs, metrics = doc["differences"], _metrics(doc["results"])
+  diffs, metrics = doc["differences"], report.metrics_of(doc["results"])
   cols = [m for m in metrics if any(m in row for row in diffs.values())]
-  rows = [[name, *[_fmt_difference(row[m]) if m in row else "" for m in cols]] for name, row in diffs.items()]
-  return markdown_table(["difference", *[_label(m) for m in cols]], rows)
+  rows = [[name, *[report.fmt_difference(row[m]) if m in row else "" for m in cols]] for name, row in diffs.items()]
+  return markdown_table(["difference", *[report.label(m) for m in cols]], rows)
 
 
 def _eval_run(folder: str):
@@ -301,10 +255,10 @@ def demo_best_subsets(page: str) -> str:
     loss = r[DEMO_STUDENT]["heldout_relation_loss"]
     same = f" (= {best['same_as'].removeprefix('baseline: ')})" if best["same_as"] else ""
     rows.append([text, ", ".join(map(str, best["layers"])) + same,
-                 _fmt(r[BEST_SUBSET]["retrieval_mrr"]), _fmt(r[DEMO_STUDENT]["retrieval_mrr"]),
-                 _fmt_difference(d["retrieval_mrr"]),
-                 _fmt(r[BEST_SUBSET]["agreement"]), _fmt(r[DEMO_STUDENT]["agreement"]), _fmt_difference(d["agreement"]),
-                 f"{_fmt(loss)} ({loss['value'] / low:.0%} of {low_name.removeprefix('baseline: ')}'s)"])
+                 report.fmt(r[BEST_SUBSET]["retrieval_mrr"]), report.fmt(r[DEMO_STUDENT]["retrieval_mrr"]),
+                 report.fmt_difference(d["retrieval_mrr"]),
+                 report.fmt(r[BEST_SUBSET]["agreement"]), report.fmt(r[DEMO_STUDENT]["agreement"]), report.fmt_difference(d["agreement"]),
+                 f"{report.fmt(loss)} ({loss['value'] / low:.0%} of {low_name.removeprefix('baseline: ')}'s)"])
   files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in DEMO_TEXTS]
   when = "; ".join(sorted({f"commit {p['commit']}, {p['date']}" for p in provs}))
   return (markdown_table(["held-out text", "best layer subset (teacher layers)", "best subset: retrieval MRR",
