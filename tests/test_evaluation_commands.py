@@ -100,7 +100,8 @@ def test_evaluate_run_on_a_text_of_one_document(tiny_teacher, tiny_corpus, tmp_p
 def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_corpus, tmp_path, site,
                                                              monkeypatch):
   a = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "a"))
-  b = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "b"), seed=1, **{"optim.lr": 1e-3})
+  b = train_run(tiny_teacher, tiny_corpus, str(tmp_path / "b"), seed=1,
+                **{"optim.lr": 1e-3, "student.init": "layers:1"})
   with pytest.raises(ValueError, match="--out"):
     commands.evaluate_run([a, b], protocol=TINY, finetune_too=False, package_roots=site)
   out = str(tmp_path / "both")
@@ -113,17 +114,21 @@ def test_several_runs_in_one_table_with_one_set_of_baselines(tiny_teacher, tiny_
   seen = {}   # what the best-subset chooser is given, and the test probe
   choose, make_suite = subsets.choose, commands.make_suite
   monkeypatch.setattr(subsets, "choose", lambda *a: seen.setdefault("dev", a[4]) and choose(*a))
+  search = subsets.search   # the best subset is teacher layer 1, which student b started from
+  monkeypatch.setattr(subsets, "search", lambda *a, **k: ((1,), *search(*a, **k)[1:]))
   monkeypatch.setattr(commands, "make_suite", lambda *a: seen.setdefault("suite", make_suite(*a)))
   results = commands.evaluate_run([a, b], out, protocol=TINY, finetune_too=False, package_roots=site,
                                   log=lambda m: None, sts=[f"{pairs}:s1,s2,sim"])
   # 1 of the teacher's 2 layers: every 2nd layer from layer 0 is the first, from layer 1 another model;
-  # the best subset is one of the two, scored once.
+  # the best subset (forced to layer 1 above) is that baseline's params, scored once.
   assert list(results) == ["teacher", "student: a", "student: b", "baseline: random init",
                            "baseline: first teacher layers", "baseline: every k-th teacher layer from layer 1",
                            "baseline: best layer subset"]
   best = results["baseline: best layer subset"]
-  assert best["same_as"] in ("baseline: first teacher layers", "baseline: every k-th teacher layer from layer 1")
-  assert best["teacher_layers"] == results[best["same_as"]]["teacher_layers"] in ([0], [1])
+  # the untrained baseline made of layer 1, not student b, trained from it
+  assert best["same_as"] == "baseline: every k-th teacher layer from layer 1"
+  assert best["teacher_layers"] == results[best["same_as"]]["teacher_layers"] == [1]
+  assert results["student: b"]["teacher_layers"] == [1]
   assert best["retrieval_mrr"] == results[best["same_as"]]["retrieval_mrr"]
   assert "teacher_layers" not in results["student: a"]   # a random init
   assert len(seen["dev"].query_N) == 60 and not set(seen["dev"].sentences) & set(seen["suite"].probe.sentences)

@@ -86,12 +86,14 @@ def _best_subset(workdirs, models: dict, s, baselines: bool, seed: int, log):
   if not baselines:
     return made_of, None, ""
   scfg = models[names[0]][0]
-  made_of.update(runs.baseline_layers(models["teacher"][0].num_hidden_layers, scfg.num_hidden_layers))
+  fixed = runs.baseline_layers(models["teacher"][0].num_hidden_layers, scfg.num_hidden_layers)
+  made_of.update(fixed)
   if s.dev is None:
     log(f"no best layer subset: {s.dev_note}")
     return made_of, None, ""
   best, params = subsets.choose(models["teacher"], scfg, s.tok, s.pooling, s.dev, s.protocol, seed, log)
-  same_as = subsets.best_of(models, made_of, best["layers"])
+  # Only an untrained baseline can stand in for it: a student started from those layers has trained.
+  same_as = subsets.best_of(models, fixed, best["layers"])
   models[runs.BEST], made_of[runs.BEST] = (scfg, params), best["layers"]
   return made_of, best, same_as
 
