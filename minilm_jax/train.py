@@ -159,13 +159,14 @@ def tpu_attention(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads, window=None, ra
       q_BTD, k_BTD, v_BTD, mask_BT, seeds_B)
 
 
-def setup(cfg, teacher=None, devices=None) -> Setup:
+def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m: None) -> Setup:
   """Load the teacher (or take `teacher=(dir, config, params)`), build the models, the optimizer, the
   mesh and the jitted init and step.
 
   devices: what to build for (default: jax.devices(), every host's). With `params` None the teacher is
   shapes only (ShapeDtypeStructs on their shardings) and nothing touches a device: the step can be
   lowered and compiled for `devices` that are not here (aot.py: a TPU slice's or a GPU's), never run.
+  log: where student.init "best" says which layers it chose (a minute's work on the demo's corpus).
   """
   if teacher is None:
     teacher_dir = hf.resolve(cfg.teacher)
@@ -188,7 +189,8 @@ def setup(cfg, teacher=None, devices=None) -> Setup:
     chosen = every_kth(tcfg.num_hidden_layers, scfg.num_hidden_layers)[0]
   elif cfg.student.init == "best":  # chosen on the training corpus, before the first step
     from minilm_jax.evaluation import subsets
-    chosen = subsets.choose_for_training(cfg, teacher_dir, (tcfg, tparams), scfg)["layers"]
+    log("student.init best: choosing the teacher layers to start from, on the training corpus")
+    chosen = subsets.choose_for_training(cfg, teacher_dir, (tcfg, tparams), scfg, log=log)["layers"]
   dtype = compute_dtype(cfg.precision)
   mesh = sharding.make_mesh(cfg.parallel.fsdp, devices)
   sharding.check_batch(mesh, cfg.batch_size, cfg.grad_accum)
@@ -410,7 +412,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   wd.check_writable(workdir)
   local = wd.local_dir(workdir)
   os.makedirs(local, exist_ok=True)
-  s = setup(cfg)
+  s = setup(cfg, log=log)
   hf.tokenizer_files(s.teacher_dir)  # none: a one-line error, not a run on [UNK]s
   tok = AutoTokenizer.from_pretrained(s.teacher_dir)
   if len(tok) > s.teacher_config.vocab_size:

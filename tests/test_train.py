@@ -354,8 +354,10 @@ def test_best_init_is_chosen_recorded_and_named(tiny_teacher, tmp_path):
                                 for _ in range(30)))
   c = tiny_config(tiny_teacher, str(corpus), **{"student.init": "best", "steps": 2, "checkpoint_every": 1})
   w = str(tmp_path / "run")
-  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
+  said = []
+  train.train_and_evaluate(c, w, progress=False, log=said.append)
   layers = runs.init_layers(w, 2)
   assert layers in ([0], [1]) and runs.read_run(w)[1]["student_init_layers"] == layers
+  assert any(m.startswith(f"best layer subset: teacher layers {layers[0]} (") for m in said)  # the user sees it
   train.train_and_evaluate(c, w, progress=False, log=lambda m: None)  # a resume: the same choice
   assert runs.read_run(w)[1]["student_init_layers"] == layers
