@@ -4,15 +4,16 @@ standard-library corpus, with the MiniLMv2 relation loss plus the sentence-embed
   make demo          # = minilm-distill --config configs/demo.py --workdir workdirs/demo
   minilm-eval --workdir workdirs/demo --no-finetune
 
-Cost, measured on this project's 2-core CPU machine: about 5 minutes alone (120 steps of 32×128 tokens at
-~2.2 s a step, plus ~30 s of tokenising and compiling; 7 minutes with other work on the cores); the
-evaluation about 6 more (it also chooses the best layer subset). The student starts from every 2nd
-teacher layer (0, 2, 4); the recipe is the winner of the recipe study (docs/experiments.md, "The recipe
-study"). It is ahead of the fixed baselines minilm-eval builds (random init, the first layers, every 2nd
-layer from 0 or 1) on agreement (by 13.7 SE or more) and on held-out relation loss; behind the best layer
-subset (teacher layers 0, 4, 5, no training) on retrieval (-8.1 SE), level with it on agreement (+1.4
-SE), its relation loss 44% of the subset's (docs/results.md, "The demo"). The corpus is a small demo
-corpus (~425k tokens of Python documentation), not a pretraining corpus.
+Cost, measured on this project's 2-core CPU machine: about 4 minutes alone (about 45 s to choose the
+start, then 120 steps of 32×128 tokens at ~1.3 s a step, plus ~20 s of tokenising and compiling); the
+evaluation about 4 more (it also chooses the best layer subset for its baseline). The student starts
+from the best subset of the teacher's layers (student.init="best": all 20 choices of 3 of its 6 layers
+scored on a dev sample of the training corpus before the first step; it picks 0, 4, 5), the start study's winner
+(docs/results.md, "Which start"): ahead of every undistilled student of its shape, the best layer
+subset included, on retrieval (+2.3 SE) and agreement (+13.1 SE), with a held-out relation loss 34% of
+the best subset's; other texts, seeds and the margins: docs/results.md, "The demo". The corpus is a
+small demo corpus (~425k tokens of Python documentation), not a pretraining corpus.
+The start before 2026-12-06, every 2nd layer (0, 2, 4): --config.student.init=teacher
 Target: v5e-4 (minilm-compile --config configs/demo.py --target v5e-4; its figures: docs/compile.md)
 """
 
@@ -22,7 +23,7 @@ from minilm_jax.config import default_config
 def get_config():
   c = default_config()
   c.teacher = "sentence-transformers/all-MiniLM-L6-v2"   # resolves to the packaged copy offline
-  c.student.update(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536, init="teacher")
+  c.student.update(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536, init="best")
   c.loss.update(version="v2", relation_heads=12, teacher_layer=-1, terms="relations,embedding")
   c.data.update(source="stdlib", max_len=128)
   c.batch_size = 32
