@@ -159,7 +159,8 @@ def tpu_attention(mesh, q_BTD, k_BTD, v_BTD, mask_BT, num_heads, window=None, ra
       q_BTD, k_BTD, v_BTD, mask_BT, seeds_B)
 
 
-def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m: None) -> Setup:
+def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m: None,
+          init_layers: Optional[list] = None) -> Setup:
   """Load the teacher (or take `teacher=(dir, config, params)`), build the models, the optimizer, the
   mesh and the jitted init and step.
 
@@ -167,6 +168,7 @@ def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m
   shapes only (ShapeDtypeStructs on their shardings) and nothing touches a device: the step can be
   lowered and compiled for `devices` that are not here (aot.py: a TPU slice's or a GPU's), never run.
   log: where student.init "best" says which layers it chose (a minute's work on the demo's corpus).
+  init_layers: the layers a "best" init chose when this run began (a resume's), taken instead of choosing.
   """
   if teacher is None:
     teacher_dir = hf.resolve(cfg.teacher)
@@ -187,6 +189,9 @@ def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m
   chosen = None
   if cfg.student.init == "best" and tparams is None:  # shapes only (aot.py): any subset has the same
     chosen = every_kth(tcfg.num_hidden_layers, scfg.num_hidden_layers)[0]
+  elif cfg.student.init == "best" and _fits(init_layers, tcfg.num_hidden_layers, scfg.num_hidden_layers):
+    chosen = list(init_layers)
+    log(f"student.init best: teacher layers {', '.join(map(str, chosen))}, as this run chose them at its start")
   elif cfg.student.init == "best":  # chosen on the training corpus, before the first step
     from minilm_jax.evaluation import subsets
     log("student.init best: choosing the teacher layers to start from, on the training corpus")
@@ -397,6 +402,33 @@ def prepare_data(cfg, tokenizer_dir: str, workdir: str, progress: bool = False,
                         hosts=sharding.hosts(), log=log)
 
 
+def _fits(layers: Optional[list], teacher_layers: int, student_layers: int) -> bool:
+  """Whether `layers` can start this student: a recorded choice of another shape is the resume's to
+  refuse (check_resume), with its own error, not setup's to crash on."""
+  return (layers is not None and len(layers) == student_layers
+          and all(0 <= i < teacher_layers for i in layers))
+
+
+def recorded_init_layers(workdir: str) -> Optional[list]:
+  """The teacher layers student.init "best" chose when the run in `workdir` began (its newest readable
+  checkpoint's record), or None for a new run. A resume takes them rather than choosing again: the
+  minute is not spent twice, and the record stays what the student started from, even where the
+  choice's near-ties would fall the other way on another machine."""
+  ckpts = wd.join(workdir, wd.CHECKPOINTS)
+  if not wd.exists(ckpts):
+    return None
+  mngr = checkpoint.open_read_only(ckpts)
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        return checkpoint.read_meta(mngr, step).get("student_init_layers")
+      except Exception:  # Orbax raises many types for a damaged step: restore_latest reports it
+        continue
+    return None
+  finally:
+    mngr.close()
+
+
 def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
                  log: Callable[[str], None] = print, held: Optional[lock.Lock] = None) -> dict:
   """One distillation run, teacher to student, in `workdir` (layout: workdir.py).
@@ -412,7 +444,7 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   wd.check_writable(workdir)
   local = wd.local_dir(workdir)
   os.makedirs(local, exist_ok=True)
-  s = setup(cfg, log=log)
+  s = setup(cfg, log=log, init_layers=recorded_init_layers(workdir) if cfg.student.init == "best" else None)
   hf.tokenizer_files(s.teacher_dir)  # none: a one-line error, not a run on [UNK]s
   tok = AutoTokenizer.from_pretrained(s.teacher_dir)
   if len(tok) > s.teacher_config.vocab_size:

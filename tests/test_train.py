@@ -359,5 +359,9 @@ def test_best_init_is_chosen_recorded_and_named(tiny_teacher, tmp_path):
   layers = runs.init_layers(w, 2)
   assert layers in ([0], [1]) and runs.read_run(w)[1]["student_init_layers"] == layers
   assert any(m.startswith(f"best layer subset: teacher layers {layers[0]} (") for m in said)  # the user sees it
-  train.train_and_evaluate(c, w, progress=False, log=lambda m: None)  # a resume: the same choice
+  said = []
+  train.train_and_evaluate(c, w, progress=False, log=said.append)  # a resume: the run's own choice, not a new one
   assert runs.read_run(w)[1]["student_init_layers"] == layers
+  assert f"student.init best: teacher layers {layers[0]}, as this run chose them at its start" in said
+  assert not any("choosing" in m or m.startswith("best layer subset") for m in said)
+  assert train.recorded_init_layers(str(tmp_path / "none")) is None
