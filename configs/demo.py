@@ -4,9 +4,10 @@ standard-library corpus, with the MiniLMv2 relation loss plus the sentence-embed
   make demo          # = minilm-distill --config configs/demo.py --workdir workdirs/demo
   minilm-eval --workdir workdirs/demo --no-finetune
 
-Cost, measured on this project's 2-core CPU machine: about 4 minutes alone (about 45 s to choose the
-start, then 120 steps of 32×128 tokens at ~1.3 s a step, plus ~20 s of tokenising and compiling); the
-evaluation about 4 more (it also chooses the best layer subset for its baseline). The student starts
+Cost, measured alone on this project's 2-core CPU machine: 3.5-6 minutes (45-80 s to choose the start,
+then 120 steps of 32×128 tokens at 1.3-2.3 s a step, plus ~20 s of tokenising and compiling: 209-223 s
+on the AMD EPYC of the start study, 344 s on an Intel Xeon); the evaluation 4-6 more (it also chooses
+the best layer subset for its baseline). The student starts
 from the best subset of the teacher's layers (student.init="best": all 20 choices of 3 of its 6 layers
 scored on a dev sample of the training corpus before the first step; it picks 0, 4, 5), the start study's winner
 (docs/results.md, "Which start"): ahead of every undistilled student of its shape, the best layer
