@@ -21,7 +21,7 @@ Cost, measured on this project's 2-core CPU machine: 85 minutes for 2,000 steps 
 (each token seen once; 2.3-2.5 s a step alone), including ~1 minute to read and tokenise the corpus; then
 33 minutes of evaluation with fine-tuning. The 3-layer student: 69-89 minutes (1.9-2.2 s a step); on
 one NVIDIA H200 (float32), 5 ms a step, so 20x its budget (--config.steps=40000) in about 4 minutes.
-Results: docs/results.md.
+Results: docs/results.md (against the fixed baselines; not yet against the best layer subset of 4).
 Target: h200 (minilm-compile --config configs/quality.py --target h200; its figures: docs/compile.md)
 """
 
