@@ -309,16 +309,19 @@ def demo_start_study(page: str) -> str:
   return _start_study(page, DEMO_START)
 
 
-# The demo's seeds 0, 1, 2 (the demo run and two more) on texts from outside, each evaluated in one
-# minilm-eval table: (folder under docs/results/, the text).
+# Several students on texts from outside, each text evaluated in one minilm-eval table: (folder under
+# docs/results/, the text). The demo's seeds 0, 1, 2 (the demo run and two more); the demo against 4× its
+# steps on the bigger pydocs corpus.
 DEMO_SEEDS = [("demo_seeds_fortunes", DEMO_TEXTS[1][1]), ("demo_seeds_kjv", DEMO_TEXTS[2][1])]
+DEMO_PYDOCS480 = [("demo_pydocs480_fortunes", DEMO_TEXTS[1][1]), ("demo_pydocs480_kjv", DEMO_TEXTS[2][1])]
 
 
-def demo_seeds(page: str) -> str:
-  """Per text: the best layer subset, and for each seed of the demo its paired difference with it on the
-  zero-shot probes and its held-out relation loss against the lowest of the baselines'."""
+def _students_vs_best(page: str, texts: list[tuple[str, str]], which: str) -> str:
+  """Per text: the best layer subset, and for each student its paired difference with it on the zero-shot
+  probes and its held-out relation loss against the lowest of the baselines'. which: the students, in
+  the caption."""
   rows, provs = [], []
-  for folder, text in DEMO_SEEDS:
+  for folder, text in texts:
     doc, prov = _eval_run(folder)
     provs.append(prov)
     r, diffs = doc["results"], doc["differences"]
@@ -330,13 +333,21 @@ def demo_seeds(page: str) -> str:
                  each(lambda n: f"{d(n, 'retrieval_mrr')['value']:+.4f} ({d(n, 'retrieval_mrr')['z']:+.1f})"),
                  each(lambda n: f"{d(n, 'agreement')['value']:+.4f} ({d(n, 'agreement')['z']:+.1f})"),
                  each(lambda n: f"{r[n]['heldout_relation_loss']['value'] / low:.0%}") + f" of {low_name.removeprefix('baseline: ')}'s"])
-  files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in DEMO_SEEDS]
+  files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in texts]
   when = "; ".join(sorted({f"commit {p['commit']}, {p['date']}" for p in provs}))
   return (markdown_table(["held-out text", "best layer subset", "student − best subset: retrieval MRR (in SE)",
                           "student − best subset: agreement (in SE)", "student: held-out relation loss"], rows)
           + f"\n\n<sub>Made from {' and '.join(files)} (minilm-eval's output at {when}; each command is in the "
-          "provenance.json beside its file). Each cell lists seeds 0 / 1 / 2 (seed 0 is the demo run above); "
-          "differences are paired over the same items, in the metric's units and (in SEs).</sub>")
+          f"provenance.json beside its file). Each cell lists {which}; differences are paired over the same "
+          "items, in the metric's units and (in SEs).</sub>")
+
+
+def demo_seeds(page: str) -> str:
+  return _students_vs_best(page, DEMO_SEEDS, "seeds 0 / 1 / 2 (seed 0 is the demo run)")
+
+
+def demo_pydocs480(page: str) -> str:
+  return _students_vs_best(page, DEMO_PYDOCS480, "the demo / 480 steps on pydocs")
 
 
 # ---- README: the recipes, with their targets and costs from the minilm-compile reports ---------------------
@@ -448,6 +459,7 @@ RENDERERS = {
     "compile_recipes": compile_recipes,
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
+    "demo_pydocs480": demo_pydocs480,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
     "readme_configs": readme_configs,
