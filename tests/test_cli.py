@@ -46,9 +46,10 @@ def test_demo_runs_loss_falls_and_student_loads(real_teacher, tmp_path):
   import transformers
   import minilm_jax
   workdir = str(tmp_path / "demo")
-  # Batch 8, not the demo's 32: the same path, a quarter of the steps' time.
+  # Batch 8, not the demo's 32: the same path, a quarter of the steps' time. The layers student.init
+  # "best" picks for the demo (0, 4, 5), given: its minute of choosing is tested in test_train.py.
   r = run("--config", DEMO, "--workdir", workdir, "--config.steps=16", "--config.log_every=4",
-          "--config.batch_size=8", "--config.checkpoint_every=8")
+          "--config.batch_size=8", "--config.checkpoint_every=8", "--config.student.init=layers:0,4,5")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"student written to {workdir}/student" in r.stdout
   rows = read_metrics(workdir)
