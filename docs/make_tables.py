@@ -225,6 +225,24 @@ EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS] + ["demo_every2"]
 DEMO_STUDENT, BEST_SUBSET = "student: demo", "baseline: best layer subset"
 
 
+def _lowest_baseline(results: dict) -> tuple[float, str]:
+  """(held-out relation loss, name) of the baseline whose loss is the lowest: the bar a student's is read against."""
+  return min((v["heldout_relation_loss"]["value"], n) for n, v in results.items() if n.startswith("baseline"))
+
+
+def _diff_cell(diff: dict, digits: int) -> str:
+  """A paired difference as `+0.016 (+2.3)`: the value, then (in SEs)."""
+  return f"{diff['value']:+.{digits}f} ({diff['z']:+.1f})"
+
+
+def _sources(page: str, texts: list[tuple[str, str]], provs: list[dict]) -> str:
+  """The caption's start for tables made from several stored evaluations: their files and commits."""
+  files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in texts]
+  when = "; ".join(sorted({f"commit {p['commit']}, {p['date']}" for p in provs}))
+  return (f"<sub>Made from {', '.join(files[:-1])} and {files[-1]} (minilm-eval's output at {when}; each "
+          "command is in the provenance.json beside its file).")
+
+
 def _best_subsets(page: str, texts: list[tuple[str, str]]) -> str:
   """Per held-out text: the best layer subset's teacher layers, it and the demo student on the zero-shot
   probes with their paired difference, and the student's held-out relation loss against the lowest of
@@ -235,7 +253,7 @@ def _best_subsets(page: str, texts: list[tuple[str, str]]) -> str:
     provs.append(prov)
     r, best = doc["results"], doc["best_subset"]
     d = doc["differences"][f"{DEMO_STUDENT} − {BEST_SUBSET}"]
-    low, low_name = min((v["heldout_relation_loss"]["value"], n) for n, v in r.items() if n.startswith("baseline"))
+    low, low_name = _lowest_baseline(r)
     loss = r[DEMO_STUDENT]["heldout_relation_loss"]
     same = f" (= {best['same_as'].removeprefix('baseline: ')})" if best["same_as"] else ""
     rows.append([text, ", ".join(map(str, best["layers"])) + same,
@@ -243,14 +261,11 @@ def _best_subsets(page: str, texts: list[tuple[str, str]]) -> str:
                  report.fmt_difference(d["retrieval_mrr"]),
                  report.fmt(r[BEST_SUBSET]["agreement"]), report.fmt(r[DEMO_STUDENT]["agreement"]), report.fmt_difference(d["agreement"]),
                  f"{report.fmt(loss)} ({loss['value'] / low:.0%} of {low_name.removeprefix('baseline: ')}'s)"])
-  files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in texts]
-  when = "; ".join(sorted({f"commit {p['commit']}, {p['date']}" for p in provs}))
   return (markdown_table(["held-out text", "best layer subset (teacher layers)", "best subset: retrieval MRR",
                           "student: retrieval MRR", "student − best subset", "best subset: agreement",
                           "student: agreement", "student − best subset",
                           "student: held-out relation loss (of the best baseline's)"], rows) + "\n\n"
-          f"<sub>Made from {', '.join(files[:-1])} and {files[-1]} (minilm-eval's output at {when}; each "
-          "command is in the provenance.json beside its file). Differences paired over the same items, ± the "
+          + _sources(page, texts, provs) + " Differences paired over the same items, ± the "
           "SE of the difference, and in SEs; the best baseline is the one with the lowest held-out relation "
           "loss. Every model and every pair of a text: its own tables, made from the same file.</sub>")
 
@@ -279,7 +294,7 @@ def _start_study(page: str, folder: str) -> str:
   best layer subset, and its held-out relation loss against the lowest of the baselines'."""
   doc, prov = _eval_run(folder)
   r, diffs = doc["results"], doc["differences"]
-  low, low_name = min((v["heldout_relation_loss"]["value"], n) for n, v in r.items() if n.startswith("baseline"))
+  low, low_name = _lowest_baseline(r)
   rows = []
   for recipe, label in DEMO_START_RECIPES:
     names = sorted(n for n in r if re.fullmatch(rf"student: {recipe}_seed\d+", n))
@@ -290,9 +305,9 @@ def _start_study(page: str, folder: str) -> str:
     rows.append([label, ", ".join(n.rsplit("seed", 1)[1] for n in names),
                  " / ".join(dict.fromkeys(", ".join(map(str, r[n]["teacher_layers"])) for n in names)),
                  each(lambda n: f"{r[n]['retrieval_mrr']['value']:.3f}"),
-                 each(lambda n: f"{d(n, 'retrieval_mrr')['value']:+.3f} ({d(n, 'retrieval_mrr')['z']:+.1f})"),
+                 each(lambda n: _diff_cell(d(n, "retrieval_mrr"), 3)),
                  each(lambda n: f"{r[n]['agreement']['value']:.3f}"),
-                 each(lambda n: f"{d(n, 'agreement')['value']:+.3f} ({d(n, 'agreement')['z']:+.1f})"),
+                 each(lambda n: _diff_cell(d(n, "agreement"), 3)),
                  each(lambda n: f"{r[n]['heldout_relation_loss']['value'] / low:.0%}")])
   b = r[BEST_SUBSET]
   rows.append([f"{BEST_SUBSET} (no training)", "", ", ".join(map(str, b["teacher_layers"])),
@@ -326,20 +341,17 @@ def _students_vs_best(page: str, texts: list[tuple[str, str]], which: str) -> st
     provs.append(prov)
     r, diffs = doc["results"], doc["differences"]
     names = [n for n in r if n.startswith("student: ")]
-    low, low_name = min((v["heldout_relation_loss"]["value"], n) for n, v in r.items() if n.startswith("baseline"))
+    low, low_name = _lowest_baseline(r)
     each = lambda f: " / ".join(f(n) for n in names)
     d = lambda n, m: diffs[f"{n} − {BEST_SUBSET}"][m]
     rows.append([text, ", ".join(map(str, doc["best_subset"]["layers"])),
-                 each(lambda n: f"{d(n, 'retrieval_mrr')['value']:+.4f} ({d(n, 'retrieval_mrr')['z']:+.1f})"),
-                 each(lambda n: f"{d(n, 'agreement')['value']:+.4f} ({d(n, 'agreement')['z']:+.1f})"),
+                 each(lambda n: _diff_cell(d(n, "retrieval_mrr"), 4)),
+                 each(lambda n: _diff_cell(d(n, "agreement"), 4)),
                  each(lambda n: f"{r[n]['heldout_relation_loss']['value'] / low:.0%}") + f" of {low_name.removeprefix('baseline: ')}'s"])
-  files = [_link(page, os.path.join(RESULTS, folder, "results.json")) for folder, _ in texts]
-  when = "; ".join(sorted({f"commit {p['commit']}, {p['date']}" for p in provs}))
   return (markdown_table(["held-out text", "best layer subset", "student − best subset: retrieval MRR (in SE)",
                           "student − best subset: agreement (in SE)", "student: held-out relation loss"], rows)
-          + f"\n\n<sub>Made from {' and '.join(files)} (minilm-eval's output at {when}; each command is in the "
-          f"provenance.json beside its file). Each cell lists {which}; differences are paired over the same "
-          "items, in the metric's units and (in SEs).</sub>")
+          + "\n\n" + _sources(page, texts, provs) + f" Each cell lists {which}; differences are paired over "
+          "the same items, in the metric's units and (in SEs).</sub>")
 
 
 def demo_seeds(page: str) -> str:

@@ -414,10 +414,10 @@ def recorded_init_layers(workdir: str) -> Optional[list]:
   checkpoint's record), or None for a new run. A resume takes them rather than choosing again: the
   minute is not spent twice, and the record stays what the student started from, even where the
   choice's near-ties would fall the other way on another machine."""
-  ckpts = wd.join(workdir, wd.CHECKPOINTS)
-  if not wd.exists(ckpts):
+  from minilm_jax.evaluation import runs
+  mngr = runs.open_checkpoints(workdir)
+  if mngr is None:
     return None
-  mngr = checkpoint.open_read_only(ckpts)
   try:
     for step in sorted(mngr.all_steps(), reverse=True):
       try:
