@@ -20,10 +20,37 @@ import jax.numpy as jnp
 
 from minilm_jax import layers
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu(x):
+  """BERT's GELU, x·Φ(x) = x·(1 + erf(x/√2))/2 (the formula PyTorch's exact GELU uses), in x's dtype as
+  flax's was. Its derivative Φ(x) + x·φ(x) is written out (_gelu_bwd): left to autodiff, XLA:TPU
+  materialises the erf's pieces in the backward, and the step took 1.2 ms more of 16.3 (v4-32, BERT-base
+  -> 6x384, batch 1024 x 128, by the compiler's estimate). (Upcasting the forward to fp32 costs more
+  than it saves there: 17.5 ms, the fp32 activations reach memory.)"""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def _gelu_fwd(x):
+  return gelu(x), x  # only x is kept: Φ is recomputed in the backward's one elementwise pass
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  d = 0.5 * (1 + jax.lax.erf(xf * _SQRT_HALF)) + xf * _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+  return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 # Families whose weights share BERT's layout. RoBERTa/XLM-R differ only in how position ids are made.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # BERT's GELU is the exact erf form.
+    "gelu": gelu,  # BERT's GELU is the exact erf form.
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,

@@ -117,6 +117,19 @@ def test_gelu_is_exact_erf():
   np.testing.assert_allclose(_ACTIVATIONS["gelu"](x), 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=1e-6)
 
 
+def test_gelu_derivative_is_exact():
+  """gelu's written-out derivative against Φ(x) + x·φ(x) in float64, and the chain rule's g."""
+  from scipy.special import erf  # noqa: independent oracle
+  from minilm_jax.model import gelu
+  x = np.linspace(-6, 6, 241).astype(np.float32)
+  g = np.cos(x).astype(np.float32)
+  x64 = x.astype(np.float64)
+  want = g * (0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi))
+  _, vjp = jax.vjp(gelu, jnp.asarray(x))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], want, atol=1e-6, rtol=1e-5)
+
+
+
 def test_dropout_only_when_not_deterministic():
   config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=16)
