@@ -142,6 +142,36 @@ def test_weighted_loss_matches_direct_path():
     np.testing.assert_allclose(gk, gd, rtol=RTOL, atol=1e-7)
 
 
+@pytest.mark.parametrize("teacher_grads", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
+  # T ≤ the block: one kernel gives the four gradients from logits computed once; the numbers are the
+  # two kernels' (which the tests above hold to the oracle), for fp32 and for bf16's split dz.
+  b, c, t, d, e = 2, 4, 200, 16, 8
+  ta, tb, sa, sb = (jnp.asarray(x, dtype) for x in _inputs(9, b, c, t, d, e))
+  mask, seg = _masks("segments", b, t)
+  plan = rk._make_plan(b, c, t, d, e, 256, 256, True, dtype, (0.25, 0.5), teacher_grads)
+  assert rk._one_block(plan)
+  tm = lambda x, w: rk._token_major(x, plan, w)
+  args = (rk._key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
+          jnp.pad(jnp.asarray(seg, jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :],
+          tm(ta, plan.dt), tm(tb, plan.dt), tm(sa, plan.ds), tm(sb, plan.ds))
+  _, lse_t, lse_s, c_rows = rk._forward_call(plan, *args, residuals=True)
+  g = jnp.asarray(np.random.default_rng(2).standard_normal(lse_t.shape), jnp.float32)
+  one = rk._backward_one_block_call(plan, *args, g, lse_t, lse_s, c_rows)
+  d_ta, d_sa = rk._backward_call(plan, "dq", *args, g, lse_t, lse_s, c_rows)
+  d_tb, d_sb = rk._backward_call(plan, "dk", *args, g, lse_t, lse_s, c_rows)
+  for got, want, who in zip(one, (d_ta, d_tb, d_sa, d_sb), ("ta", "tb", "sa", "sb")):
+    if not teacher_grads and who.startswith("t"):
+      assert got is None and want is None
+      continue
+    assert got.dtype == jnp.float32 and np.any(np.asarray(want)), who
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=who)
+  both = rk._cost(plan, "both")
+  assert both.flops < 0.9 * (rk._cost(plan, "dq").flops + rk._cost(plan, "dk").flops)  # logits once, not twice
+  assert not rk._one_block(rk._make_plan(b, c, t, d, e, 128, 128, True, dtype))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_without_teacher_gradients_the_student_ones_are_unchanged(dtype):
   # The trainer's teacher is frozen: teacher_grads=False computes the student's gradients only (the
