@@ -376,9 +376,11 @@ def _pallas_heads_kl(teacher_a, teacher_b, student_a, student_b, keys, num_heads
 
   width = lambda x: x.shape[-1] // num_heads
   seg_BT = jnp.zeros(keys.mask.shape, jnp.int32) if keys.seg is None else keys.seg.astype(jnp.int32)
-  kl_BAT = kl_rows(heads(teacher_a), heads(teacher_b), heads(student_a), heads(student_b), keys.mask,
-                   seg_BT, scale=(1.0 / math.sqrt(width(teacher_a)), 1.0 / math.sqrt(width(student_a))))
-  return jnp.einsum("bat,bt->", kl_BAT, keys.w)
+  # The weighted sums per example [B]: the kernels take the weights, so that under differentiation one
+  # kernel gives the value and the gradients (relation_kernel.kl_rows).
+  kl_B = kl_rows(heads(teacher_a), heads(teacher_b), heads(student_a), heads(student_b), keys.mask,
+                 seg_BT, keys.w, scale=(1.0 / math.sqrt(width(teacher_a)), 1.0 / math.sqrt(width(student_a))))
+  return kl_B.sum()
 
 
 class _Keys(NamedTuple):

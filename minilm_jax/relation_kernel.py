@@ -7,7 +7,9 @@ an online log-sum-exp over key blocks (as flash attention does) that keeps per-r
 Backward (custom VJP): from the per-row residuals lse_T, lse_S, c alone, two kernels that recompute the
 logits block by block: one over query blocks for d_ta, d_sa, one over key blocks for d_tb, d_sb. When
 one block holds every query and key (T ≤ 512, the recipes' lengths), one kernel gives all four from
-logits computed once (_grad_one_block_kernel): a fifth less MXU work in the backward.
+logits computed once (_grad_one_block_kernel); and the loss's weighted sums (kl_rows with weights, what
+losses.py takes) get their value and gradients from a single kernel (_value_and_grad_kernel): each
+head's logits are computed once per step, not three times.
 
 Layout. The kernels read the token-major [B, T, C·d] layout the model produces (the wrapper undoes the
 heads-major transpose; inside a caller's jit the two transposes cancel): a [T, 16] head block would fill
@@ -294,12 +296,36 @@ def _grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse
     d_s_ref[...] = acc_s[...] * plan.scale_s
 
 
+def _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_of):
+  """Head h of a one-block grid step (every query and key in the block): its logits, computed once,
+  give dz (dz_of(zt, zs) -> (dzt, dzs)) and from it both sides' gradients, d_a = dzᵀ b and d_b = dz a,
+  added to `accs` (d_ta, d_tb, d_sa, d_sb accumulators, or d_sa, d_sb without the teacher's)."""
+  # Both sides with the other heads' lanes zeroed: the logits are head h's, and each gradient lands
+  # only in head h's lanes of its window.
+  (at, la_t), (bt, lb_t) = _window(ta_ref, h, plan.dt, True), _window(tb_ref, h, plan.dt, True)
+  (as_, la_s), (bs, lb_s) = _window(sa_ref, h, plan.ds, True), _window(sb_ref, h, plan.ds, True)
+  zt, zs = _logits_KQ(bt, at, valid_KQ, plan.scale_t), _logits_KQ(bs, as_, valid_KQ, plan.scale_s)
+  dzt, dzs = dz_of(zt, zs)
+  sides = [(dzs, as_, bs, la_s, lb_s, accs[-2], accs[-1])]
+  if plan.teacher_grads:
+    sides.append((dzt, at, bt, la_t, lb_t, accs[0], accs[1]))
+  for dz, a, b, la, lb, acc_a, acc_b in sides:
+    acc_a[:, la] += _grad_dot(dz, b, ((0,), (0,)))
+    acc_b[:, lb] += _grad_dot(dz, a, ((1,), (0,)))
+
+
+def _one_block_finish(plan, outs, accs):
+  scales = ((plan.scale_t,) * 2 if plan.teacher_grads else ()) + (plan.scale_s,) * 2
+  for out, acc, scale in zip(outs, accs, scales):  # z = scale · (a · b): both sides carry the scale
+    out[...] = acc[...] * scale
+
+
 def _grad_one_block_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, g_ref, lse_t_ref,
                            lse_s_ref, c_ref, *refs, plan):
   """Both sides' gradients when one block holds every query and key (nq = nk = 1, T ≤ the block):
-  each head's logits are computed once for d_a = dzᵀ b and d_b = dz a, where the two-kernel backward
-  computes them once in each kernel. Grid (b, group, 1, 1). refs: the outputs (d_ta, d_tb, d_sa, d_sb,
-  or d_sa, d_sb without the teacher's gradients), then one fp32 accumulator for each."""
+  each head's logits are computed once for d_a and d_b, where the two-kernel backward computes them
+  once in each kernel. Grid (b, group, 1, 1). refs: the outputs (d_ta, d_tb, d_sa, d_sb, or d_sa, d_sb
+  without the teacher's gradients), then one fp32 accumulator for each."""
   n = len(refs) // 2
   outs, accs = refs[:n], refs[n:]
   for acc in accs:
@@ -308,23 +334,47 @@ def _grad_one_block_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, 
 
   def head(h):
     row = pl.ds(h, 1)
-    # Both sides with the other heads' lanes zeroed: the logits are head h's, and each gradient lands
-    # only in head h's lanes of its window.
-    (at, la_t), (bt, lb_t) = _window(ta_ref, h, plan.dt, True), _window(tb_ref, h, plan.dt, True)
-    (as_, la_s), (bs, lb_s) = _window(sa_ref, h, plan.ds, True), _window(sb_ref, h, plan.ds, True)
-    zt, zs = _logits_KQ(bt, at, valid_KQ, plan.scale_t), _logits_KQ(bs, as_, valid_KQ, plan.scale_s)
-    dzt, dzs = _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :], c_ref[row, :])
-    sides = [(dzs, as_, bs, la_s, lb_s, accs[-2], accs[-1])]
-    if plan.teacher_grads:
-      sides.append((dzt, at, bt, la_t, lb_t, accs[0], accs[1]))
-    for dz, a, b, la, lb, acc_a, acc_b in sides:
-      acc_a[:, la] += _grad_dot(dz, b, ((0,), (0,)))
-      acc_b[:, lb] += _grad_dot(dz, a, ((1,), (0,)))
+    dz_of = lambda zt, zs: _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :],
+                               c_ref[row, :])
+    _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_of)
 
   _for_heads(plan, head)
-  scales = ((plan.scale_t,) * 2 if plan.teacher_grads else ()) + (plan.scale_s,) * 2
-  for out, acc, scale in zip(outs, accs, scales):  # z = scale · (a · b): both sides carry the scale
-    out[...] = acc[...] * scale
+  _one_block_finish(plan, outs, accs)
+
+
+def _value_and_grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, w_ref, kl_ref, *refs,
+                           plan):
+  """KL rows and the gradients of Σ w·KL in one pass, when one block holds every query and key: each
+  head's logits give the row statistics (lse_T, lse_S, c) and, right away, dz and both sides'
+  gradients, where the forward and backward kernels compute the logits once each. w_ref: the rows'
+  weights [hc, bq] (weighted_kl: the loss's token weights); refs as _grad_one_block_kernel's."""
+  n = len(refs) // 2
+  outs, accs = refs[:n], refs[n:]
+  for acc in accs:
+    acc[...] = jnp.zeros(acc.shape, jnp.float32)
+  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
+
+  def head(h):
+    row = pl.ds(h, 1)
+
+    def dz_of(zt, zs):
+      # The row statistics over all keys at once (no online rescaling: the block holds them all).
+      mt, ms = zt.max(0, keepdims=True), zs.max(0, keepdims=True)
+      et, es = jnp.exp(zt - mt), jnp.exp(zs - ms)
+      lt, ls = et.sum(0, keepdims=True), es.sum(0, keepdims=True)
+      # Masked keys hold MASK_VALUE in both logits, so zt − zs = 0 there (as in _forward_kernel).
+      c = (et * (zt - zs)).sum(0, keepdims=True) / lt
+      kl_ref[row, :] = c - (mt + jnp.log(lt)) + (ms + jnp.log(ls))
+      # where(): a row with no visible key has every logit at MASK_VALUE and exp(z − m) = 1 (as _dz).
+      pt = jnp.where(valid_KQ, et * (1.0 / lt), 0.0)  # one division per row, not per pair
+      ps = jnp.where(valid_KQ, es * (1.0 / ls), 0.0)
+      g = w_ref[row, :]
+      return g * pt * ((zt - zs) - c), g * (ps - pt)
+
+    _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_of)
+
+  _for_heads(plan, head)
+  _one_block_finish(plan, outs, accs)
 
 
 # -------------------------------------------------------------------------------------- pallas_call
@@ -364,7 +414,8 @@ def _params(plan):
 
 
 def _cost(plan, kind, n_out=1):
-  """CostEstimate of one pass ("forward", "dq", "dk", or "both": one kernel for both, _one_block). Flops count the MXU work issued (each head
+  """CostEstimate of one pass ("forward", "dq", "dk"; "both" and "value_and_grad": _one_block_call's).
+  Flops count the MXU work issued (each head
   contracts over its whole lane window: 128 lanes for d < 128; in the bf16 passes each matmul takes) and
   the elementwise work per (query, key) pair; bytes count every block DMA'd: the outer side's blocks once, the inner side's once per outer
   block (once in all when there is a single inner block, as Pallas skips an unchanged block)."""
@@ -392,6 +443,10 @@ def _cost(plan, kind, n_out=1):
   if kind == "both":  # one grid step per (b, group): every block read once, the logits computed once
     return pl.CostEstimate(flops=pairs * (mxu + 2 * grad_mxu + 16), transcendentals=2 * pairs,
                            bytes_accessed=2 * side + rows_in + kinfo + qseg + 2 * written)
+  if kind == "value_and_grad":  # the same, with the forward's row statistics; w in, kl out
+    return pl.CostEstimate(flops=pairs * (mxu + 2 * grad_mxu + 28) + rows * 8,
+                           transcendentals=2 * pairs + 2 * rows,
+                           bytes_accessed=2 * side + 2 * rows * 4 + kinfo + qseg + 2 * written)
   if kind == "dq":
     inputs = side + rows_in + reps * (side + kinfo) + qseg
   else:
@@ -448,29 +503,35 @@ def _backward_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c):
 
 
 def _one_block(plan):
-  """Whether one grid step holds every query and key, so _backward_one_block_call can serve."""
+  """Whether one grid step holds every query and key, so _one_block_call can serve."""
   return plan.nq == 1 and plan.nk == 1
 
 
-def _backward_one_block_call(plan, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c):
-  """(d_ta, d_tb, d_sa, d_sb) from one kernel (_grad_one_block_kernel); None for the teacher's without
-  teacher_grads."""
+def _one_block_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, *rows):
+  """One kernel for a one-block plan (_one_block). kind "both": rows (g, lse_t, lse_s, c), gives
+  (d_ta, d_tb, d_sa, d_sb) (_grad_one_block_kernel); "value_and_grad": rows (w,), gives
+  (kl, d_ta, d_tb, d_sa, d_sb) of Σ w·KL (_value_and_grad_kernel). The teacher's gradients are None
+  without teacher_grads; all fp32, token-major like the inputs."""
   s = _specs(plan, keys_outer=False)
   pairs = [(s["ta"], ta, plan.dt), (s["tb"], tb, plan.dt)] if plan.teacher_grads else []
   pairs += [(s["sa"], sa, plan.ds), (s["sb"], sb, plan.ds)]
+  kl = [(s["rows"], _rows_shape(plan))] if kind == "value_and_grad" else []
+  kernel = _value_and_grad_kernel if kind == "value_and_grad" else _grad_one_block_kernel
   out = pl.pallas_call(
-      functools.partial(_grad_one_block_kernel, plan=plan),
+      functools.partial(kernel, plan=plan),
       grid=_grid(plan, keys_outer=False),
-      in_specs=[s["kinfo"], s["qseg"], s["ta"], s["tb"], s["sa"], s["sb"]] + [s["rows"]] * 4,
-      out_specs=[spec for spec, _, _ in pairs],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for _, x, _ in pairs],
+      in_specs=[s["kinfo"], s["qseg"], s["ta"], s["tb"], s["sa"], s["sb"]] + [s["rows"]] * len(rows),
+      out_specs=[spec for spec, _ in kl] + [spec for spec, _, _ in pairs],
+      out_shape=[shape for _, shape in kl] + [jax.ShapeDtypeStruct(x.shape, jnp.float32) for _, x, _ in pairs],
       scratch_shapes=[pltpu.VMEM((plan.tp, plan.hc * w), jnp.float32) for _, _, w in pairs],
       compiler_params=_params(plan),
-      cost_estimate=_cost(plan, "both"),
+      cost_estimate=_cost(plan, kind),
       interpret=plan.interpret,
-      name="relation_kl_grad",
-  )(kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
-  return tuple(out) if plan.teacher_grads else (None, None) + tuple(out)
+      name="relation_kl_value_and_grad" if kl else "relation_kl_grad",
+  )(kinfo, qseg, ta, tb, sa, sb, *rows)
+  out = tuple(out)
+  grads = out[len(kl):] if plan.teacher_grads else (None, None) + out[len(kl):]
+  return out[:len(kl)] + grads
 
 
 # ------------------------------------------------------------------------------------- custom VJP
@@ -491,7 +552,7 @@ def _kl_bwd(plan, res, g):
   ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c = res
   args = (kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
   if _one_block(plan):
-    d_ta, d_tb, d_sa, d_sb = _backward_one_block_call(plan, *args)
+    d_ta, d_tb, d_sa, d_sb = _one_block_call(plan, "both", *args)
   else:
     d_ta, d_sa = _backward_call(plan, "dq", *args)
     d_tb, d_sb = _backward_call(plan, "dk", *args)
@@ -503,12 +564,51 @@ def _kl_bwd(plan, res, g):
 _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _weighted_kl_token_major(ta, tb, sa, sb, kinfo, qseg, w, plan):
+  """Σ_rows w·KL [B] of token-major inputs; w [B, G, hc, Tp] the rows' weights."""
+  kl = _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=False)[0]
+  return (kl * w).sum((1, 2, 3))
+
+
+def _weighted_fwd(ta, tb, sa, sb, kinfo, qseg, w, plan):
+  if _one_block(plan):  # the gradients of Σ w·KL now, with the value: the bwd only scales them
+    kl, *grads = _one_block_call(plan, "value_and_grad", kinfo, qseg, ta, tb, sa, sb, w)
+    return (kl * w).sum((1, 2, 3)), (kl, tuple(grads), None)
+  kl, lse_t, lse_s, c = _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=True)
+  return (kl * w).sum((1, 2, 3)), (kl, None, (ta, tb, sa, sb, kinfo, qseg, w, lse_t, lse_s, c))
+
+
+def _weighted_bwd(plan, res, g_B):
+  kl, grads, rest = res
+  if grads is not None:  # ∂(g·Σ w·KL) = g · ∂(Σ w·KL), per batch row
+    scaled = lambda d: None if d is None else d * g_B[:, None, None]
+    d_ta, d_tb, d_sa, d_sb = map(scaled, grads)
+  else:
+    ta, tb, sa, sb, kinfo, qseg, w, lse_t, lse_s, c = rest
+    args = (kinfo, qseg, ta, tb, sa, sb, w * g_B[:, None, None, None], lse_t, lse_s, c)
+    d_ta, d_sa = _backward_call(plan, "dq", *args)
+    d_tb, d_sb = _backward_call(plan, "dk", *args)
+  # fp32 from the kernels; the inputs' dtype for the VJP; zeros for a teacher held constant
+  widths = (plan.dt, plan.dt, plan.ds, plan.ds)
+  cast = lambda d, width: (jnp.zeros((plan.batch, plan.tp, plan.heads * width), plan.dtype) if d is None
+                           else d.astype(plan.dtype))
+  d = tuple(cast(x, width) for x, width in zip((d_ta, d_tb, d_sa, d_sb), widths))
+  return d + (None, None, kl * g_B[:, None, None, None])
+
+
+_weighted_kl_token_major.defvjp(_weighted_fwd, _weighted_bwd)
+
+
 # -------------------------------------------------------------------------------------------- public
 
 
-def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 1.0),
+def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, weights_BT=None, *, scale=(1.0, 1.0),
             teacher_grads=True, block_q=None, block_k=None, interpret=False):
   """KL_t [B, C, T] of every query row: losses._blockwise_kl_rows's numbers, from Pallas TPU kernels.
+  With weights_BT [B, T]: their weighted sums instead, [B] = Σ_{c,t} w[b, t]·KL_t[b, c], whose
+  gradients come from the forward's own kernel when one block holds every query and key (T ≤ 512: the
+  logits computed once in all, where the rows' VJP computes them twice).
 
   ta, tb: the teacher's relation inputs [B, C, T, d], heads-major; sa, sb: the student's [B, C, T, e]
   (d and e may differ). The logits are scale[0] · ta·tbᵀ and scale[1] · sa·sbᵀ (1/√d, 1/√e for
@@ -534,7 +634,13 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, *, scale=(1.0, 
   if not teacher_grads:
     ta_BCTd, tb_BCTd = jax.lax.stop_gradient(ta_BCTd), jax.lax.stop_gradient(tb_BCTd)
   tm = lambda x, width: _token_major(x.astype(dtype), plan, width)
-  kl_BGHT = _kl_token_major(tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds),
-                            tm(sb_BCTe, plan.ds), _key_info(mask_BT, seg_BT, plan),
-                            jnp.pad(seg_BT.astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :], plan)
-  return kl_BGHT.reshape(b, c, plan.tp)[:, :, :t]
+  args = (tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds), tm(sb_BCTe, plan.ds),
+          _key_info(mask_BT, seg_BT, plan),
+          jnp.pad(seg_BT.astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :])
+  if weights_BT is not None:
+    if weights_BT.shape != (b, t):
+      raise ValueError(f"weights must be [B, T] = {(b, t)}, got {weights_BT.shape}")
+    w_BT = jnp.pad(weights_BT.astype(jnp.float32), ((0, 0), (0, plan.tp - t)))  # padded rows weigh 0
+    w_BGHT = jnp.broadcast_to(w_BT[:, None, None, :], (b, plan.groups, plan.hc, plan.tp))
+    return _weighted_kl_token_major(*args, w_BGHT, plan)
+  return _kl_token_major(*args, plan).reshape(b, c, plan.tp)[:, :, :t]

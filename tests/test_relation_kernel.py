@@ -142,6 +142,38 @@ def test_weighted_loss_matches_direct_path():
     np.testing.assert_allclose(gk, gd, rtol=RTOL, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype,block,teacher_grads", [
+    (jnp.float32, None, True), (jnp.bfloat16, None, False),  # one block: value and gradients at once
+    (jnp.float32, 128, False), (jnp.bfloat16, 128, True),    # several: the forward, then the backward
+])
+def test_weighted_sums_match_the_rows(dtype, block, teacher_grads):
+  # kl_rows with weights: Σ_{c,t} w·KL per example, the value and all five gradients (weights too) those
+  # of the rows' path weighted afterwards, for any cotangent per example.
+  b, c, t, d, e = 2, 4, 200, 16, 8
+  ta, tb, sa, sb = (jnp.asarray(x, dtype) for x in _inputs(4, b, c, t, d, e))
+  mask, seg = _masks("segments", b, t)
+  w = jnp.asarray(np.random.default_rng(3).random((b, t)), jnp.float32)
+  kw = dict(scale=(0.3, 0.4), teacher_grads=teacher_grads, block_q=block, block_k=block, interpret=True)
+  plan = rk._make_plan(b, c, t, d, e, block, block, True, dtype, teacher_grads=teacher_grads)
+  assert rk._one_block(plan) == (block is None)
+  rows = lambda *x: jnp.einsum("bct,bt->b", rk.kl_rows(*x[:4], mask, seg, **kw), x[4])
+  weighted = lambda *x: rk.kl_rows(*x[:4], mask, seg, x[4], **kw)
+  want, want_vjp = jax.vjp(rows, ta, tb, sa, sb, w)
+  got, got_vjp = jax.vjp(weighted, ta, tb, sa, sb, w)
+  assert got.shape == (b,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(jax.jit(weighted)(ta, tb, sa, sb, w), want, rtol=RTOL, atol=ATOL)
+  g_B = jnp.asarray([0.7, -1.3])
+  f32 = lambda x: np.asarray(x, np.float32)
+  for x, ref, who in zip(got_vjp(g_B), want_vjp(g_B), ("ta", "tb", "sa", "sb", "w")):
+    assert x.dtype == ref.dtype, who
+    # bf16: the same fp32 gradient up to its order of sums, then one bf16 rounding each
+    np.testing.assert_allclose(f32(x), f32(ref), rtol=RTOL if dtype == jnp.float32 else 2**-7,
+                               atol=ATOL, err_msg=who)
+  with pytest.raises(ValueError, match="weights"):
+    rk.kl_rows(ta, tb, sa, sb, mask, seg, w[:, :10], **kw)
+
+
 @pytest.mark.parametrize("teacher_grads", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
@@ -158,7 +190,7 @@ def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
           tm(ta, plan.dt), tm(tb, plan.dt), tm(sa, plan.ds), tm(sb, plan.ds))
   _, lse_t, lse_s, c_rows = rk._forward_call(plan, *args, residuals=True)
   g = jnp.asarray(np.random.default_rng(2).standard_normal(lse_t.shape), jnp.float32)
-  one = rk._backward_one_block_call(plan, *args, g, lse_t, lse_s, c_rows)
+  one = rk._one_block_call(plan, "both", *args, g, lse_t, lse_s, c_rows)
   d_ta, d_sa = rk._backward_call(plan, "dq", *args, g, lse_t, lse_s, c_rows)
   d_tb, d_sb = rk._backward_call(plan, "dk", *args, g, lse_t, lse_s, c_rows)
   for got, want, who in zip(one, (d_ta, d_tb, d_sa, d_sb), ("ta", "tb", "sa", "sb")):
@@ -169,6 +201,8 @@ def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=who)
   both = rk._cost(plan, "both")
   assert both.flops < 0.9 * (rk._cost(plan, "dq").flops + rk._cost(plan, "dk").flops)  # logits once, not twice
+  # and with the forward's statistics in the same kernel, its logits are not computed again
+  assert rk._cost(plan, "value_and_grad").flops < 0.9 * (rk._cost(plan, "forward").flops + both.flops)
   assert not rk._one_block(rk._make_plan(b, c, t, d, e, 128, 128, True, dtype))
 
 
