@@ -139,6 +139,26 @@ def compile_bert_base_traffic(page: str) -> str:
           + "\n\n" + _compile_caption(page, list(runs.values())))
 
 
+# ---- what moved the BERT-base step: docs/results/compile_history.jsonl (experiments/compile_history.py)
+
+COMPILE_HISTORY = os.path.join(RESULTS, "compile_history.jsonl")
+
+
+def compile_history(page: str) -> str:
+  """One row per commit: its change (the label or subject stored) and the step at T = 128 and 512."""
+  runs = load_jsonl(COMPILE_HISTORY)
+  commits = list(dict.fromkeys(r["commit"] for r in runs))
+  cell = lambda r: f"{1e3 * r['step_seconds_estimate']:.1f} ms, MFU {r['mfu_estimate']:.2f}"
+  rows = []
+  for c in commits:
+    by_seq = {r["seq"]: r for r in runs if r["commit"] == c}
+    rows.append([c, by_seq[128]["subject"], cell(by_seq[128]), cell(by_seq[512])])
+  table = markdown_table(["commit", "change", "v4-32, T=128", "v4-32, T=512"], rows)
+  return (table + "\n\n" + f"<sub>Made from {_link(page, COMPILE_HISTORY)}, which "
+          "`python experiments/compile_history.py` wrote: each commit's own minilm-compile, run in a "
+          "worktree of it; each row's command is in its `command` field.</sub>")
+
+
 # ---- the step against its PyTorch peers on this CPU: docs/results/compare.jsonl (benchmarks/compare.py --out)
 
 COMPARE = os.path.join(RESULTS, "compare.jsonl")
@@ -468,6 +488,7 @@ RENDERERS = {
     "compare_peers": compare_peers,
     "compile_bert_base": compile_bert_base,
     "compile_bert_base_traffic": compile_bert_base_traffic,
+    "compile_history": compile_history,
     "compile_recipes": compile_recipes,
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
