@@ -166,8 +166,8 @@ PEER_NAMES = {"minilm_jax": "minilm_jax", "torch_eager": "PyTorch eager peer",
               "torch_compile": "PyTorch peer under `torch.compile`"}
 
 
-def compare_peers(page: str) -> str:
-  lines = load_jsonl(COMPARE)
+def compare_peers(page: str, path: str = COMPARE) -> str:
+  lines = load_jsonl(path)
   summary = next(r for r in lines if r["impl"] == "summary")
   rows = []
   for impl, name in PEER_NAMES.items():
@@ -179,7 +179,7 @@ def compare_peers(page: str) -> str:
     rows.append([name, f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}", ratio])
   return (markdown_table(["impl", "tokens/s (min-max of the rounds)", "MFU (best round)",
                           "minilm_jax's best round over this one's"], rows) + "\n\n"
-          f"<sub>Made from {_link(page, COMPARE)}, which `{summary['command']}` wrote on {summary['date']} "
+          f"<sub>Made from {_link(page, path)}, which `{summary['command']}` wrote on {summary['date']} "
           f"at commit {summary['commit']} (MFU against the peak measured in the same run, "
           f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).</sub>")
 
@@ -486,6 +486,7 @@ RENDERERS = {
     **{folder: functools.partial(_eval_models, folder=folder) for folder in EVAL_FOLDERS},
     **{f"{folder}_differences": functools.partial(_eval_differences, folder=folder) for folder in EVAL_FOLDERS},
     "compare_peers": compare_peers,
+    "compare_peers_xeon": functools.partial(compare_peers, path=os.path.join(RESULTS, "compare_xeon.jsonl")),
     "compile_bert_base": compile_bert_base,
     "compile_bert_base_traffic": compile_bert_base_traffic,
     "compile_history": compile_history,
