@@ -202,7 +202,12 @@ def _dz(zt_KQ, zs_KQ, valid_KQ, g_1Q, lse_t_1Q, lse_s_1Q, c_1Q):
   # where(): a row with no visible key has lse ≈ MASK_VALUE, and exp(z − lse) = 1 on its masked keys.
   pt = jnp.where(valid_KQ, jnp.exp(zt_KQ - lse_t_1Q), 0.0)
   ps = jnp.where(valid_KQ, jnp.exp(zs_KQ - lse_s_1Q), 0.0)
-  return g_1Q * pt * ((zt_KQ - zs_KQ) - c_1Q), g_1Q * (ps - pt)
+  return _dz_of_probs(zt_KQ, zs_KQ, pt, ps, g_1Q, c_1Q)
+
+
+def _dz_of_probs(zt_KQ, zs_KQ, pt_KQ, ps_KQ, g_1Q, c_1Q):
+  """_dz from the two models' probabilities [bk, bq] (zero on invisible keys)."""
+  return g_1Q * pt_KQ * ((zt_KQ - zs_KQ) - c_1Q), g_1Q * (ps_KQ - pt_KQ)
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -314,7 +319,17 @@ def _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_
     acc_b[:, lb] += _grad_dot(dz, a, ((1,), (0,)))
 
 
-def _one_block_finish(plan, outs, accs):
+def _one_block_kernel(plan, kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, refs, dz_for):
+  """The body of a one-block kernel (grid (b, group, 1, 1)): every head through _one_block_head, with
+  dz_for(h, valid_KQ) -> its dz_of. refs: the gradient outputs (d_ta, d_tb, d_sa, d_sb, or d_sa, d_sb
+  without the teacher's gradients), then one fp32 accumulator for each."""
+  n = len(refs) // 2
+  outs, accs = refs[:n], refs[n:]
+  for acc in accs:
+    acc[...] = jnp.zeros(acc.shape, jnp.float32)
+  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
+  _for_heads(plan, lambda h: _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs,
+                                             dz_for(h, valid_KQ)))
   scales = ((plan.scale_t,) * 2 if plan.teacher_grads else ()) + (plan.scale_s,) * 2
   for out, acc, scale in zip(outs, accs, scales):  # z = scale · (a · b): both sides carry the scale
     out[...] = acc[...] * scale
@@ -324,22 +339,13 @@ def _grad_one_block_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, 
                            lse_s_ref, c_ref, *refs, plan):
   """Both sides' gradients when one block holds every query and key (nq = nk = 1, T ≤ the block):
   each head's logits are computed once for d_a and d_b, where the two-kernel backward computes them
-  once in each kernel. Grid (b, group, 1, 1). refs: the outputs (d_ta, d_tb, d_sa, d_sb, or d_sa, d_sb
-  without the teacher's gradients), then one fp32 accumulator for each."""
-  n = len(refs) // 2
-  outs, accs = refs[:n], refs[n:]
-  for acc in accs:
-    acc[...] = jnp.zeros(acc.shape, jnp.float32)
-  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
-
-  def head(h):
+  once in each kernel. refs as _one_block_kernel's."""
+  def dz_for(h, valid_KQ):
     row = pl.ds(h, 1)
-    dz_of = lambda zt, zs: _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :],
-                               c_ref[row, :])
-    _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_of)
+    return lambda zt, zs: _dz(zt, zs, valid_KQ, g_ref[row, :], lse_t_ref[row, :], lse_s_ref[row, :],
+                              c_ref[row, :])
 
-  _for_heads(plan, head)
-  _one_block_finish(plan, outs, accs)
+  _one_block_kernel(plan, kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, refs, dz_for)
 
 
 def _value_and_grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, w_ref, kl_ref, *refs,
@@ -347,14 +353,8 @@ def _value_and_grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, 
   """KL rows and the gradients of Σ w·KL in one pass, when one block holds every query and key: each
   head's logits give the row statistics (lse_T, lse_S, c) and, right away, dz and both sides'
   gradients, where the forward and backward kernels compute the logits once each. w_ref: the rows'
-  weights [hc, bq] (weighted_kl: the loss's token weights); refs as _grad_one_block_kernel's."""
-  n = len(refs) // 2
-  outs, accs = refs[:n], refs[n:]
-  for acc in accs:
-    acc[...] = jnp.zeros(acc.shape, jnp.float32)
-  valid_KQ = _validity_KQ(kinfo_ref, qseg_ref)
-
-  def head(h):
+  weights [hc, bq] (kl_rows' weights: the loss's token weights); refs as _one_block_kernel's."""
+  def dz_for(h, valid_KQ):
     row = pl.ds(h, 1)
 
     def dz_of(zt, zs):
@@ -368,13 +368,11 @@ def _value_and_grad_kernel(kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, 
       # where(): a row with no visible key has every logit at MASK_VALUE and exp(z − m) = 1 (as _dz).
       pt = jnp.where(valid_KQ, et * (1.0 / lt), 0.0)  # one division per row, not per pair
       ps = jnp.where(valid_KQ, es * (1.0 / ls), 0.0)
-      g = w_ref[row, :]
-      return g * pt * ((zt - zs) - c), g * (ps - pt)
+      return _dz_of_probs(zt, zs, pt, ps, w_ref[row, :], c)
 
-    _one_block_head(plan, h, ta_ref, tb_ref, sa_ref, sb_ref, valid_KQ, accs, dz_of)
+    return dz_of
 
-  _for_heads(plan, head)
-  _one_block_finish(plan, outs, accs)
+  _one_block_kernel(plan, kinfo_ref, qseg_ref, ta_ref, tb_ref, sa_ref, sb_ref, refs, dz_for)
 
 
 # -------------------------------------------------------------------------------------- pallas_call
@@ -548,17 +546,28 @@ def _kl_fwd(ta, tb, sa, sb, kinfo, qseg, plan):
   return kl, (ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c)
 
 
-def _kl_bwd(plan, res, g):
-  ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c = res
-  args = (kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
+def _backward(plan, *args):
+  """(d_ta, d_tb, d_sa, d_sb) in the inputs' dtype from the rows' residuals and cotangent g (args as
+  _backward_call's): one kernel for a one-block plan, else the query- and key-block kernels. The kernels
+  give fp32; a teacher held constant gets zeros."""
   if _one_block(plan):
     d_ta, d_tb, d_sa, d_sb = _one_block_call(plan, "both", *args)
   else:
     d_ta, d_sa = _backward_call(plan, "dq", *args)
     d_tb, d_sb = _backward_call(plan, "dk", *args)
-  # fp32 from the kernels; the inputs' dtype for the VJP; zeros for a teacher held constant
-  cast = lambda d, like: jnp.zeros(like.shape, plan.dtype) if d is None else d.astype(plan.dtype)
-  return cast(d_ta, ta), cast(d_tb, tb), cast(d_sa, sa), cast(d_sb, sb), None, None
+  return _in_input_dtype(plan, (d_ta, d_tb, d_sa, d_sb))
+
+
+def _in_input_dtype(plan, grads):
+  """fp32 token-major gradients (None: zeros) of ta, tb, sa, sb cast to the inputs' dtype."""
+  widths = (plan.dt, plan.dt, plan.ds, plan.ds)
+  return tuple(jnp.zeros((plan.batch, plan.tp, plan.heads * w), plan.dtype) if d is None
+               else d.astype(plan.dtype) for d, w in zip(grads, widths))
+
+
+def _kl_bwd(plan, res, g):
+  ta, tb, sa, sb, kinfo, qseg, lse_t, lse_s, c = res
+  return _backward(plan, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c) + (None, None)
 
 
 _kl_token_major.defvjp(_kl_fwd, _kl_bwd)
@@ -581,20 +590,13 @@ def _weighted_fwd(ta, tb, sa, sb, kinfo, qseg, w, plan):
 
 def _weighted_bwd(plan, res, g_B):
   kl, grads, rest = res
+  g_rows = g_B[:, None, None, None]
   if grads is not None:  # ∂(g·Σ w·KL) = g · ∂(Σ w·KL), per batch row
-    scaled = lambda d: None if d is None else d * g_B[:, None, None]
-    d_ta, d_tb, d_sa, d_sb = map(scaled, grads)
+    d = _in_input_dtype(plan, (None if x is None else x * g_B[:, None, None] for x in grads))
   else:
     ta, tb, sa, sb, kinfo, qseg, w, lse_t, lse_s, c = rest
-    args = (kinfo, qseg, ta, tb, sa, sb, w * g_B[:, None, None, None], lse_t, lse_s, c)
-    d_ta, d_sa = _backward_call(plan, "dq", *args)
-    d_tb, d_sb = _backward_call(plan, "dk", *args)
-  # fp32 from the kernels; the inputs' dtype for the VJP; zeros for a teacher held constant
-  widths = (plan.dt, plan.dt, plan.ds, plan.ds)
-  cast = lambda d, width: (jnp.zeros((plan.batch, plan.tp, plan.heads * width), plan.dtype) if d is None
-                           else d.astype(plan.dtype))
-  d = tuple(cast(x, width) for x, width in zip((d_ta, d_tb, d_sa, d_sb), widths))
-  return d + (None, None, kl * g_B[:, None, None, None])
+    d = _backward(plan, kinfo, qseg, ta, tb, sa, sb, w * g_rows, lse_t, lse_s, c)
+  return d + (None, None, kl * g_rows)
 
 
 _weighted_kl_token_major.defvjp(_weighted_fwd, _weighted_bwd)
