@@ -14,6 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from minilm_jax import xla_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override keys with "
                                           "--config.KEY=VALUE.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the student go; rerun "
@@ -131,6 +133,7 @@ def _parse(argv):
 
 def main(argv=None, prog="minilm-distill", command=None):
   argv = list(sys.argv if argv is None else argv)
+  xla_flags.set_tpu_flags()  # before JAX starts libtpu, which reads them once
   if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
     flags.FLAGS.mark_as_parsed()
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1

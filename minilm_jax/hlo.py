@@ -75,14 +75,17 @@ def collective_kind(op: str) -> str:
 
 
 def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
-  """{kind: {"count": n, "largest_bytes": b}} of the program's collectives (async ones counted once)."""
+  """{kind: {"count": n, "largest_bytes": b, "async": a}} of the program's collectives (async ones counted
+  once); "async": how many of them may overlap compute (a -start op, or XLA:TPU's asynchronous
+  collective fusion, which marks the op with an async_collective_name)."""
   out: Dict[str, Dict[str, int]] = {}
   for ins in instructions(hlo_text):
     kind = collective_kind(ins.op)
     if kind:
-      c = out.setdefault(kind, {"count": 0, "largest_bytes": 0})
+      c = out.setdefault(kind, {"count": 0, "largest_bytes": 0, "async": 0})
       c["count"] += 1
       c["largest_bytes"] = max(c["largest_bytes"], ins.largest_bytes)
+      c["async"] += ins.op.endswith("-start") or "async_collective_name=" in ins.rest
   return dict(sorted(out.items()))
 
 

@@ -17,6 +17,8 @@ import re
 from importlib import resources
 from typing import Any, List
 
+from minilm_jax import xla_flags
+
 GiB = 1 << 30
 
 # family: (chips per slice name unit, HBM bytes, bf16 FLOP/s, HBM bytes/s) per chip; v4 and v5p count
@@ -105,6 +107,7 @@ def devices(target: Target) -> List[Any]:
   from jax.experimental import topologies
   if target.platform == "tpu":
     _quiet_libtpu()
+    xla_flags.set_tpu_flags()  # compiled as the trainer compiles it on a TPU VM
     kw = {"chip_config_name": "megacore"} if _TPU[target.name.split("-")[0]]["cores_per_chip"] == 2 \
         else {}
     if target.num_devices == 1:

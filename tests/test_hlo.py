@@ -11,7 +11,7 @@ ENTRY %main (p0: bf16[8,128]) -> f32[8,128] {
   %all-gather-start.3 = (bf16[2,128]{1,0}, bf16[8,128]{1,0}) all-gather-start(bf16[2,128]{1,0} %x), dimensions={0}
   %all-gather-done.3 = bf16[8,128]{1,0} all-gather-done((bf16[2,128]{1,0}, bf16[8,128]{1,0}) %all-gather-start.3)
   %all-reduce.7 = (f32[384,1536]{1,0}, f32[384]{0}) all-reduce(f32[384,1536]{1,0} %g, f32[384]{0} %b), to_apply=%add
-  %all-reduce.8 = f32[16]{0} all-reduce(f32[16]{0} %c), to_apply=%add
+  %all-reduce.8 = f32[16]{0} all-reduce(f32[16]{0} %c), to_apply=%add, frontend_attributes={async_collective_name="all-reduce-start.1"}
   %custom-call.5 = f32[384,1536]{1,0:T(8,128)S(3)} custom-call(%a, %b), custom_call_target="ConcatBitcast"
   %custom-call.6 = f32[4]{0} custom-call(%c), custom_call_target="ConcatBitcast"
   ROOT %fusion.2 = f32[8,128]{1,0} fusion(bf16[8,128]{1,0} %all-gather-done.3), kind=kLoop, calls=%f
@@ -31,8 +31,8 @@ def test_collectives_count_async_pairs_once():
   assert hlo.collective_kind("all-gather-start") == "all-gather"
   assert hlo.collective_kind("all-gather-done") == "" and hlo.collective_kind("fusion") == ""
   assert hlo.collectives(TEXT) == {
-      "all-gather": {"count": 1, "largest_bytes": 8 * 128 * 2},
-      "all-reduce": {"count": 2, "largest_bytes": 384 * 1536 * 4}}
+      "all-gather": {"count": 1, "largest_bytes": 8 * 128 * 2, "async": 1},
+      "all-reduce": {"count": 2, "largest_bytes": 384 * 1536 * 4, "async": 1}}  # XLA:TPU's async fusion
   assert hlo.custom_call_targets(TEXT) == {"ConcatBitcast": 2}
 
 

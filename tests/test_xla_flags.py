@@ -1,4 +1,5 @@
-"""minilm_jax.xla_flags: the routes do to the compiled HLO what they say, and the package sets none."""
+"""minilm_jax.xla_flags: the routes do to the compiled HLO what they say, and the package sets none;
+the TPU flags join LIBTPU_INIT_ARGS without overriding the user's or naming a flag libtpu lacks."""
 
 import json
 import os
@@ -8,7 +9,9 @@ import sys
 
 import pytest
 
-from minilm_jax import xla_flags
+from minilm_jax import targets, xla_flags
+
+needs_libtpu = pytest.mark.skipif(not targets._has_module("libtpu"), reason="libtpu not installed")
 
 
 def test_every_route_names_known_flags():
@@ -41,3 +44,39 @@ def test_routes_change_the_compiled_step_and_importing_the_package_sets_none():
   assert plain["ynn"] == 0 and plain["onednn"] == 0
   onednn = compiled("onednn-individual_dot")
   assert onednn["ynn"] == 0 and onednn["onednn"] >= 1
+
+
+def test_tpu_flags_join_the_users_args_and_keep_the_users_values():
+  name, value = next(iter(xla_flags.TPU_FLAGS.items()))
+  user = f"--xla_some_user_flag=1 --{name}=false"
+  args = xla_flags.tpu_init_args(user).split()
+  assert args[:2] == user.split()  # the user's own, first and unchanged
+  assert f"--{name}={value}" not in args
+  assert sorted(a.split("=")[0] for a in args[2:]) == sorted(f"--{n}" for n in xla_flags.TPU_FLAGS
+                                                              if n != name)
+  assert xla_flags.tpu_init_args(" ".join(args)) == " ".join(args)  # adding them again changes nothing
+  assert xla_flags.tpu_init_args("") == " ".join(f"--{n}={v}" for n, v in xla_flags.TPU_FLAGS.items())
+
+
+def test_flags_the_libtpu_lacks_are_left_out(tmp_path, monkeypatch):
+  names = list(xla_flags.TPU_FLAGS)
+  lib = tmp_path / "libtpu.so"
+  # The first flag appears only inside a longer name: not defined. The others are NUL-terminated names.
+  lib.write_bytes(b"\x7fELF\0" + names[0].encode() + b"_v2\0" +
+                  b"".join(n.encode() + b"\0" for n in names[1:]) + b"tail")
+  assert xla_flags.libtpu_knows(str(lib), names) == set(names[1:])
+  monkeypatch.setattr(xla_flags, "_libtpu_path", lambda: str(lib))
+  env = {"LIBTPU_INIT_ARGS": "--xla_user=2"}
+  xla_flags.set_tpu_flags(env)
+  assert env["LIBTPU_INIT_ARGS"].split() == ["--xla_user=2"] + [f"--{n}={xla_flags.TPU_FLAGS[n]}"
+                                                                  for n in names[1:]]
+  monkeypatch.setattr(xla_flags, "_libtpu_path", lambda: None)
+  env = {}
+  xla_flags.set_tpu_flags(env)  # no libtpu (a GPU or CPU machine): nothing set
+  assert env == {}
+
+
+@needs_libtpu
+def test_the_installed_libtpu_knows_every_tpu_flag():
+  assert xla_flags.libtpu_knows(xla_flags._libtpu_path(), list(xla_flags.TPU_FLAGS)) == \
+      set(xla_flags.TPU_FLAGS)
