@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import layers
+from minilm_jax import dropout_hash, layers
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -195,14 +195,30 @@ def dropout(x, rate: float, key):
   neighbouring elements (its low half the first); with the default threefry key the words are hashed
   inside the fusion that applies the mask (_threefry2x32, one hash per word), with the same bits as
   jax.random.bits: ~9× cheaper on CPU than materialising them. Elsewhere (TPU, GPU) each element takes
-  its own jax.random.bits(key, x.shape, uint16), which XLA fuses into the mask there, where the word
-  layout above makes XLA:TPU write the words to HBM (4× the step's bytes for the attention's dropout,
-  by its cost model). So a mask is a function of (key, shape) on each platform, not across them."""
+  its own 16 bits of a cheaper counter hash (_hash_bits16), which XLA fuses into the mask there, where
+  the word layout above makes XLA:TPU write the words to HBM (4× the step's bytes for the attention's
+  dropout, by its cost model). So a mask is a function of (key, shape) on each platform, not across
+  them."""
   threshold = round(rate * 65536)
   keep_prob = 1.0 - threshold / 65536
   apply = lambda u16: jnp.where(u16 >= threshold, x / keep_prob, 0).astype(x.dtype)
   return jax.lax.platform_dependent(key, cpu=lambda k: apply(_cpu_bits16(k, x.shape)),
-                                    default=lambda k: apply(jax.random.bits(k, x.shape, jnp.uint16)))
+                                    default=lambda k: apply(_hash_bits16(k, x.shape)))
+
+
+def _hash_bits16(key, shape):
+  """16 random bits per element of `shape` (int32 in [0, 65536)) for TPU and GPU: the low half of
+  dropout_hash.hash32 (two rounds of murmur3's fmix32, the attention kernel's hash) of the element's
+  flat index, keyed by one 32-bit draw of `key`. About 20 vector ops an element, where jax.random.bits'
+  threefry (20 rounds) takes over 100, recomputed again in the backward pass: v5e-16, BERT-base ->
+  6x384, batch 1024 x 128, 19.1 -> 18.9 ms a step by the compiler's estimate. Arrays of 2^31 elements or
+  more (the index would wrap) take jax.random.bits."""
+  n = math.prod(shape)
+  if n >= 2 ** 31:
+    return jax.random.bits(key, shape, jnp.uint16)
+  seed = jax.lax.bitcast_convert_type(jax.random.bits(key, (), jnp.uint32), jnp.int32)
+  counter = jax.lax.iota(jnp.int32, n).reshape(shape)
+  return dropout_hash.hash32(dropout_hash.fmix32(seed), counter) & 0xFFFF
 
 
 def _cpu_bits16(key, shape):

@@ -168,6 +168,34 @@ def test_dropout_bits_are_jax_random_bits():
   np.testing.assert_array_equal(dropout(x, 0.1, rbg), reference(x, 0.1, rbg))
 
 
+def test_tpu_and_gpu_dropout_bits_are_the_counter_hash_of_each_element():
+  """The TPU/GPU mask bits (model._hash_bits16) against murmur3's fmix32 written in numpy uint32: two
+  rounds over each element's flat index, keyed by one 32-bit draw of the key; their rate and spread."""
+  from minilm_jax.model import _hash_bits16
+
+  def fmix32(x):
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+  key = jax.random.key(7)
+  shape = (3, 5, 64)
+  with np.errstate(over="ignore"):
+    k = fmix32(np.asarray(jax.random.bits(key, (), jnp.uint32), np.uint32))
+    counter = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+    want = (fmix32(fmix32(counter ^ k) + k) & np.uint32(0xFFFF)).astype(np.int64)
+  got = np.asarray(jax.jit(_hash_bits16, static_argnums=1)(key, shape))
+  np.testing.assert_array_equal(got, want)
+  bits = np.asarray(jax.jit(_hash_bits16, static_argnums=1)(jax.random.key(0), (256, 1024)))
+  dropped = (bits < round(0.1 * 65536)).mean()
+  assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / bits.size) ** 0.5  # within 4 standard errors
+  assert abs(bits.mean() / 65535 - 0.5) < 0.005
+  other = np.asarray(jax.jit(_hash_bits16, static_argnums=1)(jax.random.key(1), (256, 1024)))
+  assert (other == bits).mean() < 0.001  # another key, another mask
+
+
 def test_token_type_ids_default_to_zeros_and_bf16_compute():
   config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=16)
