@@ -119,12 +119,18 @@ def _compile_caption(page: str, runs: list[dict]) -> str:
           f"row's command is in its `command` field.</sub>")
 
 
+def _collectives(r: dict) -> str:
+  """"all-reduce ×4 (3 async), ..." (reports before 44c8892 did not count the asynchronous ones)."""
+  return ", ".join(f"{k} ×{v['count']}" + (f" ({v['async']} async)" if v.get("async") else "")
+                   for k, v in sorted(r["collectives"].items()))
+
+
 def compile_bert_base(page: str) -> str:
   runs = _bert_base_runs()
   rows = [[r["run"], f"{1e3 * r['step_seconds_estimate']:.1f} ms", f"{r['tokens_per_s_estimate']:,.0f}",
-           f"{r['mfu_estimate']:.2f}", f"{r['memory_per_device_bytes'] / 2**30:.2f} of "
+           f"{r['mfu_estimate']:.3f}", f"{r['memory_per_device_bytes'] / 2**30:.2f} of "
            f"{r['hbm_bytes'] / 2**30:.0f} GiB", f"{r['hbm_bytes_accessed_per_device'] / 1e9:.1f} GB",
-           ", ".join(f"{k} ×{v['count']}" for k, v in sorted(r["collectives"].items()))] for r in runs]
+           _collectives(r)] for r in runs]
   return (markdown_table(["target, T", "compiler's step", "tokens/s", "MFU", "memory per chip",
                           "HBM bytes per chip", "collectives"], rows) + "\n\n" + _compile_caption(page, runs))
 
@@ -148,7 +154,7 @@ def compile_history(page: str) -> str:
   """One row per commit: its change (the label or subject stored) and the step at T = 128 and 512."""
   runs = load_jsonl(COMPILE_HISTORY)
   commits = list(dict.fromkeys(r["commit"] for r in runs))
-  cell = lambda r: f"{1e3 * r['step_seconds_estimate']:.1f} ms, MFU {r['mfu_estimate']:.2f}"
+  cell = lambda r: f"{1e3 * r['step_seconds_estimate']:.1f} ms, MFU {r['mfu_estimate']:.3f}"
   rows = []
   for c in commits:
     by_seq = {r["seq"]: r for r in runs if r["commit"] == c}

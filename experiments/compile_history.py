@@ -1,8 +1,8 @@
 """The BERT-base step (configs/v2_bert_base_6x384.py on v4-32, T = 128 and 512) compiled at each of a
 list of commits: what each change did to the compiler's estimate of the step.
 
-  python experiments/compile_history.py dbb1842=before 93954e5 3ca274f 012e363 \
-      --out docs/results/compile_history.jsonl          # about 6 CPU-minutes here
+  python experiments/compile_history.py dbb1842=before 93954e5 3ca274f 012e363 44c8892 5b78db6 \
+      --out docs/results/compile_history.jsonl          # about 10 CPU-minutes here
 
 Each commit is checked out into a temporary git worktree and its own minilm-compile runs there (with the
 libtpu of this environment), so every row is that commit's code. Writes one JSON line per (commit, T):

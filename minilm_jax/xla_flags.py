@@ -7,8 +7,9 @@ XLA:TPU all-reduces a data-parallel step's weight gradients as one synchronous a
 backward pass (84 MB a step for BERT-base -> 6x384). With these flags the gradients are reduced by
 asynchronous collective fusions, in pieces of at most 32 MiB, that overlap the backward pass's compute:
 v4-32, batch 1024 x 128, 14.5 -> 13.8 ms a step by the compiler's estimate (fsdp=4: 13.7 -> 13.5);
-v5e-16, 20.1 -> 19.1 ms. Each of the four is needed (three of them alone: 14.5 or 14.9 ms); a 2 MiB
-piece overflows v4's VMEM, 64 MiB is one piece again. A flag the user already put in LIBTPU_INIT_ARGS
+v5e-16, 20.1 -> 19.1 ms. All four are needed (without the size limit: 14.5 ms, one piece; without the
+first, or the two collective-fusion flags: 14.9 ms); a 2 MiB limit overflows v4's VMEM, 64 MiB is one
+piece again. A flag the user already put in LIBTPU_INIT_ARGS
 keeps the user's value, and a flag the installed libtpu does not know is left out (libtpu aborts on an
 unknown flag).
 
@@ -35,6 +36,7 @@ Flag values in jaxlib 0.10 (from its DebugOptions; checked against the compiled 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import mmap
 import os
@@ -59,9 +61,15 @@ def tpu_init_args(current: str, known: Callable[[str], bool] = lambda name: True
 
 def libtpu_knows(path: str, names: Sequence[str]) -> set:
   """Which of the flag `names` the libtpu library at `path` defines (their names are NUL-terminated
-  strings in it; half a second for its ~700 MB)."""
+  strings in it; half a second for its ~700 MB, so a process scans a library once)."""
+  st = os.stat(path)
+  return set(_defined(path, st.st_size, st.st_mtime_ns, tuple(names)))
+
+
+@functools.lru_cache(maxsize=4)
+def _defined(path: str, size: int, mtime_ns: int, names: tuple) -> tuple:
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-    return {n for n in names if m.find(b"\0" + n.encode() + b"\0") >= 0}
+    return tuple(n for n in names if m.find(b"\0" + n.encode() + b"\0") >= 0)
 
 
 def _libtpu_path() -> Optional[str]:
