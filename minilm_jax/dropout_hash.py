@@ -1,6 +1,7 @@
 """The attention kernel's dropout mask: 16 uniform bits per (batch row, head, query, key) from a
 counter-based hash of the row's seed, the head pair and t·T + s, so that the kernel draws, block by block
 in VMEM, exactly the mask that keep_mask builds densely (attention_kernel.py; tests compare them).
+model.dropout draws its TPU and GPU bits from hash32 too.
 """
 
 import functools
