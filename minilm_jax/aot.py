@@ -108,9 +108,25 @@ def compile_step(cfg, target: str) -> Compiled:
     # is the only structured field a compile error carries.
     if not str(e).startswith("RESOURCE_EXHAUSTED"):
       raise
-    raise DoesNotFit(f"the step does not fit on {t.name} ({str(e).splitlines()[0]}): "
-                     f"{_what_to_change(cfg, t.num_devices)}") from None
+    raise refusal(str(e).splitlines()[0], cfg, t) from None
   return Compiled(cfg, t, s, compiled, time.perf_counter() - t0)
+
+
+class OutOfVmem(RuntimeError):
+  """The step asks a core's vector memory (VMEM) for more than it has: no batch or model size causes
+  that, a kernel's blocks or a compiler flag do."""
+
+
+def refusal(first_line: str, cfg, t) -> Exception:
+  """The error for XLA:TPU's RESOURCE_EXHAUSTED `first_line`: DoesNotFit (with what to change) when HBM
+  ran out; OutOfVmem when the message names VMEM, the one memory space whose overflow the batch does not
+  decide (a 2 MiB all-reduce piece did it, xla_flags.py)."""
+  if "memory space vmem" in first_line.lower():
+    return OutOfVmem(f"XLA:TPU ran out of VMEM compiling the step for {t.name} ({first_line}): a Pallas "
+                     "kernel's blocks or a flag in LIBTPU_INIT_ARGS ask for more vector memory than a "
+                     "core has; a smaller batch will not help, so please report it")
+  return DoesNotFit(f"the step does not fit on {t.name} ({first_line}): "
+                    f"{_what_to_change(cfg, t.num_devices)}")
 
 
 def _what_to_change(cfg, devices: int, over: int = 2) -> str:

@@ -105,6 +105,18 @@ def test_bf16_step_reduces_gradients_in_fp32_and_scatters_nothing_in_bf16(v5e4_b
   assert hlo.custom_call_targets(c.hlo_text)["tpu_custom_call"] >= 4
 
 
+def test_vector_memory_overflow_is_not_told_to_shrink_the_batch(teacher_config):
+  # XLA:TPU's words when a 2 MiB all-reduce piece overflowed a v4's VMEM (xla_flags.py), and when HBM ran
+  # out: only the second is the batch's doing.
+  cfg, t = small_config(teacher_config), targets.parse("v4-32")
+  vmem = aot.refusal("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+                     "space vmem. Used 16.41M of 16.00M vmem. Exceeded vmem capacity by 424.0K.", cfg, t)
+  assert isinstance(vmem, aot.OutOfVmem) and "grad_accum" not in str(vmem) and "v4-32" in str(vmem)
+  hbm = aot.refusal("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                    "temporaries (28.12G) exceeds available HBM (15.75G).", cfg, t)
+  assert isinstance(hbm, aot.DoesNotFit) and "grad_accum" in str(hbm)
+
+
 @needs_libtpu
 def test_a_step_that_does_not_fit_is_refused_in_one_line(teacher_config, tmp_path):
   from minilm_jax import cli
