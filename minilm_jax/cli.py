@@ -67,6 +67,7 @@ def _distill(argv):
     _fail("minilm-distill", ValueError(f"unexpected arguments: {' '.join(argv[1:])}"))
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("minilm-distill", ValueError("--config and --workdir are required (see --help)"))
+  xla_flags.set_tpu_flags()  # before JAX starts libtpu, which reads them once
   import warnings
   warnings.formatwarning = lambda msg, *_, **__: f"minilm-distill: warning: {msg}\n"
   from absl import logging
@@ -133,7 +134,6 @@ def _parse(argv):
 
 def main(argv=None, prog="minilm-distill", command=None):
   argv = list(sys.argv if argv is None else argv)
-  xla_flags.set_tpu_flags()  # before JAX starts libtpu, which reads them once
   if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
     flags.FLAGS.mark_as_parsed()
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1

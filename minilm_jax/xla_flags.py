@@ -2,16 +2,15 @@
 routes the benchmarks compare.
 
 TPU. `set_tpu_flags` adds TPU_FLAGS to LIBTPU_INIT_ARGS, which libtpu reads once, when it starts: the
-commands (cli.py) and the compile-only TPU targets (targets.devices) call it before that. Left to itself,
+trainer's command (cli.py) and the compile-only TPU targets (targets.devices) call it before that. Left to itself,
 XLA:TPU all-reduces a data-parallel step's weight gradients as one synchronous all-reduce after the whole
 backward pass (84 MB a step for BERT-base -> 6x384). With these flags the gradients are reduced by
 asynchronous collective fusions, in pieces of at most 32 MiB, that overlap the backward pass's compute:
 v4-32, batch 1024 x 128, 14.5 -> 13.8 ms a step by the compiler's estimate (fsdp=4: 13.7 -> 13.5);
 v5e-16, 20.1 -> 19.1 ms. All four are needed (without the size limit: 14.5 ms, one piece; without the
 first, or the two collective-fusion flags: 14.9 ms); a 2 MiB limit overflows v4's VMEM, 64 MiB is one
-piece again. A flag the user already put in LIBTPU_INIT_ARGS
-keeps the user's value, and a flag the installed libtpu does not know is left out (libtpu aborts on an
-unknown flag).
+piece again. A flag the user already put in LIBTPU_INIT_ARGS keeps the user's value, and a flag the
+installed libtpu does not know is left out (libtpu aborts on an unknown flag).
 
 CPU routes: the XLA_FLAGS that choose how jaxlib 0.10's XLA:CPU runs the step's dots and the work
 around them, for the benchmarks to compare (benchmarks/routes.py runs one process per route: XLA reads
@@ -62,12 +61,11 @@ def tpu_init_args(current: str, known: Callable[[str], bool] = lambda name: True
 def libtpu_knows(path: str, names: Sequence[str]) -> set:
   """Which of the flag `names` the libtpu library at `path` defines (their names are NUL-terminated
   strings in it; half a second for its ~700 MB, so a process scans a library once)."""
-  st = os.stat(path)
-  return set(_defined(path, st.st_size, st.st_mtime_ns, tuple(names)))
+  return set(_defined(path, tuple(names)))
 
 
 @functools.lru_cache(maxsize=4)
-def _defined(path: str, size: int, mtime_ns: int, names: tuple) -> tuple:
+def _defined(path: str, names: tuple) -> tuple:
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
     return tuple(n for n in names if m.find(b"\0" + n.encode() + b"\0") >= 0)
 
