@@ -16,7 +16,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,6 +36,7 @@ def main():
   p.add_argument("--no-compile", action="store_true")
   p.add_argument("--out", help="write every round and the summary here (JSON lines)")
   args, extra = p.parse_known_args()
+  prov = record.provenance("benchmarks/compare.py")
   extra = [a for a in extra if a != "--"]
   if not args.teacher:
     from minilm_jax import hf
@@ -67,13 +69,8 @@ def main():
                     f"speedup_over_{name}": best_ours["tokens_per_s"] / best["tokens_per_s"]})
   print(json.dumps(summary))
   if args.out:
-    commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    summary = {"impl": "summary", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-               "command": " ".join(["python benchmarks/compare.py", *sys.argv[1:]]), **summary}
-    with open(args.out + ".tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in lines + [summary])
-    os.replace(args.out + ".tmp", args.out)
+    summary = {"impl": "summary", **prov, **summary}
+    record.write_jsonl(args.out, lines + [summary])
 
 
 if __name__ == "__main__":

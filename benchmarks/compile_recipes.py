@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "compile_recipes.jsonl")
 sys.path.insert(0, os.path.join(ROOT, "docs"))
 import make_tables  # noqa: E402  (renders every table of docs/, this one's among them)
+import record  # noqa: E402  (beside this script)
 
 
 def recipe_target(path: str) -> str:
@@ -66,8 +67,7 @@ def compile_one(name: str, target=None, overrides=(), label=None) -> dict:
   lines = r.stdout.strip().splitlines()
   if not lines or not lines[-1].startswith("{"):
     raise RuntimeError(f"{name}: minilm-compile failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-  commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+  commit = record.commit()
   command = " ".join(["minilm-compile", "--config", f"configs/{name}.py", *argv[2:]])
   return {**({"run": label} if label else {}), "config": name, "commit": commit, "command": command,
           **json.loads(lines[-1])}
@@ -81,11 +81,7 @@ def load(path=RESULTS, key="config") -> dict:
 
 
 def save(results: dict, path=RESULTS) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for name in sorted(results):
-      f.write(json.dumps(results[name]) + "\n")
-  os.replace(tmp, path)
+  record.write_jsonl(path, [results[name] for name in sorted(results)])
 
 
 def table(results: dict) -> str:

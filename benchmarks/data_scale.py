@@ -1,8 +1,8 @@
 """The data path at scale: tokenisation throughput against processes, and a run's memory against corpus size.
 
   python benchmarks/data_scale.py corpus --out /tmp/big.txt --mb 1024
-  python benchmarks/data_scale.py throughput --source /tmp/big.txt --procs 1 2 --rounds 1
-  python benchmarks/data_scale.py memory --source /tmp/big.txt --steps 20
+  python benchmarks/data_scale.py throughput --source /tmp/big.txt --procs 1 2 --rounds 1 [--out FILE]
+  python benchmarks/data_scale.py memory --source /tmp/big.txt --steps 20 [--out FILE]
 
 `corpus` writes a .txt corpus of about --mb megabytes: the pydocs corpus (stdlib and installed packages'
 docstrings, ~43 MB) over and over, each pass shuffled differently, blank lines between documents.
@@ -11,6 +11,8 @@ process each time, as minilm-prepare would; --rounds times, alternating) and pri
 and the speed-up over the first count. `memory` runs the demo config for --steps steps from a fresh
 workdir over the demo corpus and over --source (tokenisation included) and prints each run's peak
 resident memory: the largest of minilm-distill and its tokenising processes (getrusage of the children).
+`--out` writes the runs' JSON lines and a last one with the date, the commit and the command, from which
+docs/make_tables.py makes data.md's tables.
 """
 
 import argparse
@@ -24,6 +26,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import record  # noqa: E402  (beside this script)
+SCRIPT = "benchmarks/data_scale.py"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
@@ -54,7 +59,8 @@ print(json.dumps({"tokens": m["tokens"], "docs": m["docs"], "shards": len(m["sha
 """
 
 
-def throughput(source: str, procs, rounds: int) -> None:
+def throughput(source: str, procs, rounds: int, out=None) -> None:
+  prov = record.provenance(SCRIPT)
   runs = {p: [] for p in procs}
   for r in range(rounds):
     for p in procs:
@@ -72,6 +78,9 @@ def throughput(source: str, procs, rounds: int) -> None:
     tps = sorted(r["tokens_per_s"] for r in runs[p])
     print(json.dumps({"procs": p, "tokens_per_s_min_median_max": [tps[0], tps[len(tps) // 2], tps[-1]],
                       "speedup_median": tps[len(tps) // 2] / base[len(base) // 2]}))
+  if out:
+    record.write_jsonl(out, [r for p in procs for r in runs[p]] + [
+        {"summary": True, "source_bytes": os.path.getsize(source), **prov}])
 
 
 MEASURED = """
@@ -82,7 +91,8 @@ sys.exit(r.returncode)
 """
 
 
-def memory(source: str, steps: int) -> None:
+def memory(source: str, steps: int, out_path=None) -> None:
+  prov = record.provenance(SCRIPT)
   out = {}
   for name, src in (("demo corpus", "stdlib"), (os.path.basename(source), source)):
     with tempfile.TemporaryDirectory() as work:
@@ -98,6 +108,9 @@ def memory(source: str, steps: int) -> None:
       print(json.dumps({name: out[name]}), flush=True)
   a, b = out.values()
   print(json.dumps({"peak_rss_difference_mb": b["peak_rss_mb"] - a["peak_rss_mb"]}))
+  if out_path:
+    record.write_jsonl(out_path, [{"run": name, "steps": steps, **r} for name, r in out.items()] + [
+        {"summary": True, **prov}])
 
 
 def main():
@@ -110,16 +123,18 @@ def main():
   t.add_argument("--source", required=True)
   t.add_argument("--procs", type=int, nargs="+", default=[1, 2])
   t.add_argument("--rounds", type=int, default=1)
+  t.add_argument("--out", help="write the runs and their provenance here (JSON lines)")
   m = sub.add_parser("memory")
   m.add_argument("--source", required=True)
   m.add_argument("--steps", type=int, default=20)
+  m.add_argument("--out", help="write the runs and their provenance here (JSON lines)")
   a = p.parse_args()
   if a.cmd == "corpus":
     make_corpus(a.out, a.mb)
   elif a.cmd == "throughput":
-    throughput(a.source, a.procs, a.rounds)
+    throughput(a.source, a.procs, a.rounds, a.out)
   else:
-    memory(a.source, a.steps)
+    memory(a.source, a.steps, a.out)
 
 
 if __name__ == "__main__":

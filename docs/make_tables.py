@@ -190,6 +190,111 @@ def compare_peers(page: str, path: str = COMPARE) -> str:
           f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).</sub>")
 
 
+# ---- the step and the relation loss on CPU: benchmarks/long_steps.py, benchmarks/relation_kl.py ----------
+
+LONG_STEPS = os.path.join(RESULTS, "long_steps.jsonl")
+RELATION_KL = os.path.join(RESULTS, "relation_kl.jsonl")
+
+
+def _made_by(page: str, path: str, summary: dict) -> str:
+  return (f"Made from {_link(page, path)}, which `{summary['command']}` wrote on {summary['date']} at "
+          f"commit {summary['commit']}")
+
+
+def _spread(values, fmt) -> str:
+  """min-max of `values` formatted, one value when they agree."""
+  lo, hi = fmt(min(values)), fmt(max(values))
+  return lo if lo == hi else f"{lo}-{hi}"
+
+
+def long_steps(page: str, path: str = LONG_STEPS) -> str:
+  """One row per (shape, relation loss): tokens/s and step (min-max over rounds), MFU of the best round,
+  XLA's memory analysis of the compiled step."""
+  lines = load_jsonl(path)
+  summary = next(r for r in lines if r["row"] == "summary")
+  runs = [r for r in lines if r["row"] != "summary"]
+  rows = []
+  for i in sorted({r["row"] for r in runs}):
+    mine = [r for r in runs if r["row"] == i]
+    memory = mine[0].get("compiled_memory_bytes", mine[0].get("peak_memory_bytes"))
+    timed = [r for r in mine if "tokens_per_s" in r]
+    cells = (["", "", ""] if not timed else
+             [_spread([r["tokens_per_s"] for r in timed], lambda v: f"{v:,.0f}"),
+              _spread([r["step_ms"] / 1e3 for r in timed], lambda v: f"{v:.1f}") + " s",
+              f"{max(timed, key=lambda r: r['tokens_per_s'])['mfu']:.2f}"])
+    rows.append([mine[0]["shape"], mine[0]["relation_loss"], *cells, f"{memory / 1e9:.1f} GB"])
+  peak = max(r["peak_flops_per_s"] for r in runs if "peak_flops_per_s" in r)
+  return (markdown_table(["shape", "relation loss", "tokens/s", "step", "MFU (best round)", "memory"], rows)
+          + "\n\n" + f"<sub>{_made_by(page, path, summary)}: {summary['rounds']} rounds, min-max over them "
+          f"(one compile for the compile-only row); MFU against the best peak measured in the runs, "
+          f"{peak / 1e9:.0f} GFLOP/s; memory: XLA's memory analysis of the compiled step.</sub>")
+
+
+def relation_kl(page: str, path: str = RELATION_KL) -> str:
+  """One row per T: each path's median time (min-max) and compiled memory, or "not run" past the limit."""
+  lines = load_jsonl(path)
+  summary = next(r for r in lines if r["path"] == "summary")
+  runs = [r for r in lines if r["path"] != "summary"]
+  paths = list(dict.fromkeys(r["path"] for r in runs))
+  rows = []
+  for seq in sorted({r["seq"] for r in runs}):
+    cell = {r["path"]: r for r in runs if r["seq"] == seq}
+    fmt = lambda r: (f"not run: {r['memory_gb']:.1f} GiB" if r["ms_median"] is None else
+                     f"{r['ms_median'] / 1e3:.2f} s ({r['ms_min'] / 1e3:.2f}-{r['ms_max'] / 1e3:.2f}), "
+                     f"{r['memory_gb']:.2f} GiB")
+    rows.append([f"{seq} ({cell[paths[0]]['batch']})", *(fmt(cell[p]) for p in paths)])
+  reps = max(r["reps"] for r in runs)
+  return (markdown_table(["T (batch)", *paths], rows) + "\n\n" + f"<sub>{_made_by(page, path, summary)}: "
+          f"median of {reps} runs (min-max), and XLA's memory analysis of the compiled function.</sub>")
+
+
+# ---- the data path: benchmarks/data_scale.py -----------------------------------------------------------
+
+DATA_THROUGHPUT = os.path.join(RESULTS, "data_throughput.jsonl")
+DATA_MEMORY = os.path.join(RESULTS, "data_memory.jsonl")
+
+
+def data_throughput(page: str, path: str = DATA_THROUGHPUT) -> str:
+  """Tokenising one file with 1, 2, ... processes: tokens/s, per process and the speed-up over the first
+  count in the same round (min-max over rounds)."""
+  lines = load_jsonl(path)
+  summary = next(r for r in lines if r.get("summary"))
+  runs = [r for r in lines if not r.get("summary")]
+  procs = list(dict.fromkeys(r["procs"] for r in runs))
+  first = {r["round"]: r["tokens_per_s"] for r in runs if r["procs"] == procs[0]}
+  rows = []
+  for p in procs:
+    mine = [r for r in runs if r["procs"] == p]
+    speedup = [r["tokens_per_s"] / first[r["round"]] for r in mine]
+    rows.append([f"{p} process{'es' if p > 1 else ''}",
+                 _spread([r["tokens_per_s"] for r in mine], lambda v: f"{v:,.0f}"),
+                 _spread([r["tokens_per_s_per_proc"] for r in mine], lambda v: f"{v:,.0f}"),
+                 _spread(speedup, lambda v: f"{v:.2f}×")])
+  r0 = runs[0]
+  what = (f"tokenising {summary['source_bytes'] / 2**20:,.0f} MiB of text ({r0['tokens'] / 1e6:.1f}M tokens, "
+          f"{r0['shards']} shards), all-MiniLM-L6-v2's tokenizer")
+  rounds = len({r["round"] for r in runs})
+  return (markdown_table([what, f"tokens/s ({rounds} rounds)", "per process", "speed-up"], rows) + "\n\n"
+          + f"<sub>{_made_by(page, path, summary)}: min-max over the rounds.</sub>")
+
+
+def data_memory(page: str, path: str = DATA_MEMORY) -> str:
+  """A short demo run over the demo corpus and over a large file: peak resident memory and time."""
+  lines = load_jsonl(path)
+  summary = next(r for r in lines if r.get("summary"))
+  small, large = [r for r in lines if not r.get("summary")]
+  size = f"{large['source_bytes']:,} bytes" if large.get("source_bytes") else "?"
+  rows = [[f"over the demo corpus (`{small['run']}`)", f"{small['peak_rss_mb']:,.0f} MB",
+           f"{small['secs'] / 60:.1f} min"],
+          [f"over `{large['run']}` ({size})",
+           f"{large['peak_rss_mb']:,.0f} MB: **{large['peak_rss_mb'] - small['peak_rss_mb']:+,.0f} MB**",
+           f"{large['secs'] / 60:.1f} min"]]
+  what = f"a short run (`configs/demo.py`, {small['steps']} steps, tokenisation included)"
+  return (markdown_table([what, "peak resident memory", "time"], rows) + "\n\n"
+          + f"<sub>{_made_by(page, path, summary)}: one run each; the largest of minilm-distill and its "
+          f"tokenising processes (getrusage of the children).</sub>")
+
+
 # ---- minilm-eval: results.json as minilm-eval's own results.md lays it out --------------------------------
 
 # The labels, model cell and number format are minilm_jax.evaluation.report's own (it loads without JAX),
@@ -497,6 +602,10 @@ RENDERERS = {
     "compile_bert_base_traffic": compile_bert_base_traffic,
     "compile_history": compile_history,
     "compile_recipes": compile_recipes,
+    "data_memory": data_memory,
+    "data_throughput": data_throughput,
+    "long_steps": long_steps,
+    "relation_kl": relation_kl,
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
     "demo_pydocs480": demo_pydocs480,

@@ -1,0 +1,84 @@
+"""benchmarks/: what a benchmark writes with --out is what docs/make_tables.py makes its table from
+(benchmarks/record.py's lines end with the date, the commit and the command)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import long_steps  # noqa: E402
+import record  # noqa: E402
+
+
+def _make_tables():
+  spec = importlib.util.spec_from_file_location("make_tables", os.path.join(ROOT, "docs", "make_tables.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+make_tables = _make_tables()
+PAGE = os.path.join(ROOT, "docs", "performance.md")
+
+
+def test_record_writes_whole_lines_and_the_provenance(tmp_path):
+  path = str(tmp_path / "out.jsonl")
+  prov = record.provenance("benchmarks/x.py", ["--reps", "2"])
+  assert prov["command"] == "python benchmarks/x.py --reps 2"
+  git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  assert prov["commit"] == git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+  record.write_jsonl(path, [{"a": 1}, {"b": "two"}])
+  assert make_tables.load_jsonl(path) == [{"a": 1}, {"b": "two"}]
+  assert os.listdir(tmp_path) == ["out.jsonl"]  # no .tmp left behind
+
+
+def test_relation_kl_writes_what_its_table_is_made_from(tmp_path):
+  out = str(tmp_path / "relation_kl.jsonl")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "relation_kl.py"), "--seqs", "16", "32",
+                      "--batch-tokens", "64", "--heads", "2", "--width", "8", "--blocks", "16", "--reps", "3",
+                      "--max-gb", "1e-9", "--out", out],
+                     capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = make_tables.load_jsonl(out)
+  assert lines[-1]["command"].startswith("python benchmarks/relation_kl.py --seqs 16 32")
+  table = make_tables.relation_kl(PAGE, path=out)
+  rows = [line for line in table.splitlines() if line.startswith("| 16 (4)") or line.startswith("| 32 (2)")]
+  assert len(rows) == 2
+  # --max-gb below every path's memory: each is compiled and sized, none run.
+  assert all(cell.strip().startswith("not run:") for row in rows for cell in row.strip("|").split("|")[1:])
+  assert table.splitlines()[0] == ("| T (batch) | direct | chunked (1 head at a time) | blockwise (16 keys) |")
+
+
+def _bench_line(row, round_, tokens, compile_only=False):
+  shape, path, _ = long_steps.ROWS[row]
+  line = {"row": row, "shape": shape, "relation_loss": path, "round": round_}
+  if compile_only:
+    return {**line, "compiled_memory_bytes": 32.9e9}
+  return {**line, "tokens_per_s": tokens, "step_ms": 8 * 512 / tokens * 1e3, "mfu": tokens / 1e4,
+          "peak_flops_per_s": 4e11 + round_, "peak_memory_bytes": 1.8e9}
+
+
+def test_long_steps_table_gives_the_spread_over_rounds(tmp_path):
+  path = str(tmp_path / "long_steps.jsonl")
+  lines = [_bench_line(0, 0, 350.0), _bench_line(4, 0, 0, compile_only=True), _bench_line(0, 1, 370.0),
+           {"row": "summary", "rounds": 2, **record.provenance("benchmarks/long_steps.py", ["--rounds", "2"])}]
+  record.write_jsonl(path, lines)
+  table = make_tables.long_steps(PAGE, path=path).splitlines()
+  assert table[2] == "| 8 × 512, A_r 48 | blockwise, 128 keys (the default) | 350-370 | 11.1-11.7 s | 0.04 | 1.8 GB |"
+  assert table[3].endswith("| direct (`--chunk-heads 12`), compiled only |  |  |  | 32.9 GB |")
+  assert "2 rounds" in table[-1] and "400 GFLOP/s" in table[-1]
+
+
+def test_long_steps_says_which_run_failed(monkeypatch):
+  failed = subprocess.CompletedProcess([], 1, stdout="", stderr="warning\nValueError: bad shape\n")
+  monkeypatch.setattr(long_steps.subprocess, "run", lambda *a, **k: failed)
+  with pytest.raises(RuntimeError, match="ValueError: bad shape"):
+    long_steps.bench("teacher", ["--batch", "8"])
