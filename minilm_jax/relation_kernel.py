@@ -22,114 +22,18 @@ per-row statistics as lane-dense rows [1, bq], stored as [hc, bq] tiles.
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from minilm_jax import kernel_blocks
+from minilm_jax import kernel_blocks, relation_plan
 
 
 MASK_VALUE = kernel_blocks.MASK_VALUE
 _LANES = kernel_blocks.LANES
-# The loss is fp32 (config.precision: "the loss stays fp32"); a logit of size 10 from bf16-rounded
-# inputs is off by ~0.04, which moves the softmax visibly. fp32 inputs therefore take fp32 matmuls (6 bf16
-# MXU passes each). bf16 inputs (a bf16 run's Q, K, V) need no rounding: a bf16 × bf16 product is exact in
-# the fp32 accumulator, so their logits take one pass, and the gradient matmuls split the fp32 dz into
-# three bf16 parts (dz·x to fp32 accuracy in 3 passes). The 1/√d scale is applied to the fp32 logits
-# (`scale`), not to the inputs, where it would round them.
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-class _Plan(NamedTuple):
-  """Static shapes of one kl_rows call (hashable: the custom VJP's non-differentiable argument)."""
-  batch: int
-  heads: int   # C
-  tp: int      # T padded to a multiple of the blocks
-  dt: int      # teacher head width, padded to divide 128 (or to a multiple of 128)
-  ds: int      # student head width, likewise
-  hc: int      # heads per grid step
-  bq: int
-  bk: int
-  interpret: bool
-  dtype: str = "float32"  # of the inputs: "bfloat16" (all four) or "float32"
-  scale_t: float = 1.0    # teacher logits = scale_t · (a · b)
-  scale_s: float = 1.0
-  teacher_grads: bool = True  # False: the backward computes the student's gradients only
-
-  @property
-  def bf16(self):
-    return self.dtype == "bfloat16"
-
-  @property
-  def groups(self):
-    return self.heads // self.hc
-
-  @property
-  def nq(self):
-    return self.tp // self.bq
-
-  @property
-  def nk(self):
-    return self.tp // self.bk
-
-  @property
-  def win_t(self):
-    return _window_width(self.dt, self.hc)
-
-  @property
-  def win_s(self):
-    return _window_width(self.ds, self.hc)
-
-  @property
-  def vmem_bytes(self):
-    return _vmem_bytes(self.bq, self.bk, self.hc * self.dt, self.hc * self.ds, self.win_t, self.win_s)
-
-
-# ------------------------------------------------------------------------------------------- plan
-
-
-def _window_width(width, hc):
-  """Lanes each head's matmuls contract over: its own whole tiles, else the 128-lane window holding it
-  (the whole step's lanes when they are fewer)."""
-  return width if width >= _LANES else min(_LANES, hc * width)
-
-
-def _vmem_bytes(bq, bk, wt, ws, win_t, win_s):
-  """VMEM of the largest of the three kernels, from above: double-buffered input blocks, the gradient
-  accumulator and its double-buffered output, ~8 fp32 [bk, bq] temporaries and the gradient matmuls'
-  results. Fitted to Mosaic's own figures for v5e (11.8 MiB measured for 15.3 estimated at 512, 16 + 8
-  lane heads; 22.2 for 25.8 with 64 + 8)."""
-  w, b = wt + ws, max(bq, bk)
-  return 8 * (bq + bk) * w + 12 * b * w + 32 * bq * bk + 16 * b * (win_t + win_s)
-
-
-def _make_plan(batch, heads, t, d, e, block_q, block_k, interpret, dtype="float32", scale=(1.0, 1.0),
-               teacher_grads=True):
-  dt, ds = kernel_blocks.lane_width(d), kernel_blocks.lane_width(e)
-  hc = kernel_blocks.heads_per_step(heads, dt, ds)
-  vmem = lambda b: _vmem_bytes(b, b, hc * dt, hc * ds, _window_width(dt, hc), _window_width(ds, hc))
-  bq, bk, tp = kernel_blocks.blocks(t, block_q, block_k, lambda: kernel_blocks.auto_block(t, vmem))
-  return _Plan(batch, heads, tp, dt, ds, hc, bq, bk, bool(interpret), jnp.dtype(dtype).name,
-               float(scale[0]), float(scale[1]), bool(teacher_grads))
-
-
-# ----------------------------------------------------------------------------------------- layout
-
-
-def _token_major(x_BCTd, plan, width):
-  """[B, C, T, d] -> [B, Tp, C·width]: zero lanes pad each head, zero rows pad T."""
-  b, c, t, d = x_BCTd.shape
-  x_BCTw = jnp.pad(x_BCTd, ((0, 0), (0, 0), (0, plan.tp - t), (0, width - d)))
-  return jnp.swapaxes(x_BCTw, 1, 2).reshape(b, plan.tp, c * width)
-
-
-def _key_info(mask_BT, seg_BT, plan):
-  """[B, 2, Tp] int32 rows (visible, segment id) of the keys; padding keys are invisible."""
-  pad = ((0, 0), (0, plan.tp - mask_BT.shape[1]))
-  return jnp.stack([jnp.pad(mask_BT.astype(jnp.int32), pad), jnp.pad(seg_BT.astype(jnp.int32), pad)], 1)
+_PRECISION = relation_plan.PRECISION
 
 
 # ----------------------------------------------------------------------------------- kernel parts
@@ -139,7 +43,7 @@ def _window(ref, h, width, zero_others):
   """Head h (traced) of a [rows, W] block: the lane window that holds it [rows, win], aligned to 128
   lanes (or the whole block when narrower), with the other heads' lanes zeroed if asked; and the
   window's lanes (a pl.ds) to accumulate its gradient into."""
-  win = _window_width(width, ref.shape[-1] // width)
+  win = relation_plan.window_width(width, ref.shape[-1] // width)
   if width >= _LANES:  # whole tiles of its own
     start = pl.multiple_of(h * width, _LANES)
   elif win < _LANES:  # one narrow block holds every head
@@ -411,48 +315,6 @@ def _params(plan):
                               vmem_limit_bytes=max(kernel_blocks.VMEM_BUDGET, plan.vmem_bytes * 5 // 4))
 
 
-def _cost(plan, kind, n_out=1):
-  """CostEstimate of one pass ("forward", "dq", "dk"; "both" and "value_and_grad": _one_block_call's).
-  Flops count the MXU work issued (each head
-  contracts over its whole lane window: 128 lanes for d < 128; in the bf16 passes each matmul takes) and
-  the elementwise work per (query, key) pair; bytes count every block DMA'd: the outer side's blocks once, the inner side's once per outer
-  block (once in all when there is a single inner block, as Pallas skips an unchanged block)."""
-  b, c, tp = plan.batch, plan.heads, plan.tp
-  pairs, rows = b * c * tp * tp, b * c * tp
-  # Logits of both models, per pair: a 16-lane relation head still fills the MXU's 128-deep contraction.
-  # Passes: bf16 inputs 1 for the logits, 3 for the gradient matmuls; fp32 6 for each (_PRECISION).
-  lanes = 2 * (plan.win_t + plan.win_s)
-  fp32 = kernel_blocks.mxu_passes(_PRECISION)
-  mxu = lanes if plan.bf16 else fp32 * lanes
-  grad_lanes = 2 * ((plan.win_t if plan.teacher_grads else 0) + plan.win_s)
-  grad_mxu = (3 if plan.bf16 else fp32) * grad_lanes
-  side = b * tp * c * (plan.dt + plan.ds) * (2 if plan.bf16 else 4)  # one side (a or b) of both models
-  kinfo, qseg = plan.groups * b * 2 * tp * 4, plan.groups * b * tp * 4
-  outer, inner = (plan.nk, plan.nq) if kind == "dk" else (plan.nq, plan.nk)
-  reps = outer if inner > 1 else 1
-  if kind == "forward":
-    return pl.CostEstimate(
-        flops=pairs * (mxu + 12) + rows * plan.nk * 8,
-        transcendentals=2 * pairs + rows * (2 * plan.nk + 2),
-        bytes_accessed=side + side * reps + reps * kinfo + qseg + n_out * rows * 4)
-  written = b * tp * c * ((plan.dt if plan.teacher_grads else 0) + plan.ds) * 4  # fp32 gradients
-  # g, lse_t, lse_s, c are per query row: read with the query blocks.
-  rows_in = 4 * rows * 4
-  if kind == "both":  # one grid step per (b, group): every block read once, the logits computed once
-    return pl.CostEstimate(flops=pairs * (mxu + 2 * grad_mxu + 16), transcendentals=2 * pairs,
-                           bytes_accessed=2 * side + rows_in + kinfo + qseg + 2 * written)
-  if kind == "value_and_grad":  # the same, with the forward's row statistics; w in, kl out
-    return pl.CostEstimate(flops=pairs * (mxu + 2 * grad_mxu + 28) + rows * 8,
-                           transcendentals=2 * pairs + 2 * rows,
-                           bytes_accessed=2 * side + 2 * rows * 4 + kinfo + qseg + 2 * written)
-  if kind == "dq":
-    inputs = side + rows_in + reps * (side + kinfo) + qseg
-  else:
-    inputs = side + kinfo + reps * (side + rows_in + qseg)
-  return pl.CostEstimate(flops=pairs * (mxu + grad_mxu + 16), transcendentals=2 * pairs,
-                         bytes_accessed=inputs + written)
-
-
 def _rows_shape(plan):
   return jax.ShapeDtypeStruct((plan.batch, plan.groups, plan.hc, plan.tp), jnp.float32)
 
@@ -470,7 +332,7 @@ def _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals):
       out_shape=[_rows_shape(plan)] * n_out,
       scratch_shapes=[row_scratch] * 5,  # m_t, l_t, m_s, l_s, acc
       compiler_params=_params(plan),
-      cost_estimate=_cost(plan, "forward", n_out),
+      cost_estimate=relation_plan.cost(plan, "forward", n_out),
       interpret=plan.interpret,
       name="relation_kl_forward",
   )(kinfo, qseg, ta, tb, sa, sb)
@@ -493,20 +355,15 @@ def _backward_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c):
       out_shape=out_t + [jax.ShapeDtypeStruct(sa.shape, jnp.float32)],
       scratch_shapes=acc_t + [pltpu.VMEM((rows, plan.hc * plan.ds), jnp.float32)],
       compiler_params=_params(plan),
-      cost_estimate=_cost(plan, kind),
+      cost_estimate=relation_plan.cost(plan, kind),
       interpret=plan.interpret,
       name=f"relation_kl_{kind}",
   )(kinfo, qseg, ta, tb, sa, sb, g, lse_t, lse_s, c)
   return tuple(out) if plan.teacher_grads else (None, out[0])
 
 
-def _one_block(plan):
-  """Whether one grid step holds every query and key, so _one_block_call can serve."""
-  return plan.nq == 1 and plan.nk == 1
-
-
 def _one_block_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, *rows):
-  """One kernel for a one-block plan (_one_block). kind "both": rows (g, lse_t, lse_s, c), gives
+  """One kernel for a one-block plan (relation_plan.one_block). kind "both": rows (g, lse_t, lse_s, c), gives
   (d_ta, d_tb, d_sa, d_sb) (_grad_one_block_kernel); "value_and_grad": rows (w,), gives
   (kl, d_ta, d_tb, d_sa, d_sb) of Σ w·KL (_value_and_grad_kernel). The teacher's gradients are None
   without teacher_grads; all fp32, token-major like the inputs."""
@@ -523,7 +380,7 @@ def _one_block_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, *rows):
       out_shape=[shape for _, shape in kl] + [jax.ShapeDtypeStruct(x.shape, jnp.float32) for _, x, _ in pairs],
       scratch_shapes=[pltpu.VMEM((plan.tp, plan.hc * w), jnp.float32) for _, _, w in pairs],
       compiler_params=_params(plan),
-      cost_estimate=_cost(plan, kind),
+      cost_estimate=relation_plan.cost(plan, kind),
       interpret=plan.interpret,
       name="relation_kl_value_and_grad" if kl else "relation_kl_grad",
   )(kinfo, qseg, ta, tb, sa, sb, *rows)
@@ -537,7 +394,7 @@ def _one_block_call(plan, kind, kinfo, qseg, ta, tb, sa, sb, *rows):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kl_token_major(ta, tb, sa, sb, kinfo, qseg, plan):
-  """kl [B, G, hc, Tp] of token-major inputs [B, Tp, C·width] (_token_major)."""
+  """kl [B, G, hc, Tp] of token-major inputs [B, Tp, C·width] (relation_plan.token_major)."""
   return _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=False)[0]
 
 
@@ -550,7 +407,7 @@ def _backward(plan, *args):
   """(d_ta, d_tb, d_sa, d_sb) in the inputs' dtype from the rows' residuals and cotangent g (args as
   _backward_call's): one kernel for a one-block plan, else the query- and key-block kernels. The kernels
   give fp32; a teacher held constant gets zeros."""
-  if _one_block(plan):
+  if relation_plan.one_block(plan):
     d_ta, d_tb, d_sa, d_sb = _one_block_call(plan, "both", *args)
   else:
     d_ta, d_sa = _backward_call(plan, "dq", *args)
@@ -581,7 +438,7 @@ def _weighted_kl_token_major(ta, tb, sa, sb, kinfo, qseg, w, plan):
 
 
 def _weighted_fwd(ta, tb, sa, sb, kinfo, qseg, w, plan):
-  if _one_block(plan):  # the gradients of Σ w·KL now, with the value: the bwd only scales them
+  if relation_plan.one_block(plan):  # the gradients of Σ w·KL now, with the value: the bwd only scales them
     kl, *grads = _one_block_call(plan, "value_and_grad", kinfo, qseg, ta, tb, sa, sb, w)
     return (kl * w).sum((1, 2, 3)), (kl, tuple(grads), None)
   kl, lse_t, lse_s, c = _forward_call(plan, kinfo, qseg, ta, tb, sa, sb, residuals=True)
@@ -632,12 +489,12 @@ def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, weights_BT=None
     raise ValueError(f"mask and seg must be [B, T] = {(b, t)}, got {mask_BT.shape} and {seg_BT.shape}")
   bf16 = all(x.dtype == jnp.bfloat16 for x in (ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe))
   dtype = jnp.bfloat16 if bf16 else jnp.float32
-  plan = _make_plan(b, c, t, d, e, block_q, block_k, interpret, dtype, scale, teacher_grads)
+  plan = relation_plan.make_plan(b, c, t, d, e, block_q, block_k, interpret, dtype, scale, teacher_grads)
   if not teacher_grads:
     ta_BCTd, tb_BCTd = jax.lax.stop_gradient(ta_BCTd), jax.lax.stop_gradient(tb_BCTd)
-  tm = lambda x, width: _token_major(x.astype(dtype), plan, width)
+  tm = lambda x, width: relation_plan.token_major(x.astype(dtype), plan, width)
   args = (tm(ta_BCTd, plan.dt), tm(tb_BCTd, plan.dt), tm(sa_BCTe, plan.ds), tm(sb_BCTe, plan.ds),
-          _key_info(mask_BT, seg_BT, plan),
+          relation_plan.key_info(mask_BT, seg_BT, plan),
           jnp.pad(seg_BT.astype(jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :])
   if weights_BT is not None:
     if weights_BT.shape != (b, t):

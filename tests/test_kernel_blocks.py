@@ -39,13 +39,13 @@ def test_fp32_matmuls_count_six_mxu_passes_in_both_kernels_costs():
   # The compiler's cost model takes a Pallas kernel's flops from its CostEstimate: fp32 (HIGHEST)
   # matmuls must count their bf16 passes there, or the step's estimate is too fast.
   import jax
-  from minilm_jax import attention_plan, relation_kernel as rk
+  from minilm_jax import attention_plan, relation_plan
   assert kernel_blocks.mxu_passes(jax.lax.Precision.HIGHEST) == 6
   assert kernel_blocks.mxu_passes(jax.lax.Precision.DEFAULT) == 1
   plan = lambda dtype: attention_plan.make_plan(2, 4, 256, 64, dtype, 128, 128, 0, True)
   bf16, fp32 = plan("bfloat16"), plan("float32")
   for kind in ("forward", "backward"):
     assert attention_plan.cost(fp32, kind).flops > 5 * attention_plan.cost(bf16, kind).flops, kind
-  p = rk._make_plan(2, 48, 256, 16, 8, 128, 128, True)
+  p = relation_plan.make_plan(2, 48, 256, 16, 8, 128, 128, True)
   pairs = 2 * 48 * 256 * 256
-  assert rk._cost(p, "forward").flops >= pairs * 2 * (128 + 128) * 6  # 16-lane heads fill 128-deep
+  assert relation_plan.cost(p, "forward").flops >= pairs * 2 * (128 + 128) * 6  # 16-lane heads fill 128-deep

@@ -11,6 +11,7 @@ import pytest
 
 from minilm_jax import losses
 from minilm_jax import relation_kernel as rk
+from minilm_jax import relation_plan
 
 jax.config.update("jax_enable_x64", False)
 
@@ -154,8 +155,8 @@ def test_weighted_sums_match_the_rows(dtype, block, teacher_grads):
   mask, seg = _masks("segments", b, t)
   w = jnp.asarray(np.random.default_rng(3).random((b, t)), jnp.float32)
   kw = dict(scale=(0.3, 0.4), teacher_grads=teacher_grads, block_q=block, block_k=block, interpret=True)
-  plan = rk._make_plan(b, c, t, d, e, block, block, True, dtype, teacher_grads=teacher_grads)
-  assert rk._one_block(plan) == (block is None)
+  plan = relation_plan.make_plan(b, c, t, d, e, block, block, True, dtype, teacher_grads=teacher_grads)
+  assert relation_plan.one_block(plan) == (block is None)
   rows = lambda *x: jnp.einsum("bct,bt->b", rk.kl_rows(*x[:4], mask, seg, **kw), x[4])
   weighted = lambda *x: rk.kl_rows(*x[:4], mask, seg, x[4], **kw)
   want, want_vjp = jax.vjp(rows, ta, tb, sa, sb, w)
@@ -182,10 +183,10 @@ def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
   b, c, t, d, e = 2, 4, 200, 16, 8
   ta, tb, sa, sb = (jnp.asarray(x, dtype) for x in _inputs(9, b, c, t, d, e))
   mask, seg = _masks("segments", b, t)
-  plan = rk._make_plan(b, c, t, d, e, 256, 256, True, dtype, (0.25, 0.5), teacher_grads)
-  assert rk._one_block(plan)
-  tm = lambda x, w: rk._token_major(x, plan, w)
-  args = (rk._key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
+  plan = relation_plan.make_plan(b, c, t, d, e, 256, 256, True, dtype, (0.25, 0.5), teacher_grads)
+  assert relation_plan.one_block(plan)
+  tm = lambda x, w: relation_plan.token_major(x, plan, w)
+  args = (relation_plan.key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
           jnp.pad(jnp.asarray(seg, jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :],
           tm(ta, plan.dt), tm(tb, plan.dt), tm(sa, plan.ds), tm(sb, plan.ds))
   _, lse_t, lse_s, c_rows = rk._forward_call(plan, *args, residuals=True)
@@ -199,11 +200,11 @@ def test_one_block_backward_matches_the_two_kernels(dtype, teacher_grads):
       continue
     assert got.dtype == jnp.float32 and np.any(np.asarray(want)), who
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=who)
-  both = rk._cost(plan, "both")
-  assert both.flops < 0.9 * (rk._cost(plan, "dq").flops + rk._cost(plan, "dk").flops)  # logits once, not twice
+  both = relation_plan.cost(plan, "both")
+  assert both.flops < 0.9 * (relation_plan.cost(plan, "dq").flops + relation_plan.cost(plan, "dk").flops)  # logits once, not twice
   # and with the forward's statistics in the same kernel, its logits are not computed again
-  assert rk._cost(plan, "value_and_grad").flops < 0.9 * (rk._cost(plan, "forward").flops + both.flops)
-  assert not rk._one_block(rk._make_plan(b, c, t, d, e, 128, 128, True, dtype))
+  assert relation_plan.cost(plan, "value_and_grad").flops < 0.9 * (relation_plan.cost(plan, "forward").flops + both.flops)
+  assert not relation_plan.one_block(relation_plan.make_plan(b, c, t, d, e, 128, 128, True, dtype))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -222,10 +223,10 @@ def test_without_teacher_gradients_the_student_ones_are_unchanged(dtype):
   for g in g_st[:2]:
     assert g.dtype == dtype and not np.any(np.asarray(g, np.float32))
   assert np.any(np.asarray(g_all[0], np.float32))
-  both, student = (rk._make_plan(b, c, t, d, e, None, None, True, dtype, teacher_grads=x) for x in (1, 0))
+  both, student = (relation_plan.make_plan(b, c, t, d, e, None, None, True, dtype, teacher_grads=x) for x in (1, 0))
   for kind in ("dq", "dk"):
-    assert rk._cost(student, kind).flops < 0.8 * rk._cost(both, kind).flops, kind
-  assert rk._cost(student, "forward").flops == rk._cost(both, "forward").flops
+    assert relation_plan.cost(student, kind).flops < 0.8 * relation_plan.cost(both, kind).flops, kind
+  assert relation_plan.cost(student, "forward").flops == relation_plan.cost(both, "forward").flops
 
 
 def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
@@ -255,9 +256,9 @@ def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
     assert x.dtype == jnp.bfloat16
     np.testing.assert_allclose(f32(x), w, rtol=2**-8, atol=ATOL)  # the final rounding to bf16 only
   # Before that rounding: the kernels' fp32 gradients at the fp32 tolerance.
-  plan = rk._make_plan(b, c, t, d, e, 128, 128, True, jnp.bfloat16, scale)
-  tm = lambda x, w: rk._token_major(x, plan, w)
-  args = (rk._key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
+  plan = relation_plan.make_plan(b, c, t, d, e, 128, 128, True, jnp.bfloat16, scale)
+  tm = lambda x, w: relation_plan.token_major(x, plan, w)
+  args = (relation_plan.key_info(jnp.asarray(mask), jnp.asarray(seg), plan),
           jnp.pad(jnp.asarray(seg, jnp.int32), ((0, 0), (0, plan.tp - t)))[:, None, :],
           tm(ta, plan.dt), tm(tb, plan.dt), tm(sa, plan.ds), tm(sb, plan.ds))
   _, lse_t, lse_s, c_rows = rk._forward_call(plan, *args, residuals=True)
@@ -269,17 +270,6 @@ def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
                            (d_sa, e, plan.ds, want[2]), (d_sb, e, plan.ds, want[3])):
     assert x.dtype == jnp.float32
     np.testing.assert_allclose(heads_major(x, w, width), ref, rtol=RTOL, atol=ATOL)
-
-
-# ------------------------------------------------------------------------------------------- plan
-
-
-def test_plan_blocks_heads_and_widths():
-  plan = rk._make_plan(2, 4, 130, 12, 8, 256, 128, True)
-  assert (plan.tp, plan.nq, plan.nk, plan.dt, plan.ds) == (256, 1, 2, 16, 8)
-  # VMEM decides too: 1024 + 128 lanes a step do not fit 512-blocks in v4's 16 MiB.
-  assert rk._make_plan(1, 48, 1024, 16, 8, None, None, False).bq == 512
-  assert rk._make_plan(1, 48, 1024, 64, 8, None, None, False).bq == 256
 
 
 def test_bad_blocks_and_shapes_raise():
