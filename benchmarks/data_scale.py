@@ -59,7 +59,7 @@ print(json.dumps({"tokens": m["tokens"], "docs": m["docs"], "shards": len(m["sha
 """
 
 
-def throughput(source: str, procs, rounds: int, out=None) -> None:
+def throughput(source: str, procs, rounds: int, out_path=None) -> None:
   prov = record.provenance(SCRIPT)
   runs = {p: [] for p in procs}
   for r in range(rounds):
@@ -78,8 +78,8 @@ def throughput(source: str, procs, rounds: int, out=None) -> None:
     tps = sorted(r["tokens_per_s"] for r in runs[p])
     print(json.dumps({"procs": p, "tokens_per_s_min_median_max": [tps[0], tps[len(tps) // 2], tps[-1]],
                       "speedup_median": tps[len(tps) // 2] / base[len(base) // 2]}))
-  if out:
-    record.write_jsonl(out, [r for p in procs for r in runs[p]] + [
+  if out_path:
+    record.write_jsonl(out_path, [r for p in procs for r in runs[p]] + [
         {"summary": True, "source_bytes": os.path.getsize(source), **prov}])
 
 

@@ -284,7 +284,7 @@ def data_memory(page: str, path: str = DATA_MEMORY) -> str:
   summary = next(r for r in lines if r.get("summary"))
   small, large = [r for r in lines if not r.get("summary")]
   size = f"{large['source_bytes']:,} bytes" if large.get("source_bytes") else "?"
-  rows = [[f"over the demo corpus (`{small['run']}`)", f"{small['peak_rss_mb']:,.0f} MB",
+  rows = [[f"over the {small['run']}", f"{small['peak_rss_mb']:,.0f} MB",
            f"{small['secs'] / 60:.1f} min"],
           [f"over `{large['run']}` ({size})",
            f"{large['peak_rss_mb']:,.0f} MB: **{large['peak_rss_mb'] - small['peak_rss_mb']:+,.0f} MB**",

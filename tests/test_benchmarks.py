@@ -82,3 +82,27 @@ def test_long_steps_says_which_run_failed(monkeypatch):
   monkeypatch.setattr(long_steps.subprocess, "run", lambda *a, **k: failed)
   with pytest.raises(RuntimeError, match="ValueError: bad shape"):
     long_steps.bench("teacher", ["--batch", "8"])
+
+
+def test_data_scale_throughput_writes_what_its_table_is_made_from(tmp_path):
+  source, out = tmp_path / "small.txt", str(tmp_path / "data_throughput.jsonl")
+  source.write_text("".join(f"Document {i} says something about tokenising text.\n\n" for i in range(200)))
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data_scale.py"), "throughput",
+                      "--source", str(source), "--procs", "1", "--rounds", "1", "--out", out],
+                     capture_output=True, text=True, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["data_throughput.jsonl", "small.txt"]  # nothing else written
+  table = make_tables.data_throughput(os.path.join(ROOT, "docs", "data.md"), path=out).splitlines()
+  assert table[0].startswith("| tokenising 0 MiB of text (")
+  assert table[2].startswith("| 1 process | ") and table[2].endswith(" | 1.00× |")
+
+
+def test_data_memory_table_gives_the_difference(tmp_path):
+  path = str(tmp_path / "data_memory.jsonl")
+  record.write_jsonl(path, [
+      {"run": "demo corpus", "steps": 20, "peak_rss_mb": 2463.0, "secs": 138.0, "source_bytes": None},
+      {"run": "big.txt", "steps": 20, "peak_rss_mb": 2800.0, "secs": 1176.0, "source_bytes": 1073742508},
+      {"summary": True, **record.provenance("benchmarks/data_scale.py", ["memory"])}])
+  table = make_tables.data_memory(os.path.join(ROOT, "docs", "data.md"), path=path).splitlines()
+  assert table[2] == "| over the demo corpus | 2,463 MB | 2.3 min |"
+  assert table[3] == "| over `big.txt` (1,073,742,508 bytes) | 2,800 MB: **+337 MB** | 19.6 min |"
