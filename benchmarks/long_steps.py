@@ -12,7 +12,8 @@ machine's drift falls on all of them alike:
   the default, one head at a time, and the direct loss (`--chunk-heads 12`) compiled only, for its
   memory (it does not fit this machine's 24 GiB).
 Prints each run's JSON line; `--out` writes them and a last line with the date, the commit and the
-command (docs/make_tables.py makes performance.md's table from it). About 20 minutes with 2 rounds.
+command (docs/make_tables.py makes performance.md's table from it). About 5 minutes with 2 rounds on the
+project's 2-core machine.
 """
 
 from __future__ import annotations

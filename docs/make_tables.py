@@ -269,7 +269,7 @@ def data_throughput(page: str, path: str = DATA_THROUGHPUT) -> str:
     rows.append([f"{p} process{'es' if p > 1 else ''}",
                  _spread([r["tokens_per_s"] for r in mine], lambda v: f"{v:,.0f}"),
                  _spread([r["tokens_per_s_per_proc"] for r in mine], lambda v: f"{v:,.0f}"),
-                 _spread(speedup, lambda v: f"{v:.2f}×")])
+                 _spread(speedup, lambda v: f"{v:.2f}") + "×"])
   r0 = runs[0]
   what = (f"tokenising {summary['source_bytes'] / 2**20:,.0f} MiB of text ({r0['tokens'] / 1e6:.1f}M tokens, "
           f"{r0['shards']} shards), all-MiniLM-L6-v2's tokenizer")
