@@ -10,7 +10,9 @@ XLA_FLAGS + the route's flags (minilm_jax.xla_flags.ROUTES). Round r runs the ro
 slow drift of the machine falls on every route alike. COMMAND prints a JSON object as its last line;
 `--metric` is the number compared (min-median-max over rounds), `--check` a number that must equal the
 default route's to `--rtol` (a route that is fast but wrong is reported as wrong). A run that exits
-non-zero is reported with its exit status and last line of stderr. Prints the table, then one JSON line.
+non-zero is reported with its exit status and last line of stderr. Prints the table, then one JSON line;
+`--out` writes every run and that line, with the date, the commit and the command (docs/make_tables.py
+makes performance.md's table of routes from it).
 `benchmarks/step_profile.py --parts --routes` and `experiments/matmul_ceiling.py --routes` use the same
 runner.
 """
@@ -27,6 +29,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minilm_jax.xla_flags import ROUTES  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402  (beside this script)
 
 
 def parse_routes(spec: str) -> list:
@@ -144,8 +149,10 @@ def main():
   p.add_argument("--lower-is-better", action="store_true", help="for a time metric")
   p.add_argument("--check", default="loss", help="a JSON key that must match the default route's")
   p.add_argument("--rtol", type=float, default=1e-5)
+  p.add_argument("--out", help="write every run and the summary, with its provenance, here (JSON lines)")
   p.add_argument("cmd", nargs=argparse.REMAINDER)
   args = p.parse_args()
+  prov = record.provenance("benchmarks/routes.py")
   cmd = [a for a in args.cmd if a != "--"] if args.cmd[:1] == ["--"] else args.cmd
   if cmd[:1] == ["python"]:
     cmd[0] = sys.executable
@@ -161,8 +168,12 @@ def main():
   print(f"{len(routes)} routes x {args.rounds} rounds, alternating; load average before {load_before}, "
         f"after {load_after}")
   print_table(rows, args.metric, args.check)
-  print(json.dumps({"metric": args.metric, "rounds": args.rounds, "load_before": load_before,
-                    "load_after": load_after, "routes": rows}))
+  summary = {"metric": args.metric, "rounds": args.rounds, "check": args.check, "rtol": args.rtol,
+             "load_before": load_before, "load_after": load_after, "routes": rows}
+  print(json.dumps(summary))
+  if args.out:
+    record.write_jsonl(args.out, [r for runs in results.values() for r in runs] +
+                       [{"route": "summary", **prov, **summary}])
 
 
 if __name__ == "__main__":

@@ -248,6 +248,33 @@ def relation_kl(page: str, path: str = RELATION_KL) -> str:
           f"median of {reps} runs (min-max), and XLA's memory analysis of the compiled function.</sub>")
 
 
+ROUTES_STEP = os.path.join(RESULTS, "routes_step.jsonl")
+
+
+def routes_step(page: str, path: str = ROUTES_STEP) -> str:
+  """One row per XLA:CPU route: the metric's median (min-max) over rounds, against the default route's
+  median, and whether the check key matched the default's (benchmarks/routes.py's own summary)."""
+  lines = load_jsonl(path)
+  summary = next(r for r in lines if r.get("route") == "summary")
+  rows = []
+  for route, row in summary["routes"].items():
+    spread = row["spread"]
+    cell = "" if not spread else f"{spread[1]:,.0f} ({spread[0]:,.0f}-{spread[2]:,.0f})"
+    ratio = f"{row['vs_default']:.2f}×" if "vs_default" in row else ""
+    if row.get("failed"):
+      check = f"failed {row['failed']} of {row['runs']}: {row['error']}"
+    elif row.get("check_rel_diff") is None:
+      check = ""
+    else:
+      check = f"{'equal' if row['correct'] else 'DIFFERS'} ({row['check_rel_diff']:.1e})"
+    rows.append([f"`{route}`", cell, ratio, check])
+  load = f"load average {', '.join(summary['load_before'])} before, {', '.join(summary['load_after'])} after"
+  return (markdown_table(["route", f"{summary['metric']}, median (min-max)", "against the default",
+                          f"{summary['check']} against the default's (rel. diff)"], rows) + "\n\n"
+          + f"<sub>{_made_by(page, path, summary)}: {summary['rounds']} rounds, the routes alternating; "
+          f"{load}.</sub>")
+
+
 # ---- the data path: benchmarks/data_scale.py -----------------------------------------------------------
 
 DATA_THROUGHPUT = os.path.join(RESULTS, "data_throughput.jsonl")
@@ -606,6 +633,7 @@ RENDERERS = {
     "data_throughput": data_throughput,
     "long_steps": long_steps,
     "relation_kl": relation_kl,
+    "routes_step": routes_step,
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
     "demo_pydocs480": demo_pydocs480,

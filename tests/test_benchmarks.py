@@ -106,3 +106,18 @@ def test_data_memory_table_gives_the_difference(tmp_path):
   table = make_tables.data_memory(os.path.join(ROOT, "docs", "data.md"), path=path).splitlines()
   assert table[2] == "| over the demo corpus | 2,463 MB | 2.3 min |"
   assert table[3] == "| over `big.txt` (1,073,742,508 bytes) | 2,800 MB: **+337 MB** | 19.6 min |"
+
+
+def test_routes_writes_what_its_table_is_made_from(tmp_path):
+  out = str(tmp_path / "routes.jsonl")
+  # A stand-in benchmark: the same loss on every route, and a route's speed from its XLA_FLAGS.
+  bench = ("import json, os; f = os.environ.get('XLA_FLAGS', ''); "
+           "print(json.dumps({'tokens_per_s': 200.0 if 'ynn' in f else 100.0, 'loss': 2.5}))")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "routes.py"), "--routes", "plain",
+                      "--rounds", "2", "--out", out, "--", "python", "-c", bench],
+                     capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  table = make_tables.routes_step(PAGE, path=out).splitlines()
+  assert table[2] == "| `default` | 100 (100-100) | 1.00× | equal (0.0e+00) |"
+  assert table[3] == "| `plain` | 200 (200-200) | 2.00× | equal (0.0e+00) |"
+  assert "2 rounds" in table[-1]
