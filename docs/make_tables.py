@@ -266,7 +266,7 @@ def routes_step(page: str, path: str = ROUTES_STEP) -> str:
     elif row.get("check_rel_diff") is None:
       check = ""
     else:
-      check = f"{'equal' if row['correct'] else 'DIFFERS'} ({row['check_rel_diff']:.1e})"
+      check = f"{'ok' if row['correct'] else 'WRONG'} ({row['check_rel_diff']:.1e})"
     rows.append([f"`{route}`", cell, ratio, check])
   load = f"load average {', '.join(summary['load_before'])} before, {', '.join(summary['load_after'])} after"
   return (markdown_table(["route", f"{summary['metric']}, median (min-max)", "against the default",

@@ -118,6 +118,6 @@ def test_routes_writes_what_its_table_is_made_from(tmp_path):
                      capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert r.returncode == 0, r.stderr[-2000:]
   table = make_tables.routes_step(PAGE, path=out).splitlines()
-  assert table[2] == "| `default` | 100 (100-100) | 1.00× | equal (0.0e+00) |"
-  assert table[3] == "| `plain` | 200 (200-200) | 2.00× | equal (0.0e+00) |"
+  assert table[2] == "| `default` | 100 (100-100) | 1.00× | ok (0.0e+00) |"
+  assert table[3] == "| `plain` | 200 (200-200) | 2.00× | ok (0.0e+00) |"
   assert "2 rounds" in table[-1]
