@@ -10,9 +10,11 @@ machine's drift falls on all of them alike:
   a time (`--chunk-heads 1`);
 - batch 8 × 2048 with a random 6-layer teacher of the same widths and 2048 positions, 12 relation heads:
   the default, one head at a time, and the direct loss (`--chunk-heads 12`) compiled only, for its
-  memory (it does not fit this machine's 24 GiB).
+  memory (it does not fit this machine's 24 GiB);
+- batch 1 × 8192 with a random ModernBERT-base-shaped teacher (22×768, the packaged config of the
+  ModernBERT recipe's teacher) → 6×384 (6 heads, GeGLU FFN 576), 12 relation heads: the default.
 Prints each run's JSON line; `--out` writes them and a last line with the date, the commit and the
-command (docs/make_tables.py makes performance.md's table from it). About 5 minutes with 2 rounds on the
+command (docs/make_tables.py makes performance.md's table from it). About 15 minutes with 2 rounds on the
 project's 2-core machine.
 """
 
@@ -32,6 +34,10 @@ STUDENT = ["--student-layers", "3", "--student-hidden", "384", "--student-heads"
 T512 = ["--batch", "8", "--seq", "512", "--relation-heads", "48", "--steps", "2", "--warmup", "1"]
 T2048 = ["--batch", "8", "--seq", "2048", "--random-teacher-layers", "6", "--relation-heads", "12",
          "--steps", "1", "--warmup", "1"]
+MODERNBERT = os.path.join(record.ROOT, "minilm_jax", "teacher_configs", "answerdotai--ModernBERT-base")
+T8192 = ["--teacher", MODERNBERT, "--random-teacher-layers", "22", "--student-layers", "6", "--student-heads",
+         "6", "--student-intermediate", "576", "--batch", "1", "--seq", "8192", "--relation-heads", "12",
+         "--steps", "2", "--warmup", "1"]  # later flags win: these replace the teacher and the student
 # (shape, relation loss, bench arguments): the rows, in the order of the table.
 ROWS = [
     ("8 × 512, A_r 48", "blockwise, 128 keys (the default)", T512),
@@ -41,6 +47,8 @@ ROWS = [
      [*T2048, "--chunk-heads", "1"]),
     ("8 × 2048, A_r 12, random 6-layer teacher", "direct (`--chunk-heads 12`), compiled only",
      [*T2048, "--chunk-heads", "12", "--compile-only"]),
+    ("1 × 8192, A_r 12, random ModernBERT-base-shaped teacher (22×768) → 6×384 (6 heads, GeGLU FFN 576)",
+     "blockwise, 128 keys (the default)", T8192),
 ]
 
 

@@ -207,12 +207,12 @@ def _spread(values, fmt) -> str:
   return lo if lo == hi else f"{lo}-{hi}"
 
 
-def long_steps(page: str, path: str = LONG_STEPS) -> str:
+def long_steps(page: str, path: str = LONG_STEPS, rows_shown=None) -> str:
   """One row per (shape, relation loss): tokens/s and step (min-max over rounds), MFU of the best round,
-  XLA's memory analysis of the compiled step."""
+  XLA's memory analysis of the compiled step; `rows_shown`: only those of long_steps.ROWS (indices)."""
   lines = load_jsonl(path)
   summary = next(r for r in lines if r["row"] == "summary")
-  runs = [r for r in lines if r["row"] != "summary"]
+  runs = [r for r in lines if r["row"] != "summary" and (rows_shown is None or r["row"] in rows_shown)]
   rows = []
   for i in sorted({r["row"] for r in runs}):
     mine = [r for r in runs if r["row"] == i]
@@ -632,6 +632,7 @@ RENDERERS = {
     "data_memory": data_memory,
     "data_throughput": data_throughput,
     "long_steps": long_steps,
+    "long_steps_modernbert": functools.partial(long_steps, rows_shown=(5,)),
     "relation_kl": relation_kl,
     "routes_step": routes_step,
     "demo_best_subsets": demo_best_subsets,

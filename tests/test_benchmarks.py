@@ -75,6 +75,8 @@ def test_long_steps_table_gives_the_spread_over_rounds(tmp_path):
   assert table[2] == "| 8 × 512, A_r 48 | blockwise, 128 keys (the default) | 350-370 | 11.1-11.7 s | 0.04 | 1.8 GB |"
   assert table[3].endswith("| direct (`--chunk-heads 12`), compiled only |  |  |  | 32.9 GB |")
   assert "2 rounds" in table[-1] and "400 GFLOP/s" in table[-1]
+  only = make_tables.long_steps(PAGE, path=path, rows_shown=(0,)).splitlines()
+  assert only[2] == table[2] and only[3] == "" and len(only) == 5
 
 
 def test_long_steps_says_which_run_failed(monkeypatch):
