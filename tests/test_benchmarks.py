@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -13,18 +11,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "docs"))
 import long_steps  # noqa: E402
+import make_tables  # noqa: E402
 import record  # noqa: E402
 
-
-def _make_tables():
-  spec = importlib.util.spec_from_file_location("make_tables", os.path.join(ROOT, "docs", "make_tables.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-make_tables = _make_tables()
 PAGE = os.path.join(ROOT, "docs", "performance.md")
 
 
