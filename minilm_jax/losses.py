@@ -37,8 +37,9 @@ _MASK_VALUE = relation_kernel.MASK_VALUE
 _DIRECT_MAX_ELEMENTS = 2**26
 
 # Automatically, sequences longer than this go blockwise with key blocks of this size: on 2 CPU cores
-# (benchmarks/relation_kl.py) that is 1.5x faster than the direct path at T = 512 and than head chunks
-# at T = 2048, in 1/7 and 1/2 of their memory; at T <= 128 the direct path is as fast.
+# (docs/performance.md, the relation loss alone) faster than the direct path at T = 512 and than head
+# chunks at T = 2048, in a fraction of their memory; at T <= 128 the direct path is as fast. (Inside a
+# whole step at T = 512 with 48 heads, one head at a time was faster on one machine: not the default.)
 _AUTO_BLOCK_KEYS = 128
 
 _REDUCTIONS = ("example", "token")
