@@ -177,7 +177,8 @@ else rm -rf .venv; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user 
 .venv/bin/pip install -q -e \".[gcs]\"; .venv/bin/pip install -q -U \"jax[tpu]\""
 CMD_INSTALL=("${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$REMOTE_INSTALL")
 
-REMOTE_RUN="cd minilm_jax && .venv/bin/$COMMAND"
+# TPU_ACCELERATOR_TYPE: minilm_jax.xla_flags sets the XLA:TPU flags of this generation (libtpu reads the same).
+REMOTE_RUN="cd minilm_jax && TPU_ACCELERATOR_TYPE=$(printf %q "$ACCEL") .venv/bin/$COMMAND"
 for a in --config "$CONFIG" --workdir "$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}; do
   REMOTE_RUN+=" $(printf %q "$a")"
 done

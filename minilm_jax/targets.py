@@ -107,7 +107,8 @@ def devices(target: Target) -> List[Any]:
   from jax.experimental import topologies
   if target.platform == "tpu":
     _quiet_libtpu()
-    xla_flags.set_tpu_flags()  # compiled as the trainer compiles it on a TPU VM
+    # compiled as the trainer compiles it on a TPU VM of this generation
+    xla_flags.set_tpu_flags(generation=xla_flags.tpu_generation(target.name))
     kw = {"chip_config_name": "megacore"} if _TPU[target.name.split("-")[0]]["cores_per_chip"] == 2 \
         else {}
     if target.num_devices == 1:

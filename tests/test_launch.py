@@ -57,7 +57,8 @@ def test_on_demand_dry_run_prints_every_command():
       "--worker=all",
       "gcloud compute tpus tpu-vm ssh mini --zone us-central2-b --worker=all --command " + shlex.quote(INSTALL),
       "gcloud compute tpus tpu-vm ssh mini --zone us-central2-b --worker=all --command 'cd minilm_jax && "
-      ".venv/bin/minilm-distill --config configs/demo.py --workdir gs://bkt/run1 --config.steps=100'",
+      "TPU_ACCELERATOR_TYPE=v4-8 .venv/bin/minilm-distill --config configs/demo.py --workdir gs://bkt/run1 "
+      "--config.steps=100'",
   ]
   assert not any("queued-resources" in c or " delete " in c for c in commands(r.stdout))
 
@@ -86,7 +87,7 @@ def test_run_step_is_on_all_workers_and_args_survive_the_remote_shell():
   assert words[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mini"]
   assert "--worker=all" in words
   remote = words[words.index("--command") + 1]
-  prefix = "cd minilm_jax && .venv/bin/minilm-distill "
+  prefix = "cd minilm_jax && TPU_ACCELERATOR_TYPE=v4-8 .venv/bin/minilm-distill "
   assert remote.startswith(prefix)
   # What the worker's shell makes of the command line: the exact argv we were given.
   argv = subprocess.run(["bash", "-c", "printf '%s\\n' " + remote[len(prefix):]], capture_output=True,
@@ -99,7 +100,7 @@ def test_prepare_runs_minilm_prepare_on_every_worker_with_the_same_arguments():
   assert r.returncode == 0, r.stderr
   assert commands(r.stdout)[-1] == (
       "gcloud compute tpus tpu-vm ssh mini --zone us-central2-b --worker=all --command 'cd minilm_jax && "
-      ".venv/bin/minilm-prepare --config configs/demo.py --workdir gs://bkt/run1 "
+      "TPU_ACCELERATOR_TYPE=v4-8 .venv/bin/minilm-prepare --config configs/demo.py --workdir gs://bkt/run1 "
       "--config.data.source=gs://bkt/wiki'")
 
 

@@ -78,5 +78,28 @@ def test_flags_the_libtpu_lacks_are_left_out(tmp_path, monkeypatch):
 
 @needs_libtpu
 def test_the_installed_libtpu_knows_every_tpu_flag():
-  assert xla_flags.libtpu_knows(xla_flags._libtpu_path(), list(xla_flags.TPU_FLAGS)) == \
-      set(xla_flags.TPU_FLAGS)
+  every = dict(xla_flags.TPU_FLAGS)
+  for flags in xla_flags.GENERATION_FLAGS.values():
+    every.update(flags)
+  assert xla_flags.libtpu_knows(xla_flags._libtpu_path(), list(every)) == set(every)
+
+
+def test_generation_flags_follow_the_accelerator_type(tmp_path, monkeypatch):
+  names = ("v5litepod-16", "v5e-4", "v6e-8", "v4-32", "v5p-8", "", "h100")
+  assert [xla_flags.tpu_generation(t) for t in names] == ["v5e", "v5e", "v6e", "v4", "v5p", None, None]
+  lib = tmp_path / "libtpu.so"
+  every = [*xla_flags.TPU_FLAGS, "xla_tpu_scoped_vmem_limit_kib"]
+  lib.write_bytes(b"\0" + b"".join(n.encode() + b"\0" for n in every))
+  monkeypatch.setattr(xla_flags, "_libtpu_path", lambda: str(lib))
+  vmem = "--xla_tpu_scoped_vmem_limit_kib=98304"
+  for accelerator, expected in (("v5litepod-16", True), ("v6e-8", True), ("v4-32", False), ("", False)):
+    env = {"TPU_ACCELERATOR_TYPE": accelerator}
+    xla_flags.set_tpu_flags(env)
+    assert (vmem in env["LIBTPU_INIT_ARGS"].split()) == expected, accelerator
+  env = {}
+  xla_flags.set_tpu_flags(env, generation="v5e")  # a compile-only target names its generation
+  assert vmem in env["LIBTPU_INIT_ARGS"].split()
+  env = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "LIBTPU_INIT_ARGS": "--xla_tpu_scoped_vmem_limit_kib=65536"}
+  xla_flags.set_tpu_flags(env)  # the user's own value stays
+  assert env["LIBTPU_INIT_ARGS"].split().count("--xla_tpu_scoped_vmem_limit_kib=65536") == 1
+  assert vmem not in env["LIBTPU_INIT_ARGS"]
