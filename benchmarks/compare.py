@@ -14,18 +14,11 @@ docs/make_tables.py turns into the peers table.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run(cmd):
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -47,17 +40,17 @@ def main():
   peers = {"torch_eager": []} if args.no_compile else {"torch_eager": [], "torch_compile": []}
   ours, lines = [], []
 
-  def record(impl, r, round_):
+  def note(impl, r, round_):
     lines.append({"impl": impl, "round": round_, **r})
     print(json.dumps(r), flush=True)
 
   for i in range(args.rounds):
-    ours.append(run([sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]))
-    record("minilm_jax", ours[-1], i)
+    ours.append(record.run_json([sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]))
+    note("minilm_jax", ours[-1], i)
     for name, runs in peers.items():
       flag = ["--compile"] if name == "torch_compile" else []
-      runs.append(run([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape, *flag]))
-      record(name, runs[-1], i)
+      runs.append(record.run_json([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape, *flag]))
+      note(name, runs[-1], i)
   best_ours = max(ours, key=lambda r: r["tokens_per_s"])
   peak = max(r["peak_flops_per_s"] for r in ours)
   mfu = lambda r: r["model_flops_per_step"] * r["tokens_per_s"] / (32 * 128) / peak

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,14 +52,8 @@ ROWS = [
 
 
 def bench(teacher: str, args: list) -> dict:
-  """The last JSON line of one minilm_jax.bench run; RuntimeError with its last error line if it fails."""
-  r = subprocess.run([sys.executable, "-m", "minilm_jax.bench", "--teacher", teacher, *STUDENT, *args],
-                     capture_output=True, text=True,
-                     env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
-  lines = r.stdout.strip().splitlines()
-  if r.returncode or not lines or not lines[-1].startswith("{"):
-    raise RuntimeError(f"bench {' '.join(args)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-  return json.loads(lines[-1])
+  """The JSON line of one minilm_jax.bench run; RuntimeError with its last error line if it fails."""
+  return record.run_json([sys.executable, "-m", "minilm_jax.bench", "--teacher", teacher, *STUDENT, *args])
 
 
 def main(argv=None):

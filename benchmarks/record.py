@@ -28,6 +28,17 @@ def provenance(script: str, argv=None) -> dict:
           "command": " ".join(["python", script, *argv])}
 
 
+def run_json(cmd: list) -> dict:
+  """The JSON object a benchmark command prints as its last line (run offline, in its own process);
+  RuntimeError with its last line of stderr when it fails."""
+  r = subprocess.run(cmd, capture_output=True, text=True,
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+  lines = r.stdout.strip().splitlines()
+  if r.returncode or not lines or not lines[-1].startswith("{"):
+    raise RuntimeError(f"{' '.join(cmd)} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+  return json.loads(lines[-1])
+
+
 def write_jsonl(path: str, lines: list) -> None:
   """`lines` (dicts) to `path`, one JSON object a line, replacing it whole (never half written)."""
   with open(path + ".tmp", "w") as f:

@@ -84,8 +84,7 @@ def main(argv=None):
       print(json.dumps(lines[-1]), flush=True)
   if a.out:
     shape = {"heads": a.heads, "width": a.width, "batch_tokens": a.batch_tokens}
-    record.write_jsonl(a.out, lines + [{"path": "summary", **shape,
-                                        **prov}])
+    record.write_jsonl(a.out, lines + [{"path": "summary", **shape, **prov}])
 
 
 if __name__ == "__main__":

@@ -172,6 +172,11 @@ PEER_NAMES = {"minilm_jax": "minilm_jax", "torch_eager": "PyTorch eager peer",
               "torch_compile": "PyTorch peer under `torch.compile`"}
 
 
+def _made_by(page: str, path: str, summary: dict) -> str:
+  return (f"Made from {_link(page, path)}, which `{summary['command']}` wrote on {summary['date']} at "
+          f"commit {summary['commit']}")
+
+
 def compare_peers(page: str, path: str = COMPARE) -> str:
   lines = load_jsonl(path)
   summary = next(r for r in lines if r["impl"] == "summary")
@@ -185,8 +190,7 @@ def compare_peers(page: str, path: str = COMPARE) -> str:
     rows.append([name, f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}", ratio])
   return (markdown_table(["impl", "tokens/s (min-max of the rounds)", "MFU (best round)",
                           "minilm_jax's best round over this one's"], rows) + "\n\n"
-          f"<sub>Made from {_link(page, path)}, which `{summary['command']}` wrote on {summary['date']} "
-          f"at commit {summary['commit']} (MFU against the peak measured in the same run, "
+          f"<sub>{_made_by(page, path, summary)} (MFU against the peak measured in the same run, "
           f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).</sub>")
 
 
@@ -194,11 +198,6 @@ def compare_peers(page: str, path: str = COMPARE) -> str:
 
 LONG_STEPS = os.path.join(RESULTS, "long_steps.jsonl")
 RELATION_KL = os.path.join(RESULTS, "relation_kl.jsonl")
-
-
-def _made_by(page: str, path: str, summary: dict) -> str:
-  return (f"Made from {_link(page, path)}, which `{summary['command']}` wrote on {summary['date']} at "
-          f"commit {summary['commit']}")
 
 
 def _spread(values, fmt) -> str:

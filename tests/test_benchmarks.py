@@ -72,7 +72,7 @@ def test_long_steps_table_gives_the_spread_over_rounds(tmp_path):
 
 def test_long_steps_says_which_run_failed(monkeypatch):
   failed = subprocess.CompletedProcess([], 1, stdout="", stderr="warning\nValueError: bad shape\n")
-  monkeypatch.setattr(long_steps.subprocess, "run", lambda *a, **k: failed)
+  monkeypatch.setattr(record.subprocess, "run", lambda *a, **k: failed)
   with pytest.raises(RuntimeError, match="ValueError: bad shape"):
     long_steps.bench("teacher", ["--batch", "8"])
 
@@ -114,3 +114,19 @@ def test_routes_writes_what_its_table_is_made_from(tmp_path):
   assert table[2] == "| `default` | 100 (100-100) | 1.00× | ok (0.0e+00) |"
   assert table[3] == "| `plain` | 200 (200-200) | 2.00× | ok (0.0e+00) |"
   assert "2 rounds" in table[-1]
+
+
+def test_compare_writes_what_its_table_is_made_from(tmp_path, monkeypatch):
+  import compare
+  out = str(tmp_path / "compare.jsonl")
+  fake = {"minilm_jax.bench": {"tokens_per_s": 300.0, "peak_flops_per_s": 4e11, "model_flops_per_step": 1e11},
+          "torch_peer.py": {"tokens_per_s": 200.0, "model_flops_per_step": 1e11}}
+  monkeypatch.setattr(record, "run_json",
+                      lambda cmd: next(v for k, v in fake.items() if any(k in c for c in cmd)))
+  monkeypatch.setattr(sys, "argv", ["compare.py", "--teacher", "t", "--rounds", "2", "--no-compile",
+                                    "--out", out])
+  compare.main()
+  table = make_tables.compare_peers(PAGE, path=out).splitlines()
+  assert table[2].startswith("| minilm_jax | 300-300 |")
+  assert table[3] == "| PyTorch eager peer | 200-200 | 0.01 | 1.50× |"
+  assert "`python benchmarks/compare.py --teacher t --rounds 2 --no-compile --out " in table[-1]
