@@ -241,26 +241,27 @@ def _intact(folder: str, n: int, hosts: Optional[Hosts], log: Callable[[str], No
   """Whether `folder` holds a finished preparation of `n` shards, all as its manifest records (for a
   local folder, their checksums too; a gs:// shard's is checked on its local copy, by Rows). Otherwise
   what is damaged goes, each with a line, for prepare to make it again: the shards that differ, and the
-  manifest. Hosts agree first, so all of them prepare again or none does."""
+  manifest. Hosts agree first, so all of them prepare again or none does: hosts whose caches are not
+  shared can differ (one made its shards in an earlier run, another's disk is new), and a host that went
+  on to prepare alone would wait at a barrier that the others never reach."""
   m, problem = _read_manifest(folder)
-  if m is None and problem is None:
-    return False  # not made yet, or a killed preparation: prepare makes what is missing
-  if problem is None and len(m["shards"]) != n:
+  missing = m is None and problem is None  # not made yet, or a killed preparation: prepare makes the rest
+  if problem is None and not missing and len(m["shards"]) != n:
     problem = f"lists {len(m['shards'])} shards where the corpus has {n} pieces"
   damaged = []
   if problem is not None:
     log(f"token shards in {folder}: {MANIFEST} {problem}; listing them again")
-  else:
+  elif not missing:
     for s in m["shards"]:
       why = _damage(_join(folder, s["name"]), s, checksum="://" not in folder)
       if why:
         log(f"token shard {_join(folder, s['name'])} {why}: making it again")
         damaged.append(s["name"])
-  old = problem is None and not damaged and any("crc32" not in s for s in m["shards"])
+  old = m is not None and problem is None and not damaged and any("crc32" not in s for s in m["shards"])
   if old:
     log(f"token shards in {folder}: listed by an earlier minilm_jax, without sizes and checksums; reading "
         "them through and listing them again")
-  redo = bool(problem or damaged or old)
+  redo = bool(missing or problem or damaged or old)
   if hosts is not None:
     redo = any(hosts.gather(int(redo)))
   if not redo:

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,18 +179,26 @@ def test_a_remote_folder_is_read_from_a_local_copy(tiny_teacher, tiny_corpus, tm
 
 
 def fake_hosts(n):
-  """n shards.Hosts for n threads of one process: a barrier and an all-gather."""
-  barrier = threading.Barrier(n)
-  slots = [None] * n
+  """n shards.Hosts for n threads of one process: a barrier and an all-gather, each of which fails (as
+  jax.distributed's would hang) where the hosts do not all make the same call at the same point."""
+  barrier = threading.Barrier(n, timeout=60)
+  slots, calls = [None] * n, [None] * n
+
+  def meet(i, call):
+    calls[i] = call
+    barrier.wait()
+    seen = list(calls)
+    barrier.wait()
+    assert len(set(seen)) == 1, f"the hosts are at different collectives: {seen}"
 
   def make(i):
     def gather(x):
       slots[i] = x
-      barrier.wait()
+      meet(i, "gather")
       out = list(slots)
       barrier.wait()
       return out
-    return shards.Hosts(i, n, lambda name: barrier.wait(), gather)
+    return shards.Hosts(i, n, lambda name: meet(i, name), gather)
 
   return [make(i) for i in range(n)]
 
@@ -208,6 +217,7 @@ def run_hosts(n, caches, source, teacher):
   [t.start() for t in threads]
   [t.join(120) for t in threads]
   assert not errors, errors
+  assert not any(t.is_alive() for t in threads), "a host is still waiting"
   return out
 
 
@@ -232,6 +242,14 @@ def test_hosts_sharing_the_cache_split_the_work(tiny_teacher, tmp_path, monkeypa
   out = run_hosts(2, [str(tmp_path / "h0"), str(tmp_path / "h1")], source, tiny_teacher)
   assert shard_bytes(out[0]) == shard_bytes(out[1]) == shard_bytes(single)
   assert len(made) == 2 * len(shard_bytes(single))
+  # One host's cache made in an earlier run, the other's disk new: both go through preparation together
+  # (before, the first returned at once and the second waited at a barrier it alone had reached); the
+  # first's shards are read, not made again.
+  made.clear()
+  shutil.rmtree(tmp_path / "h1")
+  out = run_hosts(2, [str(tmp_path / "h0"), str(tmp_path / "h1")], source, tiny_teacher)
+  assert shard_bytes(out[0]) == shard_bytes(out[1]) == shard_bytes(single)
+  assert {os.path.dirname(path) for _, path in made} == {out[1]}
 
 
 # --- Damaged caches: made again where prepare can, refused in one line where it is read ----------------
