@@ -322,7 +322,8 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
   has its own checkpoints and export, and resumes on its own). The workdir's lock (lock.py) is held
   throughout: a second run on it stops with a one-line error before writing anything."""
   check_ranges(cfg)  # before the lock makes the workdir: a bad value leaves nothing behind
-  teacher_config = hf.load_config(hf.resolve(cfg.teacher))
+  teacher_dir = hf.resolve(cfg.teacher)  # once: a gs:// teacher is copied to this host here, not again
+  teacher_config = hf.load_config(teacher_dir)
   stages = _stages(cfg, teacher_config)
   # Each stage's values against its teacher (the assistant's is made from the teacher's config), also
   # before the lock: a bad combination leaves nothing behind either.
@@ -330,8 +331,8 @@ def train_and_evaluate(cfg, workdir: str, progress: Optional[bool] = None,
     check_config(stage_cfg, stage_teacher)
   with lock.acquire(workdir, sharding.hosts(), log) as held:
     if len(stages) == 1:
-      return _train_stage(cfg, workdir, progress, log, held)
-    return _train_chain(stages, workdir, held, progress, log)
+      return _train_stage(cfg, workdir, progress, log, held, teacher_dir)
+    return _train_chain(stages, workdir, held, progress, log, teacher_dir)
 
 
 def _stages(cfg, teacher_config) -> list:
@@ -349,13 +350,14 @@ def _stages(cfg, teacher_config) -> list:
   return [a_cfg, s_cfg]
 
 
-def _train_chain(stages, workdir: str, held: lock.Lock, progress: Optional[bool], log) -> dict:
+def _train_chain(stages, workdir: str, held: lock.Lock, progress: Optional[bool], log,
+                 teacher_dir: str) -> dict:
   from minilm_jax import plots
   a_cfg, s_cfg = stages
   a_dir = wd.join(workdir, wd.ASSISTANT)
   log(f"stage 1/2: teacher -> assistant ({a_cfg.student.num_layers}x{a_cfg.student.hidden_size}) "
       f"in {a_dir}")
-  first = _train_stage(a_cfg, a_dir, progress, log, held)
+  first = _train_stage(a_cfg, a_dir, progress, log, held, teacher_dir)
   if first["preempted"]:
     return first
   if jax.process_count() > 1:  # host 0 wrote the assistant's export; the others read it next
@@ -430,8 +432,10 @@ def recorded_init_layers(workdir: str) -> Optional[list]:
 
 
 def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
-                 log: Callable[[str], None] = print, held: Optional[lock.Lock] = None) -> dict:
-  """One distillation run, teacher to student, in `workdir` (layout: workdir.py).
+                 log: Callable[[str], None] = print, held: Optional[lock.Lock] = None,
+                 teacher_dir: Optional[str] = None) -> dict:
+  """One distillation run, teacher to student, in `workdir` (layout: workdir.py); the teacher from
+  `teacher_dir` (cfg.teacher already resolved to a local folder) where given, else from cfg.teacher.
 
   Writes checkpoints (Orbax), metrics.jsonl, tb/ (TensorBoard), and at the end student/ (an HF folder
   with flax_params.msgpack and a model card) and loss.png. Returns a summary dict.
@@ -444,7 +448,9 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
   wd.check_writable(workdir)
   local = wd.local_dir(workdir)
   os.makedirs(local, exist_ok=True)
-  s = setup(cfg, log=log, init_layers=recorded_init_layers(workdir) if cfg.student.init == "best" else None)
+  teacher = None if teacher_dir is None else (teacher_dir, *hf.load_pretrained(teacher_dir))
+  s = setup(cfg, teacher, log=log,
+            init_layers=recorded_init_layers(workdir) if cfg.student.init == "best" else None)
   hf.tokenizer_files(s.teacher_dir)  # none: a one-line error, not a run on [UNK]s
   tok = AutoTokenizer.from_pretrained(s.teacher_dir)
   if len(tok) > s.teacher_config.vocab_size:

@@ -232,14 +232,19 @@ def test_a_run_from_before_the_computed_order_resumes_with_a_warning(tiny_teache
   assert "resuming from step 3" in text and "in another order; from step 3 on" in text, logs
 
 
-def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path):
-  """teacher (2×32) -> assistant (2×16: the teacher's depth, the student's width) -> student (1×16)."""
+def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path, monkeypatch):
+  """teacher (2×32) -> assistant (2×16: the teacher's depth, the student's width) -> student (1×16).
+  The teacher is a gs:// folder (the tiny teacher stands in for its local copy): copied once a run."""
   import os
-  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=2,
+  from minilm_jax import remote
+  copies = []
+  monkeypatch.setattr(remote, "fetch_remote", lambda url: copies.append(url) or tiny_teacher)
+  cfg = tiny_config("gs://bkt/teacher", tiny_corpus, steps=4, checkpoint_every=2,
                     **{"assistant.enabled": True, "assistant.steps": 3})
   w = str(tmp_path / "chain")
   logs = []
   out = train.train_and_evaluate(cfg, w, progress=False, log=logs.append)
+  assert copies == ["gs://bkt/teacher"]
   a_model, _ = hf.load_student(os.path.join(w, "assistant"))
   s_model, _ = hf.load_student(w)
   assert (a_model.config.num_hidden_layers, a_model.config.hidden_size) == (2, 16)
@@ -256,6 +261,7 @@ def test_teaching_assistant_chain(tiny_teacher, tiny_corpus, tmp_path):
   logs.clear()
   train.train_and_evaluate(cfg, w, progress=False, log=logs.append)
   assert sum("already trained" in l for l in logs) == 2, logs
+  assert len(copies) == 2
 
 
 def test_a_failed_export_is_a_workdir_write_error_and_a_rerun_exports(tiny_teacher, tiny_corpus, tmp_path,
