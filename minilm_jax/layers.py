@@ -51,23 +51,35 @@ _mixed_dense.defvjp(_mixed_dense_fwd, _mixed_dense_bwd)
 
 class Dense(nn.Module):
   """flax.linen.Dense's params ("kernel" [I, O], "bias" [O]) and result, with fp32 weight gradients
-  under mixed precision (module docstring)."""
+  under mixed precision (module docstring). With `splits` = n > 1, the n equal parts of the result as a
+  tuple, each its own matmul with its columns of the kernel (a fused Q/K/V projection whose parts are
+  used apart: slicing one wide result made XLA:TPU copy each part out of it)."""
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
+  splits: int = 1
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias \
         else jnp.zeros((self.features,), self.param_dtype)
-    if jnp.dtype(self.dtype) == jnp.dtype(self.param_dtype):
-      y = jnp.dot(x.astype(self.dtype), kernel)
-      return y + bias if self.use_bias else y
-    return _mixed_dense(x.astype(self.dtype), kernel, bias)
+    if self.splits == 1:
+      return _dense(x, kernel, bias, self.dtype, self.use_bias)
+    o = self.features // self.splits
+    return tuple(_dense(x, kernel[:, i * o:(i + 1) * o], bias[i * o:(i + 1) * o], self.dtype, self.use_bias)
+                 for i in range(self.splits))
+
+
+def _dense(x, kernel, bias, dtype, use_bias: bool):
+  """x @ kernel + bias in `dtype`; under mixed precision (dtype other than the kernel's) by _mixed_dense."""
+  if jnp.dtype(dtype) == jnp.dtype(kernel.dtype):
+    y = jnp.dot(x.astype(dtype), kernel)
+    return y + bias if use_bias else y
+  return _mixed_dense(x.astype(dtype), kernel, bias)
 
 
 def embed(table_VH, ids, dtype):

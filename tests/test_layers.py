@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from minilm_jax import layers
 
@@ -39,6 +40,29 @@ def test_mixed_dense_computes_in_bf16_and_returns_fp32_weight_gradients():
   # The kernel's gradient: bf16 products summed in fp32, exact to fp32 rounding (not bf16's).
   np.testing.assert_allclose(dk, np.einsum("bti,bto->io", f64(x), f64(g)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(db, f64(g).sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_dense_is_the_whole_result_in_parts_with_the_same_gradients(dtype):
+  """splits=3: the params of one [I, 3·O] Dense; each part is its columns of the whole result, and the
+  kernel's and bias's gradients are the whole Dense's (fp32 under mixed precision)."""
+  x, _ = _inputs(2, o=36)
+  whole, parts = (layers.Dense(36, dtype=dtype, param_dtype=jnp.float32, splits=n) for n in (1, 3))
+  params = whole.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, parts.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+  y = whole.apply(params, x)
+  got = parts.apply(params, x)
+  assert len(got) == 3
+  for i, part in enumerate(got):
+    # the same products; a narrower matmul may sum them in another order (fp32 on CPU: last-bit changes)
+    np.testing.assert_allclose(np.asarray(part, np.float32), np.asarray(y[..., i * 12:(i + 1) * 12], np.float32),
+                               rtol=1e-5, atol=1e-6)
+  w = jax.random.normal(jax.random.key(1), y.shape, jnp.float32)
+  loss_whole = lambda p: (whole.apply(p, x).astype(jnp.float32) * w).sum()
+  loss_parts = lambda p: (jnp.concatenate(parts.apply(p, x), -1).astype(jnp.float32) * w).sum()
+  g_whole, g_parts = jax.grad(loss_whole)(params), jax.grad(loss_parts)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), g_whole, g_parts)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(g_parts))
 
 
 def test_embedding_reads_equal_a_gather_and_their_gradients_are_not_scatters():

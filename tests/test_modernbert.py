@@ -265,3 +265,27 @@ def test_fused_attention_path_with_windows_equals_the_reference(tmp_path):
   np.testing.assert_allclose(np.where(valid, out("xla"), 0), np.where(valid, out(None), 0), atol=1e-5,
                              rtol=0)
   assert_parity(str(tmp_path), tm, ids, mask)
+
+
+def _rotary_f64(x, theta):
+  """transformers' rotation in float64 numpy: x cos + rotate_half(x) sin, and its transpose for a VJP."""
+  t, k = x.shape[1], x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, k, 2) / k)
+  ang = np.tile(np.arange(t)[:, None] * inv[None], (1, 2))[None, :, None]
+  rot = lambda z: np.concatenate([-z[..., k // 2:], z[..., :k // 2]], -1)
+  rot_t = lambda z: np.concatenate([z[..., k // 2:], -z[..., :k // 2]], -1)  # rot's transpose
+  return (lambda z: z * np.cos(ang) + rot(z) * np.sin(ang)), (lambda dy: dy * np.cos(ang) + rot_t(dy * np.sin(ang)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2 ** -7)])
+def test_rotary_and_its_gradient_against_float64(dtype, tol):
+  """The rotation (a matmul with a signed permutation) and its custom VJP (cast once to x's dtype)."""
+  x = np.random.default_rng(0).standard_normal((2, 37, 3, 64)) * 3
+  dy = np.random.default_rng(1).standard_normal(x.shape)
+  xd, dyd = jnp.asarray(x, dtype), jnp.asarray(dy, dtype)
+  fwd, vjp = _rotary_f64(np.asarray(xd, np.float64), 1e4)
+  y, back = jax.vjp(jax.jit(lambda a: modernbert.rotary(a, 1e4)), xd)
+  (dx,) = back(dyd)
+  assert y.dtype == dx.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y, np.float64), fwd(np.asarray(xd, np.float64)), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), vjp(np.asarray(dyd, np.float64)), rtol=tol, atol=tol)
