@@ -400,8 +400,8 @@ def _sources(page: str, texts: list[tuple[str, str]], provs: list[dict]) -> str:
           "command is in the provenance.json beside its file).")
 
 
-def _best_subsets(page: str, texts: list[tuple[str, str]]) -> str:
-  """Per held-out text: the best layer subset's teacher layers, it and the demo student on the zero-shot
+def _best_subsets(page: str, texts: list[tuple[str, str]], student: str = DEMO_STUDENT) -> str:
+  """Per held-out text: the best layer subset's teacher layers, it and the student on the zero-shot
   probes with their paired difference, and the student's held-out relation loss against the lowest of
   the baselines'."""
   rows, provs = [], []
@@ -409,14 +409,14 @@ def _best_subsets(page: str, texts: list[tuple[str, str]]) -> str:
     doc, prov = _eval_run(folder)
     provs.append(prov)
     r, best = doc["results"], doc["best_subset"]
-    d = doc["differences"][f"{DEMO_STUDENT} − {BEST_SUBSET}"]
+    d = doc["differences"][f"{student} − {BEST_SUBSET}"]
     low, low_name = _lowest_baseline(r)
-    loss = r[DEMO_STUDENT]["heldout_relation_loss"]
+    loss = r[student]["heldout_relation_loss"]
     same = f" (= {best['same_as'].removeprefix('baseline: ')})" if best["same_as"] else ""
     rows.append([text, ", ".join(map(str, best["layers"])) + same,
-                 report.fmt(r[BEST_SUBSET]["retrieval_mrr"]), report.fmt(r[DEMO_STUDENT]["retrieval_mrr"]),
+                 report.fmt(r[BEST_SUBSET]["retrieval_mrr"]), report.fmt(r[student]["retrieval_mrr"]),
                  report.fmt_difference(d["retrieval_mrr"]),
-                 report.fmt(r[BEST_SUBSET]["agreement"]), report.fmt(r[DEMO_STUDENT]["agreement"]), report.fmt_difference(d["agreement"]),
+                 report.fmt(r[BEST_SUBSET]["agreement"]), report.fmt(r[student]["agreement"]), report.fmt_difference(d["agreement"]),
                  f"{report.fmt(loss)} ({loss['value'] / low:.0%} of {low_name.removeprefix('baseline: ')}'s)"])
   return (markdown_table(["held-out text", "best layer subset (teacher layers)", "best subset: retrieval MRR",
                           "student: retrieval MRR", "student − best subset", "best subset: agreement",
