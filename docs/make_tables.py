@@ -377,14 +377,24 @@ DEMO_TEXTS = [("demo", "the stdlib corpus's held-out split (the default)"),
 # The demo until 2026-12-06 (started from every 2nd teacher layer), on the first three of those texts.
 DEMO_EVERY2_TEXTS = [("demo_every2", DEMO_TEXTS[0][1]), ("demo_every2_fortunes", DEMO_TEXTS[1][1]),
                      ("demo_every2_kjv", DEMO_TEXTS[2][1])]
+# The quality default's run (configs/quality.py, workdirs/quality_l4), evaluated zero-shot on four of those texts.
+QUALITY_TEXTS = [("quality_l4", DEMO_TEXTS[0][1]), ("quality_l4_fortunes", DEMO_TEXTS[1][1]),
+                 ("quality_l4_kjv", DEMO_TEXTS[2][1]), ("quality_l4_book", DEMO_TEXTS[4][1])]
 # Every stored minilm-eval output that a page shows whole (docs/results/FOLDER/results.json).
-EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS] + ["demo_every2"]
+EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS + QUALITY_TEXTS] + ["demo_every2"]
 DEMO_STUDENT, BEST_SUBSET = "student: demo", "baseline: best layer subset"
 
 
 def _lowest_baseline(results: dict) -> tuple[float, str]:
   """(held-out relation loss, name) of the baseline whose loss is the lowest: the bar a student's is read against."""
   return min((v["heldout_relation_loss"]["value"], n) for n, v in results.items() if n.startswith("baseline"))
+
+
+def _share(value: float, low: float, low_name: str) -> str:
+  """A student's held-out relation loss as a share of the lowest baseline's, `34% of best layer subset's`;
+  a baseline made of the teacher's own layers up to the one matched has loss 0, and no share."""
+  name = low_name.removeprefix("baseline: ")
+  return f"{value / low:.0%} of {name}'s" if low > 0 else f"{name}': 0, the teacher's own layers up to the one matched"
 
 
 def _diff_cell(diff: dict, digits: int) -> str:
@@ -417,7 +427,7 @@ def _best_subsets(page: str, texts: list[tuple[str, str]], student: str = DEMO_S
                  report.fmt(r[BEST_SUBSET]["retrieval_mrr"]), report.fmt(r[student]["retrieval_mrr"]),
                  report.fmt_difference(d["retrieval_mrr"]),
                  report.fmt(r[BEST_SUBSET]["agreement"]), report.fmt(r[student]["agreement"]), report.fmt_difference(d["agreement"]),
-                 f"{report.fmt(loss)} ({loss['value'] / low:.0%} of {low_name.removeprefix('baseline: ')}'s)"])
+                 f"{report.fmt(loss)} ({_share(loss['value'], low, low_name)})"])
   return (markdown_table(["held-out text", "best layer subset (teacher layers)", "best subset: retrieval MRR",
                           "student: retrieval MRR", "student − best subset", "best subset: agreement",
                           "student: agreement", "student − best subset",
@@ -433,6 +443,10 @@ def demo_best_subsets(page: str) -> str:
 
 def demo_every2_best_subsets(page: str) -> str:
   return _best_subsets(page, DEMO_EVERY2_TEXTS)
+
+
+def quality_best_subsets(page: str) -> str:
+  return _best_subsets(page, QUALITY_TEXTS, student="student: quality_l4")
 
 
 # The start study (issue 38): the demo config from each start, three seeds each, trained into workdirs
@@ -636,6 +650,7 @@ RENDERERS = {
     "routes_step": routes_step,
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
+    "quality_best_subsets": quality_best_subsets,
     "demo_pydocs480": demo_pydocs480,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,

@@ -230,7 +230,8 @@ def eval_main(argv=None):
                  "held-out relation loss only (fast)")
   p.add_argument("--site-packages", action="append", default=[], help="where the package task's "
                  "packages are (default: this Python's site-packages)")
-  p.add_argument("--no-baselines", action="store_true")
+  p.add_argument("--no-baselines", action="store_true", help="the teacher and the runs' students only, "
+                 "without the undistilled students of their shape (faster; no paired differences with them)")
   p.add_argument("--teacher", help="the run's teacher (folder, gs:// folder or hub id), where it is no "
                  "longer at the path the run recorded and the run's config.teacher is not found here "
                  "(a run distilled on another machine); checked against the run's recorded sha256")
