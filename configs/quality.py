@@ -17,11 +17,12 @@ For the paper's layer and start at 3 layers, the better zero-shot student:
   minilm-distill --config configs/quality.py --workdir workdirs/quality_l4
   minilm-eval --workdir workdirs/quality_l4 [--no-finetune] [--curve]
 
-Cost, measured on this project's 2-core CPU machine: 85 minutes for 2,000 steps of 32×128 tokens
-(each token seen once; 2.3-2.5 s a step alone), including ~1 minute to read and tokenise the corpus; then
+Cost, measured on this project's 2-core CPU machine: 70-85 minutes for 2,000 steps of 32×128 tokens
+(each token seen once; 1.6-2.5 s a step alone, by the machine), including ~1 minute to read and tokenise the corpus; then
 33 minutes of evaluation with fine-tuning. The 3-layer student: 69-89 minutes (1.9-2.2 s a step); on
 one NVIDIA H200 (float32), 5 ms a step, so 20x its budget (--config.steps=40000) in about 4 minutes.
-Results: docs/results.md (against the fixed baselines; not yet against the best layer subset of 4).
+Results: docs/results.md (ahead of the fixed baselines; behind the best subset of 4 layers, untrained,
+on retrieval on all four texts measured).
 Target: h200 (minilm-compile --config configs/quality.py --target h200; its figures: docs/compile.md)
 """
 
