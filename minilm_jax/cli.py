@@ -214,10 +214,12 @@ def eval_main(argv=None):
                  "--text of .jsonl or .parquet files (default: text), as the trainer's data.text_field")
   p.add_argument("--task", action="append", default=[], help="extra fine-tuning tasks beside nsp and "
                  "package: glue:sst2|mnli|qnli|qqp|rte|mrpc|cola (needs the hub), or "
-                 "FILE.csv|.tsv|.jsonl:text_a[,text_b],label (a header line first in a .csv or .tsv)")
+                 "FILE.csv|.tsv|.txt|.jsonl:text_a[,text_b],label (the columns' names in a header line, or their "
+                 "0-based numbers in a file without one)")
   p.add_argument("--sts", action="append", default=[], help="a zero-shot probe of human similarity "
                  "scores: the Spearman and Pearson correlation of each model's cosine with them, from "
-                 "FILE.csv|.tsv|.jsonl:text_a,text_b,score (a header line first in a .csv or .tsv), or "
+                 "FILE.csv|.tsv|.txt|.jsonl:text_a,text_b,score (names from a header line, or 0-based numbers "
+                 "in a file without one: STS-B's sts-dev.csv:5,6,4), or "
                  "glue:stsb or sickr (need the hub); repeatable")
   import dataclasses
   from minilm_jax.evaluation.protocol import DEFAULT_PROTOCOL as d

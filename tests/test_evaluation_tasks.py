@@ -116,7 +116,7 @@ def test_task_files_from_a_spreadsheet_and_tabs(tmp_path):
     ("one.csv", "text,label\n" + "x,a\n" * 12, "12 rows with 1 distinct labels in 'label'; a task needs "
                                                   "at least 10 rows and 2 labels"),
     ("few.csv", "text,label\n" + "x,a\ny,b\n" * 2, "4 rows with 2 distinct labels"),
-    ("t.txt", "x\n", "use a .csv, .tsv (a header line first) or .jsonl file"),
+    ("t.xlsx", "x\n", "use a .csv, .tsv or .txt (tab-separated) or .jsonl file"),
     ("latin1.csv", "text,label\ncaf\xe9,a\n".encode("latin-1"), "latin1.csv: not UTF-8 text (invalid continuation byte"),
 ])
 def test_bad_task_files_are_one_line_errors(tmp_path, name, content, message):
@@ -156,13 +156,62 @@ def test_sts_pair_files_in_any_format_and_script_read_alike(tmp_path):
     ("s.csv", "a,b,score\n", "no pairs"),
     ("s.csv", "a,b,score\n" + "x,y,2\n" * 12, "12 pairs with 1 distinct scores; a correlation needs at least 10 "
                                               "pairs and 2 scores"),
-    ("s.txt", "x\n", "STS file {dir}/s.txt: use a .csv, .tsv"),
+    ("s.xlsx", "x\n", "STS file {dir}/s.xlsx: use a .csv, .tsv"),
     ("s.csv", "a,b,score\ncaf\xe9,x,1\n".encode("latin-1"), "s.csv: not UTF-8 text"),
 ])
 def test_bad_sts_files_are_one_line_errors_naming_file_and_line(tmp_path, name, content, message):
   (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
   with pytest.raises(ValueError, match="^[^\n]*" + re.escape(message.format(dir=tmp_path)) + "[^\n]*$"):
     load_sts(f"{tmp_path / name}:a,b,score")
+
+
+def test_sts_files_as_their_makers_ship_them(tmp_path):
+  """The layouts STS data comes in, read as their makers mean them: STS-B's own sts-*.csv (tab-separated
+  despite the name, no header line, columns by number, a `"` that opens no quote), SICK's SICK.txt (a
+  tab-separated .txt with a header) and JSON arrays. A quote processor would have joined lines at the
+  unbalanced `"`: each file must give every pair, with its quotes as written."""
+  a = [f'"Sentence {i} opens a quote, and never closes it.' if i == 3 else f"A man plays guitar {i}."
+       for i in range(12)]
+  b = [f"Someone plays an instrument {i}." for i in range(12)]
+  score = [i % 6 * 1.0 for i in range(12)]
+  stsb = tmp_path / "sts-dev.csv"
+  stsb.write_text("".join(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{score[i]:.3f}\t{a[i]}\t{b[i]}"
+                          + ("\tsource-extra\n" if i % 2 else "\n") for i in range(12)), encoding="utf-8")
+  sick = tmp_path / "SICK.txt"
+  sick.write_text("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+                  + "".join(f"{i}\t{a[i]}\t{b[i]}\t{score[i]}\tNEUTRAL\n" for i in range(12)), encoding="utf-8")
+  arrays = tmp_path / "pairs.jsonl"
+  arrays.write_text("".join(json.dumps([a[i], b[i], score[i]]) + "\n" for i in range(12)), encoding="utf-8")
+  for spec in (f"{stsb}:5,6,4", f"{sick}:sentence_A,sentence_B,relatedness_score", f"{arrays}:0,1,2"):
+    x = load_sts(spec)
+    assert x.a == a and x.b == b, spec
+    np.testing.assert_array_equal(x.score_N, score)
+
+
+def test_numbered_columns_need_a_file_without_a_header(tmp_path):
+  path = tmp_path / "p.tsv"
+  path.write_text("a\tb\tscore\n" + "x\ty\t1\n" * 12)
+  with pytest.raises(ValueError, match=re.escape("line 1: the score 'score' in column 2 is not a finite number "
+                                                 "(a header line? name the columns instead of numbering them)")):
+    load_sts(f"{path}:0,1,2")
+  objects = tmp_path / "p.jsonl"
+  objects.write_text('{"a": "x", "b": "y", "score": 1}\n')
+  with pytest.raises(ValueError, match=re.escape("line 1: not a JSON array (columns given by number)")):
+    load_sts(f"{objects}:0,1,2")
+  with pytest.raises(ValueError, match=re.escape("name every column (a header line) or number every one")):
+    load_sts(f"{path}:a,1,score")
+  short = tmp_path / "short.tsv"
+  short.write_text("x\ty\t1\n" * 11 + "x\ty\n")
+  with pytest.raises(ValueError, match=re.escape("short.tsv line 12: no value for column 2")):
+    load_sts(f"{short}:0,1,2")
+
+
+def test_a_task_file_by_column_number(tmp_path):
+  path = tmp_path / "t.tsv"
+  path.write_text("".join(f'"quoted {i}\t{"pos" if i % 2 else "neg"}\n' for i in range(20)))
+  t = load_task(f"{path}:0,1")
+  assert t.labels == ["neg", "pos"] and len(t.train[2]) + len(t.test[2]) == 20
+  assert all(x.startswith('"quoted ') for x in t.train[0])
 
 
 def test_bad_sts_specs(tmp_path):

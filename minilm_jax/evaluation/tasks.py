@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -121,49 +122,87 @@ def package_task(roots: Sequence[str] = (), classes: int = 16, per_class: int = 
 # --- Task files and GLUE ----------------------------------------------------------------------------------
 
 def _columns(rows: List[dict], cols: Sequence[str], where: str, lines: Sequence[int]):
-  """The named columns of every row as strings; a row without one (or with it empty: a short CSV line)
-  is a one-line error naming its line."""
+  """The named (or numbered) columns of every row as strings; a row without one (or with it empty: a
+  short CSV line) is a one-line error naming its line."""
   for c in cols:
-    if rows and c not in rows[0]:
-      raise ValueError(f"{where}: no column {c!r} (columns: {sorted(rows[0])})")
+    if rows and c not in rows[0] and not c.isdigit():
+      raise ValueError(f"{where}: no column {c!r} (columns: {sorted(rows[0], key=str)})")
   for i, r in enumerate(rows):
     missing = [c for c in cols if r.get(c) is None]
     if missing:
-      raise ValueError(f"{where} line {lines[i]}: no value for {missing[0]!r}")
+      raise ValueError(f"{where} line {lines[i]}: no value for {_column(missing[0])}")
   return [[str(r[c]) for r in rows] for c in cols]
 
 
-def _task_rows(path: str, what: str = "task file") -> Tuple[List[dict], List[int]]:
-  """The rows of a .csv/.tsv (header first) or .jsonl file, and the line each is on. A UTF-8
-  byte-order mark (a spreadsheet's export) is dropped; a file that is not UTF-8 is a one-line error."""
+def _column(name: str) -> str:
+  return f"column {name}" if name.isdigit() else repr(name)
+
+
+def _task_rows(path: str, what: str = "task file", numbered: bool = False) -> Tuple[List[dict], List[int]]:
+  """The rows of a .csv/.tsv/.txt or .jsonl file, and the line each is on: with a header line (or JSON
+  objects) each row maps column names to values; `numbered` (columns given as 0, 1, ...), a file with
+  no header line (or JSON arrays), each row maps "0", "1", ... to its fields. A UTF-8 byte-order mark (a
+  spreadsheet's export) is dropped; a file that is not UTF-8 is a one-line error."""
   try:
-    return _rows(path, what)
+    return _rows(path, what, numbered)
   except UnicodeDecodeError as e:
     raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
 
 
-def _rows(path: str, what: str) -> Tuple[List[dict], List[int]]:
+def _delimiter(kind: str, first_line: str) -> str:
+  """A .tsv or .txt is tab-separated (SICK's SICK.txt); a .csv is comma-separated unless its first line
+  has more tabs than commas (STS-B's own sts-*.csv files are tab-separated)."""
+  if kind in (".tsv", ".txt"):
+    return "\t"
+  return "\t" if first_line.count("\t") > first_line.count(",") else ","
+
+
+def _rows(path: str, what: str, numbered: bool) -> Tuple[List[dict], List[int]]:
   kind = os.path.splitext(path)[1].lower()
-  if kind not in (".csv", ".tsv", ".jsonl"):
-    raise ValueError(f"{what} {path}: use a .csv, .tsv (a header line first) or .jsonl file")
+  if kind not in (".csv", ".tsv", ".txt", ".jsonl"):
+    raise ValueError(f"{what} {path}: use a .csv, .tsv or .txt (tab-separated) or .jsonl file")
   rows, lines = [], []
   with open(path, newline="" if kind != ".jsonl" else None, encoding="utf-8-sig") as f:
     if kind != ".jsonl":
-      reader = csv.DictReader(f, delimiter="," if kind == ".csv" else "\t")
-      for r in reader:
-        rows.append(r)
+      text = f.read()
+      delimiter = _delimiter(kind, text.partition("\n")[0])
+      # A tab-separated file's fields are taken as they are: in GLUE's, SICK's and STS-B's files a `"` is
+      # text, and quote processing would join lines at an unbalanced one. A comma-separated file is quoted.
+      quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+      reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+      header = None if numbered else next(reader, None)
+      for fields in reader:
+        if not fields:  # a blank line
+          continue
+        names = header if header is not None else [str(i) for i in range(len(fields))]
+        # A short row's missing fields are None (as csv.DictReader gives them), so _columns names its line.
+        rows.append({n: (fields[i] if i < len(fields) else None) for i, n in enumerate(names)})
         lines.append(reader.line_num)
       return rows, lines
     for n, line in enumerate(f, 1):
       if line.strip():
         try:
-          rows.append(json.loads(line))
+          row = json.loads(line)
         except ValueError as e:
           raise ValueError(f"{path} line {n}: not JSON ({e})") from e
-        if not isinstance(rows[-1], dict):
-          raise ValueError(f"{path} line {n}: not a JSON object")
+        if numbered and isinstance(row, list):
+          row = {str(i): v for i, v in enumerate(row)}
+        elif numbered or not isinstance(row, dict):
+          raise ValueError(f"{path} line {n}: not a JSON " + ("array (columns given by number)" if numbered
+                                                              else "object"))
+        rows.append(row)
         lines.append(n)
     return rows, lines
+
+
+def _numbered(names: Sequence[str], spec: str) -> bool:
+  """Whether a spec's columns are given by number (0-based, for a file without a header line); a mix of
+  numbers and names is a one-line error."""
+  digits = [n.isdigit() for n in names]
+  if any(digits) and not all(digits):
+    raise ValueError(f"{spec!r}: name every column (a header line) or number every one (0-based, no "
+                     "header line), not both")
+  return all(digits)
 
 
 def file_task(spec: str, seed: int = 0) -> Task:
@@ -172,7 +211,7 @@ def file_task(spec: str, seed: int = 0) -> Task:
   names = cols.split(",")
   if not path or len(names) not in (2, 3):
     raise ValueError(f"task {spec!r}: use FILE:text_col,label_col or FILE:text_a,text_b,label_col")
-  rows, lines = _task_rows(path)
+  rows, lines = _task_rows(path, numbered=_numbered(names, spec))
   texts = _columns(rows, names[:-1], path, lines)
   labels_raw = _columns(rows, names[-1:], path, lines)[0]
   vocab = {l: i for i, l in enumerate(sorted(set(labels_raw)))}
@@ -212,7 +251,8 @@ def sts_file(spec: str, min_pairs: int = 10) -> Pairs:
   names = cols.split(",")
   if not path or len(names) != 3 or not all(n.strip() for n in names):
     raise ValueError(f"--sts {spec!r}: use FILE:text_a,text_b,score (the names of its three columns)")
-  rows, lines = _task_rows(path, "STS file")
+  numbered = _numbered(names, f"--sts {spec}")
+  rows, lines = _task_rows(path, "STS file", numbered)
   if not rows:
     raise ValueError(f"STS file {path}: no pairs (an empty file, or a header line only)")
   a, b, raw = _columns(rows, names, path, lines)
@@ -223,7 +263,9 @@ def sts_file(spec: str, min_pairs: int = 10) -> Pairs:
     except ValueError:
       score_N[i] = float("nan")
     if not np.isfinite(score_N[i]):
-      raise ValueError(f"{path} line {line}: the score {r!r} in {names[2]!r} is not a finite number")
+      hint = " (a header line? name the columns instead of numbering them)" if numbered and i == 0 else ""
+      raise ValueError(f"{path} line {line}: the score {r!r} in {_column(names[2])} is not a finite number"
+                       + hint)
   if len(rows) < min_pairs or len(set(score_N.tolist())) < 2:
     raise ValueError(f"STS file {path}: {len(rows)} pairs with {len(set(score_N.tolist()))} distinct "
                      f"scores; a correlation needs at least {min_pairs} pairs and 2 scores")
