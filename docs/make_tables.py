@@ -380,8 +380,11 @@ DEMO_EVERY2_TEXTS = [("demo_every2", DEMO_TEXTS[0][1]), ("demo_every2_fortunes",
 # The quality default's run (configs/quality.py, workdirs/quality_l4), evaluated zero-shot on four of those texts.
 QUALITY_TEXTS = [("quality_l4", DEMO_TEXTS[0][1]), ("quality_l4_fortunes", DEMO_TEXTS[1][1]),
                  ("quality_l4_kjv", DEMO_TEXTS[2][1]), ("quality_l4_book", DEMO_TEXTS[4][1])]
+# The quality recipe from the best start and the default, one minilm-eval table a text (the default text's with fine-tuning).
+QUALITY_STARTS = [("quality_starts", DEMO_TEXTS[0][1]), ("quality_starts_fortunes", DEMO_TEXTS[1][1]),
+                  ("quality_starts_kjv", DEMO_TEXTS[2][1]), ("quality_starts_book", DEMO_TEXTS[4][1])]
 # Every stored minilm-eval output that a page shows whole (docs/results/FOLDER/results.json).
-EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS + QUALITY_TEXTS] + ["demo_every2"]
+EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS + QUALITY_TEXTS] + ["demo_every2", "quality_starts"]
 DEMO_STUDENT, BEST_SUBSET = "student: demo", "baseline: best layer subset"
 
 
@@ -525,6 +528,11 @@ def _students_vs_best(page: str, texts: list[tuple[str, str]], which: str) -> st
           "the same items, in the metric's units and (in SEs).</sub>")
 
 
+def quality_starts_vs_best(page: str) -> str:
+  return _students_vs_best(page, QUALITY_STARTS, "the best start / the default (first 4 layers); the held-out "
+                           "relation loss is against the last layer, which only the best start was trained on")
+
+
 def demo_seeds(page: str) -> str:
   return _students_vs_best(page, DEMO_SEEDS, "seeds 0 / 1 / 2 (seed 0 is the demo run)")
 
@@ -651,6 +659,7 @@ RENDERERS = {
     "demo_best_subsets": demo_best_subsets,
     "demo_every2_best_subsets": demo_every2_best_subsets,
     "quality_best_subsets": quality_best_subsets,
+    "quality_starts_vs_best": quality_starts_vs_best,
     "demo_pydocs480": demo_pydocs480,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
