@@ -23,7 +23,7 @@ Cost, measured on this project's 2-core CPU machine: 70-85 minutes for 2,000 ste
 one NVIDIA H200 (float32), 5 ms a step, so 20x its budget (--config.steps=40000) in about 4 minutes.
 Results: docs/results.md (ahead of the fixed baselines; behind the best subset of 4 layers, untrained,
 on retrieval on all four texts measured). From the best start, the better zero-shot encoder but 3.4 SE
-behind on package fine-tuning, and still not past the best subset on retrieval:
+behind on next-sentence fine-tuning, and still not past the best subset on retrieval:
   --config.student.init=best --config.loss.teacher_layer=-1
 Target: h200 (minilm-compile --config configs/quality.py --target h200; its figures: docs/compile.md)
 """
