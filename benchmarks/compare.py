@@ -6,7 +6,8 @@ Defaults: the packaged all-MiniLM-L6-v2 teacher (6×384) → 3×384 student (12 
 seq 128, MiniLMv2 with 12 relation heads, a quarter of the rows half padded, fp32. The three run
 alternately in separate processes (so none inherits another's thread pools), `--rounds` times, and
 the best of each is compared: this machine's speed drifts by tens of percent between minutes.
-`--no-compile` leaves the torch.compile peer out. `--out` writes every round's JSON line and the summary
+`--no-compile` leaves the torch.compile peer out; `--one-device` adds our step on one XLA:CPU device
+(ours otherwise splits the host as the trainer does: parallel.cpu_devices, minilm_jax/xla_flags.py). `--out` writes every round's JSON line and the summary
 (with the date, the commit and the command) to a file: docs/results/compare.jsonl holds the one that
 docs/make_tables.py turns into the peers table.
 """
@@ -27,6 +28,9 @@ def main():
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--no-compile", action="store_true")
+  p.add_argument("--one-device", action="store_true",
+                 help="also run our step on one XLA:CPU device (--cpu-devices 1), as it ran before the "
+                      "trainer split a CPU host into one device per core")
   p.add_argument("--out", help="write every round and the summary here (JSON lines)")
   args, extra = p.parse_known_args()
   prov = record.provenance("benchmarks/compare.py")
@@ -37,7 +41,13 @@ def main():
   shape = ["--teacher", args.teacher, "--student-layers", "3", "--student-hidden", "384",
            "--student-heads", "12", "--student-intermediate", "1536", "--batch", "32", "--seq", "128",
            "--relation-heads", "12", "--steps", str(args.steps), "--padded-fraction", "0.25", *extra]
-  peers = {"torch_eager": []} if args.no_compile else {"torch_eager": [], "torch_compile": []}
+  bench = [sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]
+  peer = [sys.executable, os.path.join(HERE, "torch_peer.py"), *shape]
+  commands = {"torch_eager": peer} if args.no_compile else {"torch_eager": peer,
+                                                            "torch_compile": [*peer, "--compile"]}
+  if args.one_device:
+    commands = {"minilm_jax_one_device": [*bench, "--cpu-devices", "1"], **commands}
+  peers = {name: [] for name in commands}
   ours, lines = [], []
 
   def note(impl, r, round_):
@@ -45,11 +55,10 @@ def main():
     print(json.dumps(r), flush=True)
 
   for i in range(args.rounds):
-    ours.append(record.run_json([sys.executable, "-m", "minilm_jax.bench", "--loss", "v2", *shape]))
+    ours.append(record.run_json(bench))
     note("minilm_jax", ours[-1], i)
     for name, runs in peers.items():
-      flag = ["--compile"] if name == "torch_compile" else []
-      runs.append(record.run_json([sys.executable, os.path.join(HERE, "torch_peer.py"), *shape, *flag]))
+      runs.append(record.run_json(commands[name]))
       note(name, runs[-1], i)
   best_ours = max(ours, key=lambda r: r["tokens_per_s"])
   peak = max(r["peak_flops_per_s"] for r in ours)

@@ -2,7 +2,7 @@
 
   python -m minilm_jax.bench --teacher DIR --student-layers 3 --student-hidden 384 --student-heads 12 \
       --batch 32 --seq 128 --loss v2 --relation-heads 12 [--precision bfloat16] [--steps 10] \
-      [--random-teacher-layers L] [--attention auto|reference|xla|cudnn|pallas]
+      [--random-teacher-layers L] [--attention auto|reference|xla|cudnn|pallas] [--cpu-devices N]
 
 Prints one JSON line: tokens_per_s, step_ms, model_flops_per_step, achieved_flops_per_s,
 peak_flops_per_s, mfu, peak_memory_bytes (and how each was obtained).
@@ -30,6 +30,8 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from minilm_jax import xla_flags
 
 # Published dense bf16 peaks, FLOP/s per chip.
 PUBLISHED_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -160,6 +162,9 @@ def parse_args(argv=None):
                  help="a random teacher of this depth, with the --teacher's widths and max(seq, its) "
                       "positions, instead of its weights")
   p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="XLA:CPU devices to split a CPU-only host into, as the trainer does "
+                      "(parallel.cpu_devices): 0, one per usable core that splits the batch; 1, one")
   p.add_argument("--attention", choices=ATTENTIONS, default="auto",
                  help="the attention implementation (module docstring); auto: the trainer's")
   p.add_argument("--compile-only", action="store_true",
@@ -245,7 +250,10 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-  print(json.dumps(run(parse_args(argv))))
+  args = parse_args(argv)
+  # Before anything asks JAX for devices: XLA:CPU reads XLA_FLAGS once.
+  xla_flags.set_cpu_devices(args.cpu_devices or xla_flags.cpu_device_count(args.batch, args.fsdp))
+  print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,17 @@ def _maybe_initialize_distributed():
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def _cpu_devices(cfg) -> int:
+  """parallel.cpu_devices, 0 resolved for this host; 1 in a multi-process run, whose processes would
+  each split the global batch on their own."""
+  if cfg.parallel.cpu_devices:
+    return cfg.parallel.cpu_devices
+  if _COORDINATOR.value or _NUM_PROCESSES.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return 1
+  micro = cfg.batch_size // cfg.grad_accum if cfg.batch_size % max(cfg.grad_accum, 1) == 0 else 1
+  return xla_flags.cpu_device_count(micro, cfg.parallel.fsdp)
+
+
 def _fail(prog: str, e: BaseException) -> None:
   msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   sys.stdout.flush()
@@ -68,6 +79,7 @@ def _distill(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("minilm-distill", ValueError("--config and --workdir are required (see --help)"))
   xla_flags.set_tpu_flags()  # before JAX starts libtpu, which reads them once
+  xla_flags.set_cpu_devices(_cpu_devices(_CONFIG.value))  # and XLA:CPU, which reads XLA_FLAGS once
   import warnings
   warnings.formatwarning = lambda msg, *_, **__: f"minilm-distill: warning: {msg}\n"
   from absl import logging

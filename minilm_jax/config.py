@@ -54,7 +54,9 @@ def default_config():
   c.keep_every = 0                  # > 0: also keep every n-th step's checkpoint for good
   c.max_nonfinite_steps = 0         # NaN/Inf steps skipped before the run stops with an error
   c.optim = dict(lr=6e-4, warmup_steps=100, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0)
-  c.parallel = dict(mode="jit", fsdp=1)
+  # cpu_devices: XLA:CPU devices a CPU-only host is split into (xla_flags.py): 0 = one per usable core,
+  # as many as split the batch evenly; 1 = XLA's one device. Accelerator hosts ignore it.
+  c.parallel = dict(mode="jit", fsdp=1, cpu_devices=0)
   c.export = dict(sentence_transformers=True)  # also make DIR/student a sentence-transformers folder
   # Teaching assistant (MiniLM v1, Sec. 3.3): first distil the teacher into an assistant with the
   # teacher's depth and the student's width, in DIR/assistant; then the assistant teaches the student.
@@ -97,6 +99,7 @@ _RANGES = {
     "optim.eps": (lambda v: _FINITE(v) and v > 0, "positive and finite"),
     "optim.clip_norm": (lambda v: _FINITE(v) and v >= 0, "finite and ≥ 0 (0: no clipping)"),
     "parallel.fsdp": (lambda v: v >= 1, "at least 1"),
+    "parallel.cpu_devices": (lambda v: v >= 0, "0 (one per usable core) or more"),
     "assistant.steps": (lambda v: v >= 0, "0 (as many as the student stage) or more"),
 }
 

@@ -211,3 +211,14 @@ def test_ctrl_c_while_tokenising_is_one_line(tiny_teacher, tmp_path):
       os.killpg(p.pid, signal.SIGKILL)
   assert p.returncode == 130, err[-2000:]
   assert err.strip().splitlines()[-1] == "minilm-prepare: interrupted" and "Traceback" not in err, err[-2000:]
+
+
+def test_cpu_devices_reach_the_trainers_mesh(tiny_teacher, tiny_corpus, tmp_path):
+  # 3 XLA:CPU devices (whatever this machine's cores) cannot split a batch of 8: the mesh has them,
+  # and the command says so in one line.
+  p = run("--config", DEMO, *TINY_CLI_ARGS, f"--config.teacher={tiny_teacher}",
+          f"--config.data.source={tiny_corpus}", "--config.steps=2", "--config.parallel.cpu_devices=3",
+          "--workdir", str(tmp_path / "w"))
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.strip().splitlines()[-1] == ("minilm-distill: error: batch_size 8 (micro-batch 8) does "
+                                               "not divide over the 3 devices; use a multiple of 3")

@@ -25,7 +25,7 @@ BAD = [("student.num_layers", 0), ("student.hidden_size", 0), ("student.num_head
        ("max_nonfinite_steps", -1), ("optim.lr", -1.0), ("optim.lr", 0.0), ("optim.lr", NAN),
        ("optim.lr", INF), ("optim.warmup_steps", -1), ("optim.weight_decay", -0.01),
        ("optim.weight_decay", INF), ("optim.b1", 1.0), ("optim.b2", -0.5), ("optim.eps", 0.0),
-       ("optim.clip_norm", -1.0), ("optim.clip_norm", NAN), ("parallel.fsdp", 0), ("assistant.steps", -1)]
+       ("optim.clip_norm", -1.0), ("optim.clip_norm", NAN), ("parallel.fsdp", 0), ("parallel.cpu_devices", -1), ("assistant.steps", -1)]
 
 
 @pytest.mark.parametrize("key, value", BAD)

@@ -103,3 +103,35 @@ def test_generation_flags_follow_the_accelerator_type(tmp_path, monkeypatch):
   xla_flags.set_tpu_flags(env)  # the user's own value stays
   assert env["LIBTPU_INIT_ARGS"].split().count("--xla_tpu_scoped_vmem_limit_kib=65536") == 1
   assert vmem not in env["LIBTPU_INIT_ARGS"]
+
+
+def test_cpu_devices_are_the_most_cores_that_split_the_batch():
+  assert xla_flags.cpu_device_count(32, cores=2) == 2
+  assert xla_flags.cpu_device_count(32, cores=3) == 2     # 3 does not divide 32
+  assert xla_flags.cpu_device_count(6, cores=4) == 3
+  assert xla_flags.cpu_device_count(7, cores=2) == 1      # a prime batch: XLA's one device
+  assert xla_flags.cpu_device_count(32, fsdp=2, cores=8) == 8
+  assert xla_flags.cpu_device_count(32, fsdp=4, cores=2) == 1   # no multiple of fsdp: the mesh says so
+  assert xla_flags.cpu_device_count(32, cores=1) == 1
+  assert 1 <= xla_flags.cpu_device_count(1024) <= xla_flags.usable_cores()
+
+
+def test_cpu_devices_join_xla_flags_and_keep_the_users_count():
+  e = {}
+  xla_flags.set_cpu_devices(1, e)
+  assert e == {}                                           # one device: XLA's default, nothing to say
+  e = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+  xla_flags.set_cpu_devices(2, e)
+  assert e["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=2"
+  e = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  xla_flags.set_cpu_devices(2, e)
+  assert e["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+def test_cpu_devices_set_before_jax_starts_are_the_devices_jax_has():
+  code = ("from minilm_jax import xla_flags; xla_flags.set_cpu_devices(3)\n"
+          "import jax; print(jax.device_count(), jax.devices()[0].platform)")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["3", "cpu"]
