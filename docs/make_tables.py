@@ -168,6 +168,8 @@ def compile_history(page: str) -> str:
 # ---- the step against its PyTorch peers on this CPU: docs/results/compare.jsonl (benchmarks/compare.py --out)
 
 COMPARE = os.path.join(RESULTS, "compare.jsonl")
+COMPARE_XEON = os.path.join(RESULTS, "compare_xeon.jsonl")
+CPU_PEERS = [("AMD EPYC", COMPARE), ("Intel Xeon", COMPARE_XEON)]  # the project's CPU machine, by date
 PEER_NAMES = {"minilm_jax": "minilm_jax", "minilm_jax_one_device": "minilm_jax on one XLA:CPU device",
               "torch_eager": "PyTorch eager peer",
               "torch_compile": "PyTorch peer under `torch.compile`"}
@@ -193,6 +195,32 @@ def compare_peers(page: str, path: str = COMPARE) -> str:
                           "minilm_jax's best round over this one's"], rows) + "\n\n"
           f"<sub>{_made_by(page, path, summary)} (MFU against the peak measured in the same run, "
           f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s).</sub>")
+
+
+# ---- the step's matmuls alone: experiments/matmul_ceiling.py --out ------------------------------------------
+
+MATMUL_CEILING = os.path.join(RESULTS, "matmul_ceiling.jsonl")
+
+
+def matmul_ceiling(page: str, path: str = MATMUL_CEILING) -> str:
+  """One row per matmul shape of the step: GFLOP/s under XLA:CPU on every core, pinned to one, and torch's;
+  then the sum of their times and the MFU ceiling it sets."""
+  lines = {r["run"]: r for r in load_jsonl(path)}
+  every, one, summary = lines["all cores"], lines["one core"], lines["summary"]
+  shape = lambda a: "[" + ", ".join(map(str, a)) + "]"
+  rows = [[name, f"{shape(a)} × {shape(b)}", str(count), f"{every['gflops'][name]:.0f}",
+           f"{one['gflops'][name]:.0f}", f"{every['torch_gflops'][name]:.0f}"]
+          for name, (a, b, count) in every["shapes"].items()]
+  rows.append(["all of them, summed: time", "", "", f"{every['jax_matmul_ms']:,.0f} ms",
+               f"{one['jax_matmul_ms']:,.0f} ms", f"{every['torch_matmul_ms']:,.0f} ms"])
+  rows.append(["the most MFU a step of these kernels can reach", "", "", f"{every['jax_mfu_ceiling']:.2f}",
+               "", f"{every['torch_mfu_ceiling']:.2f}"])
+  return (markdown_table(["matmul of the step", "a × b", "count",
+                          f"XLA:CPU GFLOP/s ({every['cores']} cores)", "XLA:CPU GFLOP/s (pinned to one core)",
+                          f"torch (MKL) GFLOP/s ({every['cores']} cores)"], rows) + "\n\n"
+          f"<sub>{_made_by(page, path, summary)} (each shape jitted alone, best of 5 calls; the MFU "
+          f"ceiling against the peak measured in the same run, {every['peak_flops_per_s'] / 1e9:.0f} "
+          "GFLOP/s).</sub>")
 
 
 # ---- the step and the relation loss on CPU: benchmarks/long_steps.py, benchmarks/relation_kl.py ----------
@@ -615,16 +643,20 @@ def readme_performance(page: str) -> str:
     tables = json.load(f)["tables"]
   rows = []
   h200 = tables["h200"]
-  lines = load_jsonl(COMPARE)
-  summary = next(r for r in lines if r["impl"] == "summary")
-  cpu = f"2 CPU cores, {summary['date']}, 3 rounds"
-  for impl, name in PEER_NAMES.items():
-    tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
-    if not tokens:
-      continue
-    mfu = summary["minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu"]
-    rows.append([cpu, f"{name}, float32, 32 × 128", f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}"])
-    cpu = "same"
+  made = []
+  for cpu_name, file in CPU_PEERS:
+    lines = load_jsonl(file)
+    summary = next(r for r in lines if r["impl"] == "summary")
+    cpu = f"2 cores of an {cpu_name}, {summary['date']}, 3 rounds"
+    for impl, name in PEER_NAMES.items():
+      tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
+      if not tokens:
+        continue
+      mfu = summary["minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu"]
+      rows.append([cpu, f"{name}, float32, 32 × 128", f"{min(tokens):,.0f}-{max(tokens):,.0f}",
+                   f"{mfu:.2f}"])
+      cpu = "same"
+    made.append(f"{_link(page, file)}, written by `{summary['command']}` at commit {summary['commit']}")
   gpu, batch = f"one NVIDIA H200, {h200['recorded_on']}", None
   cols = h200["columns"]
   for r in h200["rows"]:
@@ -638,7 +670,7 @@ def readme_performance(page: str) -> str:
   return (markdown_table(["machine", "step, precision, batch × T", "tokens/s", "MFU"], rows) + "\n\n"
           f"<sub>From the tables [Against the PyTorch peers]({peers_link}) (tokens/s: min-max of the "
           f"rounds; MFU: the best round's, against the peak measured in the same run; data "
-          f"{_link(page, COMPARE)}, written by `{summary['command']}` at commit {summary['commit']}) and "
+          f"{'; '.join(made)}) and "
           f"[On a GPU: one NVIDIA H200]({h200_link}) (one run each; MFU against the published bf16 peak; data "
           f"{_link(page, path)}: transcribed, the runs' own output was not kept).</sub>")
 
@@ -648,7 +680,7 @@ RENDERERS = {
     **{folder: functools.partial(_eval_models, folder=folder) for folder in EVAL_FOLDERS},
     **{f"{folder}_differences": functools.partial(_eval_differences, folder=folder) for folder in EVAL_FOLDERS},
     "compare_peers": compare_peers,
-    "compare_peers_xeon": functools.partial(compare_peers, path=os.path.join(RESULTS, "compare_xeon.jsonl")),
+    "compare_peers_xeon": functools.partial(compare_peers, path=COMPARE_XEON),
     "compile_bert_base": compile_bert_base,
     "compile_bert_base_traffic": compile_bert_base_traffic,
     "compile_history": compile_history,
@@ -668,6 +700,7 @@ RENDERERS = {
     "demo_start_study": demo_start_study,
     "readme_configs": readme_configs,
     "readme_performance": readme_performance,
+    "matmul_ceiling": matmul_ceiling,
 }
 
 

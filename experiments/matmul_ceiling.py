@@ -16,6 +16,12 @@ makes them, each YNN fusion type taken out, XLA's own dots, oneDNN), each route 
 (XLA reads XLA_FLAGS once), the routes alternating over rounds (benchmarks/routes.py). Every route's
 outputs are compared with the default route's (same inputs): worse than 1e-5 of the largest output,
 relative, is reported as WRONG. The peak is measured in each process, under its route.
+
+  python experiments/matmul_ceiling.py --out docs/results/matmul_ceiling.jsonl
+
+also times XLA:CPU's matmuls once more in a process pinned to one core (`--one-core`), and writes both
+runs' JSON lines and the provenance to FILE (docs/make_tables.py's `matmul_ceiling` table): a matmul
+that runs as fast on one core as on all of them runs on one. About 2 minutes on 2 cores.
 """
 
 import argparse
@@ -30,6 +36,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import record  # noqa: E402  (benchmarks/record.py: provenance and JSON lines)
 
 from minilm_jax.bench import measured_cpu_peak, minilm_flops_per_step
 
@@ -111,7 +120,6 @@ def rel_error(outputs, reference_path):
 
 def run_routes(args):
   """Each route in its own process, alternating; one table of GFLOP/s by matmul and route."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
   import routes as R  # benchmarks/routes.py: the runner the benchmarks use
   names = R.parse_routes(args.routes)
   tmp = tempfile.mkdtemp(prefix="matmul_routes_")
@@ -176,16 +184,22 @@ def main():
   p.add_argument("--rounds", type=int, default=3, help="with --routes")
   p.add_argument("--save", default="", help=argparse.SUPPRESS)       # the route runner's
   p.add_argument("--reference", default="", help=argparse.SUPPRESS)  # correctness check
+  p.add_argument("--one-core", action="store_true", help="run on one core only (set before JAX starts)")
+  p.add_argument("--out", default="", help="also time XLA on one core, in its own process; write both "
+                 "runs and the provenance to this file (JSON lines)")
   args = p.parse_args()
   if args.routes:
     return run_routes(args)
+  if args.one_core:  # before XLA:CPU starts its threads: every one of them is then confined to this core
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  prov = record.provenance("experiments/matmul_ceiling.py") if args.out else None
   impls = {"jax": time_jax}
   if not args.no_torch:
     impls["torch"] = time_torch
   peak = measured_cpu_peak()
   total = {k: 0.0 for k in impls}
   outputs = {} if (args.save or args.reference) else None
-  gflops = {}
+  gflops, torch_gflops = {}, {}
   step_flops = 0
   print(f"{'matmul':24} {'a':>16} {'b':>16} {'count':>5} " + " ".join(f"{k + ' GFLOP/s':>14}" for k in impls))
   for name, a, b, count in step_matmuls(args.batch, args.seq):
@@ -197,13 +211,18 @@ def main():
       total[k] += sec * count
       rates[k] = f / sec
     gflops[name] = rates["jax"] / 1e9
+    if "torch" in rates:
+      torch_gflops[name] = rates["torch"] / 1e9
     print(f"{name:24} {str(a):>16} {str(b):>16} {count:5d} "
           + " ".join(f"{rates[k] / 1e9:14.0f}" for k in impls))
   needed = minilm_flops_per_step(batch=args.batch, seq=args.seq, teacher_layers=6, teacher_hidden=384,
                                  teacher_intermediate=1536, student_layers=3, student_hidden=384,
                                  student_intermediate=1536)
-  result = {"peak_flops_per_s": peak, "matmul_flops": step_flops, "model_flops_per_step": needed,
-            "gflops": gflops, "fusions": library_fusions()}
+  result = {"cores": len(os.sched_getaffinity(0)), "peak_flops_per_s": peak, "matmul_flops": step_flops,
+            "model_flops_per_step": needed, "gflops": gflops, "fusions": library_fusions(),
+            "shapes": {name: [a, b, c] for name, a, b, c in step_matmuls(args.batch, args.seq)}}
+  if torch_gflops:
+    result["torch_gflops"] = torch_gflops
   if args.save:
     np.savez(args.save, **outputs)
   if args.reference:
@@ -212,6 +231,12 @@ def main():
     result[f"{k}_matmul_ms"] = sec * 1e3
     result[f"{k}_mfu_ceiling"] = needed / sec / peak
   print(json.dumps(result))
+  if args.out:
+    one = record.run_json([sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
+                           "--seq", str(args.seq), "--reps", str(args.reps), "--no-torch", "--one-core"])
+    print(json.dumps(one))
+    record.write_jsonl(args.out, [{"run": "all cores", **result}, {"run": "one core", **one},
+                                  {"run": "summary", **prov}])
 
 
 if __name__ == "__main__":
