@@ -218,7 +218,7 @@ def matmul_ceiling(page: str, path: str = MATMUL_CEILING) -> str:
   return (markdown_table(["matmul of the step", "a × b", "count",
                           f"XLA:CPU GFLOP/s ({every['cores']} cores)", "XLA:CPU GFLOP/s (pinned to one core)",
                           f"torch (MKL) GFLOP/s ({every['cores']} cores)"], rows) + "\n\n"
-          f"<sub>{_made_by(page, path, summary)} (each shape jitted alone, best of 5 calls; the MFU "
+          f"<sub>{_made_by(page, path, summary)} (each shape jitted alone, the best of its --reps calls, 5 unless given; the MFU "
           f"ceiling against the peak measured in the same run, {every['peak_flops_per_s'] / 1e9:.0f} "
           "GFLOP/s).</sub>")
 
