@@ -594,8 +594,8 @@ README_CONFIGS = [
      "the relations passed down the chain ([history](docs/experiments.md#earlier-measurements-relations-"
      "only-the-first-protocol))"),
     ("quality", "all-MiniLM-L6-v2 → 4×384, 8.2M tokens of `pydocs`", "CPU", "70-85 min on 2 cores",
-     "the project's targets against the fixed baselines, in-domain and on the Rust book; behind the best "
-     "layer subset, untrained, on retrieval on all four texts measured ([results](docs/results.md#against-"
+     "ahead of random init and the first 4 layers on retrieval and agreement on all four texts measured; "
+     "behind the best layer subset, untrained, on retrieval on all four ([results](docs/results.md#against-"
      "the-best-layer-subset-on-four-texts-2026-12-07))"),
     ("v1_bert_base_6x768", "BERT-base → 6×768, MiniLM v1", None, None,
      "the paper: 80.4 average over 8 tasks (BERT-base 81.5)"),
