@@ -87,4 +87,4 @@ def write_card(student_dir: str, text: str) -> None:
   def write(p):
     with open(p, "w") as f:
       f.write(text)
-  hf._write_atomically(os.path.join(student_dir, "README.md"), write)
+  hf.write_atomically(os.path.join(student_dir, "README.md"), write)

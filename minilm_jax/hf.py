@@ -123,10 +123,11 @@ def _hf_to_flax_name(name: str) -> Optional[Tuple[Tuple[str, ...], bool]]:
   return tuple(module) + ({"weight": "kernel", "bias": "bias"}[leaf],), leaf == "weight"
 
 
-def _flatten(tree, prefix=()):
+def flatten(tree, prefix=()):
+  """(path tuple, leaf) for every leaf of a nested dict of params, depth first."""
   for k, v in tree.items():
     if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
+      yield from flatten(v, prefix + (k,))
     else:
       yield prefix + (k,), v
 
@@ -144,7 +145,7 @@ def _unflatten(flat):
 def param_shapes(config) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """{flax param path: shape} of the encoder of this config, without allocating it."""
   abstract = jax.eval_shape(lambda: encoder_for(config).init_params(jax.random.key(0)))
-  return {p: tuple(v.shape) for p, v in _flatten(abstract)}
+  return {p: tuple(v.shape) for p, v in flatten(abstract)}
 
 
 def load_pretrained(path: str) -> Tuple[Any, Dict[str, Any]]:
@@ -196,7 +197,8 @@ def _flax_to_hf_name(fpath: Tuple[str, ...]) -> Tuple[str, bool]:
   return ".".join(module) + ".bias", False
 
 
-def _write_atomically(path: str, write):
+def write_atomically(path: str, write):
+  """`write(tmp)` then rename tmp to `path`: a reader never sees a half-written file."""
   tmp = path + ".tmp"
   write(tmp)
   os.replace(tmp, path)
@@ -208,7 +210,7 @@ def write_json(path: str, obj) -> None:
   def write(p):
     with open(p, "w") as f:
       json.dump(obj, f, indent=2)
-  _write_atomically(path, write)
+  write_atomically(path, write)
 
 
 def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -> str:
@@ -223,7 +225,7 @@ def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -
   """
   from safetensors.numpy import save_file
   expected = param_shapes(config)
-  flat = dict(_flatten(jax.device_get(params)))
+  flat = dict(flatten(jax.device_get(params)))
   if set(flat) != set(expected):
     raise ValueError(f"params do not match the config: missing {sorted(set(expected) - set(flat))[:3]}, "
                      f"unexpected {sorted(set(flat) - set(expected))[:3]}")
@@ -237,7 +239,7 @@ def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -
     tensors["pooler.dense.weight"] = np.eye(d, dtype=np.float32)
     tensors["pooler.dense.bias"] = np.zeros(d, np.float32)
   os.makedirs(path, exist_ok=True)
-  _write_atomically(os.path.join(path, "model.safetensors"),
+  write_atomically(os.path.join(path, "model.safetensors"),
                     lambda p: save_file(tensors, p, metadata={"format": "pt"}))
   write_json(os.path.join(path, "config.json"), config.to_hf_dict())
   if isinstance(tokenizer, (str, os.PathLike)):
@@ -259,7 +261,7 @@ def export_student(path: str, config, params: Dict[str, Any], tokenizer=None) ->
   def write(p):
     with open(p, "wb") as f:
       f.write(blob)
-  _write_atomically(os.path.join(path, FLAX_PARAMS), write)
+  write_atomically(os.path.join(path, FLAX_PARAMS), write)
   return path
 
 
@@ -275,7 +277,7 @@ def load_student(path: str):
     with open(flax_file, "rb") as f:
       params = serialization.msgpack_restore(f.read())
     expected = param_shapes(config)
-    got = {p: tuple(v.shape) for p, v in _flatten(params)}
+    got = {p: tuple(v.shape) for p, v in flatten(params)}
     if got != expected:
       raise ValueError(f"{flax_file}: params do not match {os.path.join(folder, 'config.json')}")
   else:

@@ -233,7 +233,7 @@ def _blockwise_forward(ta, tb, sa, sb, mask_BS, seg_BT, block):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _blockwise_kl_rows(ta, tb, sa, sb, mask_BS, seg_BT, block):
+def blockwise_kl_rows(ta, tb, sa, sb, mask_BS, seg_BT, block):
   """KL_t [B, C, T] of every query row, for heads-major, pre-scaled inputs [B, C, T, d] (teacher's d
   and student's d may differ), computed `block` keys at a time."""
   return _blockwise_forward(ta, tb, sa, sb, mask_BS, seg_BT, block)[0]
@@ -270,15 +270,15 @@ def _blockwise_bwd(block, res, g_BCT):
   return d_ta, unblock(d_tb_n, tb), d_sa, unblock(d_sb_n, sb), None, None
 
 
-_blockwise_kl_rows.defvjp(_blockwise_fwd, _blockwise_bwd)
+blockwise_kl_rows.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def _blockwise_heads_kl(ta_BTAd, tb_BTAd, sa_BTAd, sb_BTAd, mask_BT, seg_BT, w_BT, block):
-  """Σ_{b,a,t} w[b,t] KL_t over all heads, `block` keys at a time (see _blockwise_kl_rows)."""
+  """Σ_{b,a,t} w[b,t] KL_t over all heads, `block` keys at a time (see blockwise_kl_rows)."""
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)
   seg_BT = jnp.zeros(mask_BT.shape, jnp.int32) if seg_BT is None else seg_BT
   block = min(int(block), mask_BT.shape[1])  # a block wider than T would only add padding keys
-  kl_BAT = _blockwise_kl_rows(*map(heads_major, (ta_BTAd, tb_BTAd, sa_BTAd, sb_BTAd)), mask_BT, seg_BT,
+  kl_BAT = blockwise_kl_rows(*map(heads_major, (ta_BTAd, tb_BTAd, sa_BTAd, sb_BTAd)), mask_BT, seg_BT,
                               block)
   return jnp.einsum("bat,bt->", kl_BAT, w_BT)
 
@@ -428,7 +428,7 @@ def relation_kl(
   teacher_a, teacher_b: [B, T, D_t]; student_a, student_b: [B, T, D_s]; mask, segment_ids: [B, T].
   num_heads: relation heads A (must divide D_t and D_s). chunk_heads: a divisor of A (A: the direct
   path). block_keys: K, to compute the KL K keys at a time with a custom VJP (memory O(B·A·T·K), no
-  [B, A, T, T] tensor in either pass; see _blockwise_kl_rows). Both None: automatic (module docstring).
+  [B, A, T, T] tensor in either pass; see blockwise_kl_rows). Both None: automatic (module docstring).
   implementation: "xla" (the paths above), "pallas" (TPU kernels, relation_kernel.py),
   "pallas_interpret" (the same kernels interpreted, on any backend: for tests), or a function with
   relation_kernel.kl_rows's signature (the trainer's: the kernels per device, under shard_map).

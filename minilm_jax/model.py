@@ -49,7 +49,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 # Families whose weights share BERT's layout. RoBERTa/XLM-R differ only in how position ids are made.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": gelu,  # BERT's GELU is the exact erf form.
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
@@ -84,8 +84,8 @@ class BertConfig:
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"model_type {self.model_type!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"num_attention_heads {self.num_attention_heads} does not divide "
                        f"hidden_size {self.hidden_size}")
@@ -401,7 +401,7 @@ class _Intermediate(nn.Module):
   @nn.compact
   def __call__(self, x_BTH):
     c = self.config
-    return _ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, self.dtype, self.param_dtype, "dense")(x_BTH))
+    return ACTIVATIONS[c.hidden_act](_dense(c.intermediate_size, self.dtype, self.param_dtype, "dense")(x_BTH))
 
 
 class _LayerCollection(nn.Module):

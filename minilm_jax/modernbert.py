@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from minilm_jax import layers
-from minilm_jax.model import _ACTIVATIONS, EncoderOutput, dropout, fused_attention
+from minilm_jax.model import ACTIVATIONS, EncoderOutput, dropout, fused_attention
 
 MODEL_TYPE = "modernbert"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -77,9 +77,9 @@ class ModernBertConfig:
   def __post_init__(self):
     if self.model_type != MODEL_TYPE:
       raise ValueError(f"model_type {self.model_type!r} is not {MODEL_TYPE!r}")
-    if self.hidden_activation not in _ACTIVATIONS:
+    if self.hidden_activation not in ACTIVATIONS:
       raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported; supported: "
-                       f"{sorted(_ACTIVATIONS)}")
+                       f"{sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
       raise ValueError(f"num_attention_heads {self.num_attention_heads} must divide hidden_size "
                        f"{self.hidden_size} into heads of even width (rotary embeddings)")
@@ -347,7 +347,7 @@ class _MLP(nn.Module):
     c = self.config
     i = c.intermediate_size
     hg = _linear(2 * i, c.mlp_bias, self.dtype, self.param_dtype, "Wi")(x_BTH)
-    y = _ACTIVATIONS[c.hidden_activation](hg[..., :i]) * hg[..., i:]
+    y = ACTIVATIONS[c.hidden_activation](hg[..., :i]) * hg[..., i:]
     if not deterministic and c.mlp_dropout > 0.0:
       y = dropout(y, c.mlp_dropout, self.make_rng("dropout"))
     out_std = 0.02 / math.sqrt(2.0 * c.num_hidden_layers)

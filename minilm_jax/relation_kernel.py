@@ -2,7 +2,7 @@
 [B, C, T, T] tensor to HBM.
 
 kl_rows(ta, tb, sa, sb, mask, seg) gives KL_t [B, C, T] for every query row of every head: the numbers
-losses._blockwise_kl_rows gives, from the same heads-major, pre-scaled fp32 inputs. Forward: one kernel,
+losses.blockwise_kl_rows gives, from the same heads-major, pre-scaled fp32 inputs. Forward: one kernel,
 an online log-sum-exp over key blocks (as flash attention does) that keeps per-row statistics in VMEM.
 Backward (custom VJP): from the per-row residuals lse_T, lse_S, c alone, two kernels that recompute the
 logits block by block: one over query blocks for d_ta, d_sa, one over key blocks for d_tb, d_sb. When
@@ -464,7 +464,7 @@ _weighted_kl_token_major.defvjp(_weighted_fwd, _weighted_bwd)
 
 def kl_rows(ta_BCTd, tb_BCTd, sa_BCTe, sb_BCTe, mask_BT, seg_BT, weights_BT=None, *, scale=(1.0, 1.0),
             teacher_grads=True, block_q=None, block_k=None, interpret=False):
-  """KL_t [B, C, T] of every query row: losses._blockwise_kl_rows's numbers, from Pallas TPU kernels.
+  """KL_t [B, C, T] of every query row: losses.blockwise_kl_rows's numbers, from Pallas TPU kernels.
   With weights_BT [B, T]: their weighted sums instead, [B] = Σ_{c,t} w[b, t]·KL_t[b, c], whose
   gradients come from the forward's own kernel when one block holds every query and key (T ≤ 512: the
   logits computed once in all, where the rows' VJP computes them twice).

@@ -117,20 +117,20 @@ def devices(target: Target) -> List[Any]:
       return list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                                **kw).devices)
     except (RuntimeError, ValueError) as e:
-      if _has_module("libtpu"):
+      if has_module("libtpu"):
         raise
       raise MissingCompiler(f"compiling for {target.name} needs libtpu: pip install "
                             "'minilm-jax[tpu]' (or 'jax[tpu]')") from e
   # The CUDA plugin compiles for the target config without a GPU; its version checks need one.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-  if not _has_module("jax_plugins.xla_cuda12") and not _has_module("jax_cuda12_plugin"):
+  if not has_module("jax_plugins.xla_cuda12") and not has_module("jax_cuda12_plugin"):
     raise MissingCompiler(f"compiling for {target.name} needs the CUDA plugin: pip install "
                           "'minilm-jax[cuda]' (or 'jax[cuda12]')")
   return list(topologies.get_topology_desc(platform="cuda", target_config=_gpu_spec(target.gpu),
                                            topology=target.topology).devices)
 
 
-def _has_module(name: str) -> bool:
+def has_module(name: str) -> bool:
   import importlib.util
   try:
     return importlib.util.find_spec(name) is not None

@@ -15,9 +15,9 @@ from minilm_jax import aot, hlo, targets
 from conftest import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(not targets._has_module("libtpu"), reason="libtpu not installed")
-needs_cuda = pytest.mark.skipif(not (targets._has_module("jax_plugins.xla_cuda12") or
-                                     targets._has_module("jax_cuda12_plugin")),
+needs_libtpu = pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu not installed")
+needs_cuda = pytest.mark.skipif(not (targets.has_module("jax_plugins.xla_cuda12") or
+                                     targets.has_module("jax_cuda12_plugin")),
                                 reason="the CUDA plugin is not installed")
 
 
@@ -48,7 +48,7 @@ def small_config(teacher, **overrides):
 @pytest.fixture(scope="module")
 def v5e4_bf16(teacher_config):
   """The small bf16 config compiled for a v5e-4 (data-parallel over 4 chips) and its report."""
-  if not targets._has_module("libtpu"):
+  if not targets.has_module("libtpu"):
     pytest.skip("libtpu not installed")
   c = aot.compile_step(small_config(teacher_config), "v5e-4")
   return c, aot.report(c)

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def flat(tree):
-  return dict(hf._flatten(tree))
+  return dict(hf.flatten(tree))
 
 
 def assert_same_params(a, b):

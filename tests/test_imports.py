@@ -80,3 +80,38 @@ def test_the_check_sees_a_circle():
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   graph = import_graph()
   assert "modernbert" in graph["families"] and "model" in graph["modernbert"]  # what it reads is real
+
+
+def private_uses(source: str, modules) -> list:
+  """`module._name` and `from minilm_jax.module import _name` in `source`, for the package's `modules`
+  (by their last dotted part, as the code refers to them after `from minilm_jax import x`)."""
+  short = {m.split(".")[-1] for m in modules}
+  out = []
+  for node in ast.walk(ast.parse(source)):
+    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in short
+        and node.attr.startswith("_") and not node.attr.startswith("__")):
+      out.append(f"{node.value.id}.{node.attr}")
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minilm_jax"):
+      out += [f"{node.module}.{a.name}" for a in node.names
+              if a.name.startswith("_") and not a.name.startswith("__")]
+  return out
+
+
+def test_no_module_uses_anothers_private_names():
+  mods = _modules()
+  found = {}
+  for m, path in mods.items():
+    own = m.split(".")[-1]
+    uses = [u for u in private_uses(open(path).read(), mods) if not u.startswith(f"{own}.")
+            and not u.startswith(f"minilm_jax.{m}.")]
+    if uses:
+      found[m] = uses
+  assert found == {}
+
+
+def test_the_private_check_sees_one():
+  mods = {"hf": "", "evaluation.stats": ""}
+  assert private_uses("from minilm_jax import hf\nhf._x(1)\nhf.y()", mods) == ["hf._x"]
+  assert private_uses("from minilm_jax.evaluation.stats import _z, w", mods) == [
+      "minilm_jax.evaluation.stats._z"]
+  assert private_uses("stats.__name__", mods) == []

@@ -111,10 +111,10 @@ def test_param_tree_uses_hf_flax_names():
 
 
 def test_gelu_is_exact_erf():
-  from minilm_jax.model import _ACTIVATIONS
+  from minilm_jax.model import ACTIVATIONS
   x = np.linspace(-4, 4, 101).astype(np.float32)
   from scipy.special import erf  # noqa: independent oracle
-  np.testing.assert_allclose(_ACTIVATIONS["gelu"](x), 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=1e-6)
+  np.testing.assert_allclose(ACTIVATIONS["gelu"](x), 0.5 * x * (1 + erf(x / np.sqrt(2))), atol=1e-6)
 
 
 def test_gelu_derivative_is_exact():

@@ -210,19 +210,19 @@ def test_student_of_a_modernbert_teacher(tmp_path):
                                 t_wi[:16, :, :24])
   np.testing.assert_array_equal(p["embeddings"]["tok_embeddings"]["embedding"],
                                 np.asarray(tparams["embeddings"]["tok_embeddings"]["embedding"])[:, :16])
-  labels = dict(hf._flatten(student.frozen_labels(p, scfg)))
+  labels = dict(hf.flatten(student.frozen_labels(p, scfg)))
   assert labels[("layers", "2", "attn_norm", "scale")] == "train"
   assert labels[("layers", "2", "attn", "Wqkv", "kernel")] == "train"
   for frozen in (("layers", "2", "attn", "Wo", "kernel"), ("layers", "2", "mlp_norm", "scale"),
                  ("layers", "2", "mlp", "Wi", "kernel"), ("final_norm", "scale")):
     assert labels[frozen] == "freeze", frozen
   assert labels[("layers", "1", "mlp", "Wo", "kernel")] == "train"
-  assert set(dict(hf._flatten(student.frozen_labels(p, scfg, reaches_output=True))).values()) == {"train"}
+  assert set(dict(hf.flatten(student.frozen_labels(p, scfg, reaches_output=True))).values()) == {"train"}
   # The relations reach exactly the parameters not frozen: a gradient check on the real encoder.
   ids = jnp.asarray(np.random.default_rng(6).integers(4, 99, (2, 10)))
   qkv_loss = lambda params: sum(jnp.sum(x ** 2) for x in ModernBertEncoder(scfg).apply(
       {"params": params}, ids, capture_layer=-1, stop_at_capture=True).qkv)
-  grads = dict(hf._flatten(jax.grad(qkv_loss)(p)))
+  grads = dict(hf.flatten(jax.grad(qkv_loss)(p)))
   for path, label in labels.items():
     assert (label == "train") == bool(np.any(np.asarray(grads[path]) != 0)), path
 

@@ -34,7 +34,7 @@ def two_processes(args, workdir):
 
 def load_params(workdir):
   from minilm_jax import hf, load_student
-  return dict(hf._flatten(load_student(workdir)[1]))
+  return dict(hf.flatten(load_student(workdir)[1]))
 
 
 def test_two_processes_train_checkpoint_resume_and_match_one(tiny_teacher, tiny_corpus, tmp_path):

@@ -133,10 +133,10 @@ def test_frozen_set_follows_the_terms_and_the_projection_is_saved_not_exported(t
   state0 = s.init_state()
   assert objective.PROJECTION in state0.params  # student 16 wide, teacher 32
   labels = jax.tree.leaves(optimizer.make_optimizer(c, state0.params, s.student_config).init(state0.params))
-  before = dict(hf._flatten(jax.device_get(state0.params)))
+  before = dict(hf.flatten(jax.device_get(state0.params)))
   train.train_and_evaluate(c, w, progress=False, log=lambda m: None)
   mngr = checkpoint.make_manager(os.path.join(w, "checkpoints"), 1)
-  after = dict(hf._flatten(jax.device_get(checkpoint.restore_params(mngr, 4))))
+  after = dict(hf.flatten(jax.device_get(checkpoint.restore_params(mngr, 4))))
   mngr.close()
   assert set(after) == set(before)
   for path in before:
@@ -148,7 +148,7 @@ def test_frozen_set_follows_the_terms_and_the_projection_is_saved_not_exported(t
     np.testing.assert_allclose(rec["loss"], rec["loss_relations"] + rec["loss_hidden"], rtol=1e-5)
   model, exported = hf.load_student(w)
   assert objective.PROJECTION not in exported
-  assert set(dict(hf._flatten(exported))) == {p for p in before if p[0] != objective.PROJECTION}
+  assert set(dict(hf.flatten(exported))) == {p for p in before if p[0] != objective.PROJECTION}
   assert labels  # the optimizer state exists for the projection too
 
 

@@ -6,7 +6,7 @@ from minilm_jax import hf, optimizer, student
 
 
 def leaves(tree):
-  return dict(hf._flatten(jax.device_get(tree)))
+  return dict(hf.flatten(jax.device_get(tree)))
 
 
 def test_decay_mask_and_frozen_labels():

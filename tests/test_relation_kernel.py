@@ -1,5 +1,5 @@
 """Tests for minilm_jax.relation_kernel: the Pallas relation KL (interpret mode on CPU) against a float64
-oracle, losses._blockwise_kl_rows and the direct losses._heads_kl, values and all four gradients; and a
+oracle, losses.blockwise_kl_rows and the direct losses._heads_kl, values and all four gradients; and a
 compile for a TPU target (no TPU needed) that must hold no [.., T, T] array."""
 
 import re
@@ -88,7 +88,7 @@ def test_values_and_gradients_match_blockwise_and_oracle(name, b, c, t, d, e, ki
   ta, tb, sa, sb = _inputs(len(name), b, c, t, d, e)
   mask, seg = _masks(kind, b, t)
   kernel = lambda *x: rk.kl_rows(*x, mask, seg, block_q=bq, block_k=bk, interpret=True)
-  blockwise = lambda *x: losses._blockwise_kl_rows(*x, mask, seg, 64)
+  blockwise = lambda *x: losses.blockwise_kl_rows(*x, mask, seg, 64)
 
   kl, kernel_vjp = jax.vjp(kernel, ta, tb, sa, sb)        # the forward pass that saves residuals
   want, blockwise_vjp = jax.vjp(blockwise, ta, tb, sa, sb)
@@ -247,7 +247,7 @@ def test_bf16_inputs_with_the_scale_on_the_logits_are_fp32_exact():
   np.testing.assert_allclose(kl, oracle, rtol=RTOL, atol=ATOL)
 
   g_BCT = np.random.default_rng(1).standard_normal((b, c, t)).astype(np.float32)
-  blockwise = lambda x0, x1, x2, x3: losses._blockwise_kl_rows(x0 * scale[0], x1, x2 * scale[1], x3, mask,
+  blockwise = lambda x0, x1, x2, x3: losses.blockwise_kl_rows(x0 * scale[0], x1, x2 * scale[1], x3, mask,
                                                                  seg, 64)
   _, ref_vjp = jax.vjp(blockwise, *map(f32, (ta, tb, sa, sb)))
   want = ref_vjp(g_BCT)

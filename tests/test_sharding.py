@@ -38,7 +38,7 @@ def run_steps(teacher, corpus, runs, out):
       state, m = s.step(state, s.teacher_params, sharding.put_batch(s.mesh, b))
       losses.append(float(m["loss"]))
     saved[f"{name}|losses"] = np.array(losses)
-    for k, v in hf._flatten(state.params):
+    for k, v in hf.flatten(state.params):
       saved[f"{name}|{'/'.join(k)}"] = np.asarray(jax.device_get(v))
       saved[f"{name}|spec|{'/'.join(k)}"] = str(getattr(v.sharding, "spec", ""))
   np.savez(out, **saved)

@@ -49,7 +49,7 @@ def test_a_missing_compiler_says_what_to_install(monkeypatch):
   def no_libtpu(**kw):
     raise RuntimeError("Unable to initialize backend 'tpu'")
   monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
-  monkeypatch.setattr(targets, "_has_module", lambda name: False)
+  monkeypatch.setattr(targets, "has_module", lambda name: False)
   with pytest.raises(targets.MissingCompiler, match=r"minilm-jax\[tpu\]"):
     targets.devices(targets.parse("v5e-4"))
   with pytest.raises(targets.MissingCompiler, match=r"minilm-jax\[cuda\]"):

@@ -28,7 +28,7 @@ def run_steps(s, state, bs):
 
 
 def leaves(tree):
-  return dict(hf._flatten(jax.device_get(tree)))
+  return dict(hf.flatten(jax.device_get(tree)))
 
 
 def test_loss_falls_and_frozen_params_stay(tiny_teacher, tiny_corpus):

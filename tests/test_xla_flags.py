@@ -11,7 +11,7 @@ import pytest
 
 from minilm_jax import targets, xla_flags
 
-needs_libtpu = pytest.mark.skipif(not targets._has_module("libtpu"), reason="libtpu not installed")
+needs_libtpu = pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu not installed")
 
 
 def test_every_route_names_known_flags():
