@@ -251,11 +251,12 @@ def long_steps(page: str, path: str = LONG_STEPS, rows_shown=None) -> str:
               _spread([r["step_ms"] / 1e3 for r in timed], lambda v: f"{v:.1f}") + " s",
               f"{max(timed, key=lambda r: r['tokens_per_s'])['mfu']:.2f}"])
     rows.append([mine[0]["shape"], mine[0]["relation_loss"], *cells, f"{memory / 1e9:.1f} GB"])
-  peak = max(r["peak_flops_per_s"] for r in runs if "peak_flops_per_s" in r)
+  peaks = [r["peak_flops_per_s"] / 1e9 for r in runs if "peak_flops_per_s" in r]
   return (markdown_table(["shape", "relation loss", "tokens/s", "step", "MFU (best round)", "memory"], rows)
           + "\n\n" + f"<sub>{_made_by(page, path, summary)}: {summary['rounds']} rounds, min-max over them "
-          f"(one compile for the compile-only row); MFU against the best peak measured in the runs, "
-          f"{peak / 1e9:.0f} GFLOP/s; memory: XLA's memory analysis of the compiled step.</sub>")
+          f"(one compile for the compile-only row); each run's MFU against the peak measured in that run, "
+          f"{_spread(peaks, lambda v: f'{v:.0f}')} GFLOP/s; memory: XLA's memory analysis of the compiled "
+          "step.</sub>")
 
 
 def relation_kl(page: str, path: str = RELATION_KL) -> str:
@@ -466,7 +467,7 @@ def _best_subsets(page: str, texts: list[tuple[str, str]], student: str = DEMO_S
                           "student: held-out relation loss (of the best baseline's)"], rows) + "\n\n"
           + _sources(page, texts, provs) + " Differences paired over the same items, ± the "
           "SE of the difference, and in SEs; the best baseline is the one with the lowest held-out relation "
-          "loss. Every model and every pair of a text: its own tables, made from the same file.</sub>")
+          "loss. Every model and every pair of a text are in its results.json.</sub>")
 
 
 def demo_best_subsets(page: str) -> str:

@@ -240,7 +240,7 @@ def save_pretrained(path: str, config, params: Dict[str, Any], tokenizer=None) -
     tensors["pooler.dense.bias"] = np.zeros(d, np.float32)
   os.makedirs(path, exist_ok=True)
   write_atomically(os.path.join(path, "model.safetensors"),
-                    lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
   write_json(os.path.join(path, "config.json"), config.to_hf_dict())
   if isinstance(tokenizer, (str, os.PathLike)):
     for name in tokenizer_files(tokenizer):

@@ -15,13 +15,14 @@ already put in LIBTPU_INIT_ARGS keeps the user's value, and a flag the installed
 is left out (libtpu aborts on an unknown flag).
 
 CPU devices. XLA:CPU runs a batched dot (the attention scores and context, the relation logits: [B·A,
-T, d] × [B·A, d, T]) on one core, whatever the cores: on 2 cores the step's batched matmuls ran at
-110-160 GFLOP/s, the same pinned to one core, where PyTorch's reach 270-380. `set_cpu_devices` splits
-the host into one XLA:CPU device per usable core (`cpu_device_count`), so that the trainer's mesh
-splits the batch over them and every op, the batched dots included, runs on every core: on the 2-core
-Xeon, 3,672-3,754 -> 3,939-3,966 tokens/s at 32 × 128 (4 devices: 3,547). The loss is the same to the
-last bit there; in general the gradient's sum is taken in another order. Accelerator hosts are not
-affected: their mesh is made of the accelerators.
+T, d] × [B·A, d, T]) on one core, whatever the cores: the step's batched matmuls run as fast pinned to
+one core as on two, well under half of PyTorch's rate (docs/performance.md, "The ceiling").
+`set_cpu_devices` splits the host into one XLA:CPU device per usable core (`cpu_device_count`), so that
+the trainer's mesh splits the batch over them and every op, the batched dots included, runs on every
+core: on the 2-core Xeon the step at 32 × 128 is 8% faster (docs/performance.md, the peers' table;
+4 devices on the 2 cores were slower than one). The loss is the same to the last bit there; in general
+the gradient's sum is taken in another order. Accelerator hosts are not affected: their mesh is made
+of the accelerators.
 
 CPU routes: the XLA_FLAGS that choose how jaxlib 0.10's XLA:CPU runs the step's dots and the work
 around them, for the benchmarks to compare (benchmarks/routes.py runs one process per route: XLA reads

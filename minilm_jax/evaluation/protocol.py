@@ -35,8 +35,9 @@ class Protocol:
   subset_budget: int = 100       # that scores at most this many subsets
 
 
-# Cost on this project's 2 CPU cores, alone: 38 minutes for the quality table (a 6x384 teacher, one 3x384
-# student, three baselines); each 3x384 model ~6 minutes, the teacher ~12, most of it nsp (3 seeds x 2
+# Cost on this project's 2 CPU cores (an AMD EPYC), alone: 38 minutes for the then 3-layer quality table
+# (a 6x384 teacher, one 3x384 student, three baselines; on the Intel Xeon since, 29 minutes with two 4x384
+# students); each 3x384 model ~6 minutes, the teacher ~12, most of it nsp (3 seeds x 2
 # epochs x 1,600 pairs, then 400 dev and 1,000 test pairs; a 3x384 model fine-tunes at ~17 ms per example
 # of 64 tokens). Each further student adds ~6 minutes. The zero-shot probes take ~25 s per student, and
 # parsing site-packages for the package task 1-2.5 minutes once. nsp got 2,000 pairs (it had 500) because
