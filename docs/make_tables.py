@@ -407,12 +407,19 @@ DEMO_TEXTS = [("demo", "the stdlib corpus's held-out split (the default)"),
 # The demo until 2026-12-06 (started from every 2nd teacher layer), on the first three of those texts.
 DEMO_EVERY2_TEXTS = [("demo_every2", DEMO_TEXTS[0][1]), ("demo_every2_fortunes", DEMO_TEXTS[1][1]),
                      ("demo_every2_kjv", DEMO_TEXTS[2][1])]
-# The quality default's run (configs/quality.py, workdirs/quality_l4), evaluated zero-shot on four of those texts.
-QUALITY_TEXTS = [("quality_l4", DEMO_TEXTS[0][1]), ("quality_l4_fortunes", DEMO_TEXTS[1][1]),
-                 ("quality_l4_kjv", DEMO_TEXTS[2][1]), ("quality_l4_book", DEMO_TEXTS[4][1])]
+
+
+def _quality_texts(folder: str) -> list[tuple[str, str]]:
+  """The quality recipe's four texts (the default, the fortune cookies, the Bible, the Rust book): FOLDER,
+  FOLDER_fortunes, FOLDER_kjv and FOLDER_book with their descriptions."""
+  return [(folder + suffix, DEMO_TEXTS[i][1]) for suffix, i in (("", 0), ("_fortunes", 1), ("_kjv", 2),
+                                                                 ("_book", 4))]
+
+
+# The quality default's run (configs/quality.py, workdirs/quality_l4), evaluated zero-shot.
+QUALITY_TEXTS = _quality_texts("quality_l4")
 # The quality recipe from the best start and the default, one minilm-eval table a text (the default text's with fine-tuning).
-QUALITY_STARTS = [("quality_starts", DEMO_TEXTS[0][1]), ("quality_starts_fortunes", DEMO_TEXTS[1][1]),
-                  ("quality_starts_kjv", DEMO_TEXTS[2][1]), ("quality_starts_book", DEMO_TEXTS[4][1])]
+QUALITY_STARTS = _quality_texts("quality_starts")
 # Every stored minilm-eval output that a page shows whole (docs/results/FOLDER/results.json).
 EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS + QUALITY_TEXTS] + ["demo_every2", "quality_starts"]
 DEMO_STUDENT, BEST_SUBSET = "student: demo", "baseline: best layer subset"
