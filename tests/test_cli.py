@@ -222,3 +222,12 @@ def test_cpu_devices_reach_the_trainers_mesh(tiny_teacher, tiny_corpus, tmp_path
   assert p.returncode == 2, p.stderr
   assert p.stderr.strip().splitlines()[-1] == ("minilm-distill: error: batch_size 8 (micro-batch 8) does "
                                                "not divide over the 3 devices; use a multiple of 3")
+
+
+@pytest.mark.parametrize("key, value", [("grad_accum", 0), ("parallel.fsdp", 0)])
+def test_values_the_device_split_reads_are_one_line_errors(tiny_teacher, tiny_corpus, tmp_path, key, value):
+  # Read before JAX starts, to split the host: a bad value is still the trainer's one-line error.
+  p = run("--config", DEMO, *TINY_CLI_ARGS, f"--config.teacher={tiny_teacher}",
+          f"--config.data.source={tiny_corpus}", f"--config.{key}={value}", "--workdir", str(tmp_path / "w"))
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith(f"minilm-distill: error: {key} {value} must be ")
