@@ -420,6 +420,8 @@ def _quality_texts(folder: str) -> list[tuple[str, str]]:
 QUALITY_TEXTS = _quality_texts("quality_l4")
 # The quality recipe from the best start and the default, one minilm-eval table a text (the default text's with fine-tuning).
 QUALITY_STARTS = _quality_texts("quality_starts")
+# The best start's seeds 0 and 1 with the default, one zero-shot minilm-eval table a text.
+QUALITY_SEEDS = _quality_texts("quality_seeds")
 # Every stored minilm-eval output that a page shows whole (docs/results/FOLDER/results.json).
 EVAL_FOLDERS = [folder for folder, _ in DEMO_TEXTS + QUALITY_TEXTS] + ["demo_every2", "quality_starts"]
 DEMO_STUDENT, BEST_SUBSET = "student: demo", "baseline: best layer subset"
@@ -570,6 +572,12 @@ def quality_starts_vs_best(page: str) -> str:
                            "relation loss is against the last layer, which only the best start was trained on")
 
 
+def quality_seeds_vs_best(page: str) -> str:
+  return _students_vs_best(page, QUALITY_SEEDS, "the best start's seed 0 / its seed 1 / the default (first 4 "
+                           "layers); the held-out relation loss is against the last layer, which only the best "
+                           "start was trained on")
+
+
 def demo_seeds(page: str) -> str:
   return _students_vs_best(page, DEMO_SEEDS, "seeds 0 / 1 / 2 (seed 0 is the demo run)")
 
@@ -703,6 +711,7 @@ RENDERERS = {
     "demo_every2_best_subsets": demo_every2_best_subsets,
     "quality_best_subsets": quality_best_subsets,
     "quality_starts_vs_best": quality_starts_vs_best,
+    "quality_seeds_vs_best": quality_seeds_vs_best,
     "demo_pydocs480": demo_pydocs480,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
