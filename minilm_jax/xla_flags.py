@@ -20,7 +20,8 @@ one core as on two, well under half of PyTorch's rate (docs/performance.md, "The
 `set_cpu_devices` splits the host into one XLA:CPU device per usable core (`cpu_device_count`), so that
 the trainer's mesh splits the batch over them and every op, the batched dots included, runs on every
 core: on the 2-core Xeon the step at 32 × 128 is 8% faster (docs/performance.md, the peers' table;
-4 devices on the 2 cores were slower than one). The loss is the same to the last bit there; in general
+4 devices on the 2 cores were slower than one). The trainer end to end measured level with one device
+there: its host work (batches) had been using the core the batched dots left idle. The loss is the same to the last bit there; in general
 the gradient's sum is taken in another order. Accelerator hosts are not affected: their mesh is made
 of the accelerators.
 
