@@ -55,9 +55,7 @@ def _cpu_devices(cfg) -> int:
     return cfg.parallel.cpu_devices
   if _COORDINATOR.value or _NUM_PROCESSES.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return 1
-  if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum or cfg.parallel.fsdp < 1:
-    return 1  # the trainer then says what is wrong, in one line
-  return xla_flags.cpu_device_count(cfg.batch_size // cfg.grad_accum, cfg.parallel.fsdp)
+  return xla_flags.cpu_device_count(cfg.batch_size, cfg.parallel.fsdp, cfg.grad_accum)
 
 
 def _fail(prog: str, e: BaseException) -> None:

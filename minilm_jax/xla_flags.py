@@ -133,12 +133,15 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cpu_device_count(batch: int, fsdp: int = 1, cores: Optional[int] = None) -> int:
-  """How many XLA:CPU devices to split a host into for a step of `batch` examples (a micro-batch,
-  global): the most, up to one per usable core, that split the batch evenly and are a multiple of
-  `fsdp`; 1 (XLA's default) when none is."""
+def cpu_device_count(batch: int, fsdp: int = 1, grad_accum: int = 1, cores: Optional[int] = None) -> int:
+  """How many XLA:CPU devices to split a host into for steps of `batch` examples (global) in
+  `grad_accum` micro-batches: the most, up to one per usable core, that split a micro-batch evenly and
+  are a multiple of `fsdp`; 1 (XLA's default) when none is, or when the values are out of range (read
+  before the config is checked: the trainer then says what is wrong, in one line)."""
+  if grad_accum < 1 or fsdp < 1 or batch % grad_accum:
+    return 1
   cores = usable_cores() if cores is None else cores
-  fits = [n for n in range(1, cores + 1) if batch % n == 0 and n % fsdp == 0]
+  fits = [n for n in range(1, cores + 1) if (batch // grad_accum) % n == 0 and n % fsdp == 0]
   return max(fits, default=1)
 
 

@@ -113,6 +113,10 @@ def test_cpu_devices_are_the_most_cores_that_split_the_batch():
   assert xla_flags.cpu_device_count(32, fsdp=2, cores=8) == 8
   assert xla_flags.cpu_device_count(32, fsdp=4, cores=2) == 1   # no multiple of fsdp: the mesh says so
   assert xla_flags.cpu_device_count(32, cores=1) == 1
+  assert xla_flags.cpu_device_count(32, grad_accum=4, cores=2) == 2   # micro-batches of 8
+  assert xla_flags.cpu_device_count(12, grad_accum=4, cores=2) == 1   # micro-batches of 3
+  for bad in ({"fsdp": 0}, {"grad_accum": 0}, {"grad_accum": 5}):      # out of range, or not dividing
+    assert xla_flags.cpu_device_count(32, cores=2, **bad) == 1
   assert 1 <= xla_flags.cpu_device_count(1024) <= xla_flags.usable_cores()
 
 
