@@ -180,17 +180,23 @@ def _made_by(page: str, path: str, summary: dict) -> str:
           f"commit {summary['commit']}")
 
 
-def compare_peers(page: str, path: str = COMPARE) -> str:
+def _peer_runs(path: str):
+  """compare.py's file: (its summary, [(impl, name, "min-max tokens/s", MFU of the best round)] for each
+  impl it ran, in PEER_NAMES' order)."""
   lines = load_jsonl(path)
   summary = next(r for r in lines if r["impl"] == "summary")
-  rows = []
+  runs = []
   for impl, name in PEER_NAMES.items():
     tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
-    if not tokens:
-      continue
-    mfu = summary.get("minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu")
-    ratio = "" if impl == "minilm_jax" else f"{summary[f'speedup_over_{impl}']:.2f}×"
-    rows.append([name, f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{mfu:.2f}", ratio])
+    if tokens:
+      runs.append((impl, name, f"{min(tokens):,.0f}-{max(tokens):,.0f}", f"{summary[f'{impl}_mfu']:.2f}"))
+  return summary, runs
+
+
+def compare_peers(page: str, path: str = COMPARE) -> str:
+  summary, runs = _peer_runs(path)
+  rows = [[name, tokens, mfu, "" if impl == "minilm_jax" else f"{summary[f'speedup_over_{impl}']:.2f}×"]
+          for impl, name, tokens, mfu in runs]
   return (markdown_table(["impl", "tokens/s (min-max of the rounds)", "MFU (best round)",
                           "minilm_jax's best round over this one's"], rows) + "\n\n"
           f"<sub>{_made_by(page, path, summary)} (MFU against the peak measured in the same run, "
@@ -661,16 +667,10 @@ def readme_performance(page: str) -> str:
   h200 = tables["h200"]
   made = []
   for cpu_name, file in CPU_PEERS:
-    lines = load_jsonl(file)
-    summary = next(r for r in lines if r["impl"] == "summary")
+    summary, runs = _peer_runs(file)
     cpu = f"2 cores of an {cpu_name}, {summary['date']}, 3 rounds"
-    for impl, name in PEER_NAMES.items():
-      tokens = [r["tokens_per_s"] for r in lines if r["impl"] == impl]
-      if not tokens:
-        continue
-      mfu = summary["minilm_jax_mfu" if impl == "minilm_jax" else f"{impl}_mfu"]
-      rows.append([cpu, f"{name}, float32, 32 × 128", f"{min(tokens):,.0f}-{max(tokens):,.0f}",
-                   f"{mfu:.2f}"])
+    for _, name, tokens, mfu in runs:
+      rows.append([cpu, f"{name}, float32, 32 × 128", tokens, mfu])
       cpu = "same"
     made.append(f"{_link(page, file)}, written by `{summary['command']}` at commit {summary['commit']}")
   gpu, batch = f"one NVIDIA H200, {h200['recorded_on']}", None

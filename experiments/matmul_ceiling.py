@@ -199,7 +199,7 @@ def main():
   peak = measured_cpu_peak()
   total = {k: 0.0 for k in impls}
   outputs = {} if (args.save or args.reference) else None
-  gflops, torch_gflops = {}, {}
+  gflops, torch_gflops, shapes = {}, {}, {}
   step_flops = 0
   print(f"{'matmul':24} {'a':>16} {'b':>16} {'count':>5} " + " ".join(f"{k + ' GFLOP/s':>14}" for k in impls))
   for name, a, b, count in step_matmuls(args.batch, args.seq):
@@ -210,7 +210,7 @@ def main():
       sec = timer(a, b, args.reps, outputs=outputs if k == "jax" else None, name=name)
       total[k] += sec * count
       rates[k] = f / sec
-    gflops[name] = rates["jax"] / 1e9
+    gflops[name], shapes[name] = rates["jax"] / 1e9, [a, b, count]
     if "torch" in rates:
       torch_gflops[name] = rates["torch"] / 1e9
     print(f"{name:24} {str(a):>16} {str(b):>16} {count:5d} "
@@ -220,7 +220,7 @@ def main():
                                  student_intermediate=1536)
   result = {"cores": len(os.sched_getaffinity(0)), "peak_flops_per_s": peak, "matmul_flops": step_flops,
             "model_flops_per_step": needed, "gflops": gflops, "fusions": library_fusions(),
-            "shapes": {name: [a, b, c] for name, a, b, c in step_matmuls(args.batch, args.seq)}}
+            "shapes": shapes}
   if torch_gflops:
     result["torch_gflops"] = torch_gflops
   if args.save:
