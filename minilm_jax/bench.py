@@ -252,6 +252,7 @@ def run(args) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   # Before anything asks JAX for devices: XLA:CPU reads XLA_FLAGS once.
+  xla_flags.skip_absent_tpu()
   xla_flags.set_cpu_devices(args.cpu_devices or xla_flags.cpu_device_count(args.batch, args.fsdp))
   print(json.dumps(run(args)))
 

@@ -77,6 +77,7 @@ def _distill(argv):
     _fail("minilm-distill", ValueError(f"unexpected arguments: {' '.join(argv[1:])}"))
   if _CONFIG.value is None or not _WORKDIR.value:
     _fail("minilm-distill", ValueError("--config and --workdir are required (see --help)"))
+  xla_flags.skip_absent_tpu()  # no page of libtpu errors on a host without a TPU
   xla_flags.set_tpu_flags()  # before JAX starts libtpu, which reads them once
   xla_flags.set_cpu_devices(_cpu_devices(_CONFIG.value))  # and XLA:CPU, which reads XLA_FLAGS once
   import warnings
@@ -263,6 +264,7 @@ def eval_main(argv=None):
     protocol = dataclasses.replace(d, lrs=tuple(a.lr or d.lrs), epochs=a.epochs, seeds=a.seeds)
     kw = dict(text=a.text, tasks=a.task, protocol=protocol, package_roots=a.site_packages,
               text_field=a.text_field, teacher=a.teacher, sts=a.sts)
+    xla_flags.skip_absent_tpu()  # before JAX starts (see _distill)
     from minilm_jax.evaluation import commands
     commands.evaluate_run(a.workdir, a.out, finetune_too=not a.no_finetune, baselines=not a.no_baselines,
                           **kw)

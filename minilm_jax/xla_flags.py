@@ -49,6 +49,7 @@ Flag values in jaxlib 0.10 (from its DebugOptions; checked against the compiled 
 from __future__ import annotations
 
 import functools
+import glob
 import importlib.util
 import mmap
 import os
@@ -123,6 +124,35 @@ def set_tpu_flags(environ: MutableMapping[str, str] = os.environ, generation: Op
     known = libtpu_knows(path, list(flags))
     environ["LIBTPU_INIT_ARGS"] = tpu_init_args(environ.get("LIBTPU_INIT_ARGS", ""), known.__contains__,
                                                 flags)
+
+
+def tpu_chips_present(root: str = "/") -> bool:
+  """Whether this host may have TPU chips: an accel or vfio device node, or a PCI device of Google's
+  vendor id (gVNIC network cards have it too, so a Google Cloud VM without TPUs may answer True)."""
+  return bool(glob.glob(os.path.join(root, "dev/accel*")) or glob.glob(os.path.join(root, "dev/vfio/[0-9]*"))
+              or any(_read(f) == "0x1ae0" for f in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor"))))
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin")
+
+
+def skip_absent_tpu(environ: MutableMapping[str, str] = os.environ, root: str = "/") -> None:
+  """Keep JAX on the CPU where libtpu is installed (the tpu and test extras bring it, for minilm-compile)
+  but the host has no TPU and no GPU plugin: JAX would start libtpu, which prints a page of errors
+  about TPU hostnames before JAX falls back to the CPU. Leaves a JAX_PLATFORMS the user set alone; call
+  it before JAX starts its first backend."""
+  if ("JAX_PLATFORMS" in environ or _libtpu_path() is None or tpu_chips_present(root)
+          or any(importlib.util.find_spec(p) for p in GPU_PLUGINS)):
+    return
+  environ["JAX_PLATFORMS"] = "cpu"
 
 
 HOST_DEVICES = "--xla_force_host_platform_device_count"

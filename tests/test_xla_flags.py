@@ -139,3 +139,49 @@ def test_cpu_devices_set_before_jax_starts_are_the_devices_jax_has():
   env.update(JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["3", "cpu"]
+
+
+def test_tpu_chips_are_found_by_device_node_or_google_pci_vendor(tmp_path):
+  assert not xla_flags.tpu_chips_present(str(tmp_path))
+  nic = tmp_path / "sys/bus/pci/devices/0000:00:04.0"
+  nic.mkdir(parents=True)
+  (nic / "vendor").write_text("0x8086\n")
+  assert not xla_flags.tpu_chips_present(str(tmp_path))
+  (nic / "vendor").write_text("0x1ae0\n")  # Google's vendor id
+  assert xla_flags.tpu_chips_present(str(tmp_path))
+  for node in ("dev/accel0", "dev/vfio/0"):
+    other = tmp_path / node.replace("/", "_")
+    (other / os.path.dirname(node)).mkdir(parents=True)
+    (other / node).write_text("")
+    assert xla_flags.tpu_chips_present(str(other)), node
+
+
+def test_an_absent_tpu_keeps_jax_on_the_cpu_unless_told_otherwise(tmp_path, monkeypatch):
+  monkeypatch.setattr(xla_flags, "_libtpu_path", lambda: "/x/libtpu.so")
+  env = {}
+  xla_flags.skip_absent_tpu(env, root=str(tmp_path))  # libtpu, no chips, no GPU plugin here
+  assert env == {"JAX_PLATFORMS": "cpu"}
+  env = {"JAX_PLATFORMS": "tpu"}
+  xla_flags.skip_absent_tpu(env, root=str(tmp_path))
+  assert env == {"JAX_PLATFORMS": "tpu"}  # the user's choice stands
+  (tmp_path / "dev").mkdir()
+  (tmp_path / "dev" / "accel0").write_text("")
+  env = {}
+  xla_flags.skip_absent_tpu(env, root=str(tmp_path))
+  assert env == {}  # a TPU host: JAX finds its chips
+  monkeypatch.setattr(xla_flags, "_libtpu_path", lambda: None)
+  xla_flags.skip_absent_tpu(env, root=str(tmp_path / "none"))
+  assert env == {}  # without libtpu JAX has nothing to start
+
+
+def test_a_cpu_host_with_libtpu_starts_jax_without_libtpu_errors():
+  # What `make demo` shows a newcomer: the test extra installs libtpu; on a host without a TPU the
+  # commands must not pass a page of libtpu's hostname errors on their way to the CPU.
+  if xla_flags._libtpu_path() is None or xla_flags.tpu_chips_present():
+    pytest.skip("needs libtpu installed on a host without TPU chips")
+  code = ("import os; from minilm_jax import xla_flags; xla_flags.skip_absent_tpu(); "
+          "import jax; print(jax.default_backend(), os.environ['JAX_PLATFORMS'])")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 0 and r.stdout.split() == ["cpu", "cpu"], r.stderr[-2000:]
+  assert "TPU" not in r.stderr, r.stderr[-2000:]
