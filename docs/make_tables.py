@@ -545,9 +545,10 @@ def demo_start_study(page: str) -> str:
 
 # Several students on texts from outside, each text evaluated in one minilm-eval table: (folder under
 # docs/results/, the text). The demo's seeds 0, 1, 2 (the demo run and two more); the demo against 4× its
-# steps on the bigger pydocs corpus.
+# steps on the bigger pydocs corpus; the demo against its recipe on quotations from literature.
 DEMO_SEEDS = [("demo_seeds_fortunes", DEMO_TEXTS[1][1]), ("demo_seeds_kjv", DEMO_TEXTS[2][1])]
 DEMO_PYDOCS480 = [("demo_pydocs480_fortunes", DEMO_TEXTS[1][1]), ("demo_pydocs480_kjv", DEMO_TEXTS[2][1])]
+DEMO_QUOTATIONS = [("demo_quotations_fortunes", DEMO_TEXTS[1][1]), ("demo_quotations_kjv", DEMO_TEXTS[2][1])]
 
 
 def _students_vs_best(page: str, texts: list[tuple[str, str]], which: str) -> str:
@@ -590,6 +591,11 @@ def demo_seeds(page: str) -> str:
 
 def demo_pydocs480(page: str) -> str:
   return _students_vs_best(page, DEMO_PYDOCS480, "the demo / 480 steps on pydocs")
+
+
+def demo_quotations(page: str) -> str:
+  return _students_vs_best(page, DEMO_QUOTATIONS, "the demo (on the stdlib corpus) / the demo's recipe on the "
+                           "dictionary's quotations")
 
 
 # ---- README: the recipes, with their targets and costs from the minilm-compile reports ---------------------
@@ -713,6 +719,7 @@ RENDERERS = {
     "quality_starts_vs_best": quality_starts_vs_best,
     "quality_seeds_vs_best": quality_seeds_vs_best,
     "demo_pydocs480": demo_pydocs480,
+    "demo_quotations": demo_quotations,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
     "readme_configs": readme_configs,
