@@ -53,6 +53,7 @@ import glob
 import importlib.util
 import mmap
 import os
+import sys
 from typing import Callable, MutableMapping, Optional, Sequence
 
 # name -> value: XLA:TPU's gradient all-reduces asynchronous, in pieces that overlap the backward pass.
@@ -148,11 +149,13 @@ def skip_absent_tpu(environ: MutableMapping[str, str] = os.environ, root: str = 
   """Keep JAX on the CPU where libtpu is installed (the tpu and test extras bring it, for minilm-compile)
   but the host has no TPU and no GPU plugin: JAX would start libtpu, which prints a page of errors
   about TPU hostnames before JAX falls back to the CPU. Leaves a JAX_PLATFORMS the user set alone; call
-  it before JAX starts its first backend."""
+  it before JAX starts its first backend (importing JAX is fine: its config is updated too)."""
   if ("JAX_PLATFORMS" in environ or _libtpu_path() is None or tpu_chips_present(root)
           or any(importlib.util.find_spec(p) for p in GPU_PLUGINS)):
     return
   environ["JAX_PLATFORMS"] = "cpu"
+  if environ is os.environ and "jax" in sys.modules:  # JAX read the variable when it was imported
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 HOST_DEVICES = "--xla_force_host_platform_device_count"

@@ -179,9 +179,10 @@ def test_a_cpu_host_with_libtpu_starts_jax_without_libtpu_errors():
   # commands must not pass a page of libtpu's hostname errors on their way to the CPU.
   if xla_flags._libtpu_path() is None or xla_flags.tpu_chips_present():
     pytest.skip("needs libtpu installed on a host without TPU chips")
-  code = ("import os; from minilm_jax import xla_flags; xla_flags.skip_absent_tpu(); "
-          "import jax; print(jax.default_backend(), os.environ['JAX_PLATFORMS'])")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-  assert r.returncode == 0 and r.stdout.split() == ["cpu", "cpu"], r.stderr[-2000:]
-  assert "TPU" not in r.stderr, r.stderr[-2000:]
+  for first in ("", "import jax; "):  # the CLI's config file imports JAX before the command runs
+    code = (first + "import os; from minilm_jax import xla_flags; xla_flags.skip_absent_tpu(); "
+            "import jax; print(jax.default_backend(), os.environ['JAX_PLATFORMS'], jax.config.jax_platforms)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["cpu", "cpu", "cpu"], (first, r.stderr[-2000:])
+    assert "TPU" not in r.stderr, (first, r.stderr[-2000:])
