@@ -14,6 +14,9 @@ memory-space copies, v5e-16 18.9 -> 16.3 ms at T = 128 and 92.1 -> 88.3 ms at T 
 already put in LIBTPU_INIT_ARGS keeps the user's value, and a flag the installed libtpu does not know
 is left out (libtpu aborts on an unknown flag).
 
+No TPU. Where libtpu is installed on a host without TPU chips, `skip_absent_tpu` sets JAX_PLATFORMS=cpu
+(docs/tpu.md): the commands call it with the others, before JAX starts a backend.
+
 CPU devices. XLA:CPU runs a batched dot (the attention scores and context, the relation logits: [B·A,
 T, d] × [B·A, d, T]) on one core, whatever the cores: the step's batched matmuls run as fast pinned to
 one core as on two, well under half of PyTorch's rate (docs/performance.md, "The ceiling").
