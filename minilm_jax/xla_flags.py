@@ -24,9 +24,9 @@ one core as on two, well under half of PyTorch's rate (docs/performance.md, "The
 the trainer's mesh splits the batch over them and every op, the batched dots included, runs on every
 core: on the 2-core Xeon the step at 32 × 128 is 8% faster (docs/performance.md, the peers' table;
 4 devices on the 2 cores were slower than one). The trainer end to end measured level with one device
-there: its host work (batches) had been using the core the batched dots left idle. The loss is the same to the last bit there; in general
-the gradient's sum is taken in another order. Accelerator hosts are not affected: their mesh is made
-of the accelerators.
+there: its host work (batches) had been using the core the batched dots left idle. The loss is the same
+to the last bit there; in general the gradient's sum is taken in another order. Accelerator hosts are
+not affected: their mesh is made of the accelerators.
 
 CPU routes: the XLA_FLAGS that choose how jaxlib 0.10's XLA:CPU runs the step's dots and the work
 around them, for the benchmarks to compare (benchmarks/routes.py runs one process per route: XLA reads
@@ -133,8 +133,9 @@ def set_tpu_flags(environ: MutableMapping[str, str] = os.environ, generation: Op
 def tpu_chips_present(root: str = "/") -> bool:
   """Whether this host may have TPU chips: an accel or vfio device node, or a PCI device of Google's
   vendor id (gVNIC network cards have it too, so a Google Cloud VM without TPUs may answer True)."""
-  return bool(glob.glob(os.path.join(root, "dev/accel*")) or glob.glob(os.path.join(root, "dev/vfio/[0-9]*"))
-              or any(_read(f) == "0x1ae0" for f in glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor"))))
+  nodes = glob.glob(os.path.join(root, "dev/accel*")) + glob.glob(os.path.join(root, "dev/vfio/[0-9]*"))
+  vendors = glob.glob(os.path.join(root, "sys/bus/pci/devices/*/vendor"))
+  return bool(nodes) or any(_read(f) == "0x1ae0" for f in vendors)
 
 
 def _read(path: str) -> str:
