@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilm_jax import objective, xla_flags
+from minilm_jax import xla_flags
 
 # Published dense bf16 peaks, FLOP/s per chip.
 PUBLISHED_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -62,16 +62,16 @@ def step_flops(tcfg, scfg, *, batch, seq, teacher_layer, relations=3, terms=("re
   """minilm_flops_per_step for any family: per layer, so local attention and GeGLU count as they are.
   teacher_layer: 0-based ℓ. terms (objective.py) set how far each model runs: with the relations alone
   the teacher stops at ℓ's Q/K/V and the student at its last Q/K/V; "hidden" runs the teacher through ℓ,
-  "embedding" and "similarity" through its last layer, and any of them runs the whole student."""
+  "embedding" through its last layer, and either runs the whole student."""
   qkv = lambda h: 2 * batch * seq * 3 * h * h
   layers = lambda c, n: sum(model_layer_flops(c, batch, seq, i) for i in range(n))
-  if any(t in objective.POOLED_TERMS for t in terms):
+  if "embedding" in terms:
     teacher = layers(tcfg, tcfg.num_hidden_layers)
   elif "hidden" in terms:
     teacher = layers(tcfg, teacher_layer + 1)
   else:
     teacher = layers(tcfg, teacher_layer) + qkv(tcfg.hidden_size)
-  full_student = objective.reaches_output(terms)
+  full_student = "hidden" in terms or "embedding" in terms
   student = layers(scfg, scfg.num_hidden_layers) if full_student \
       else layers(scfg, scfg.num_hidden_layers - 1) + qkv(scfg.hidden_size)
   logits = relations * 2 * batch * seq ** 2 * (tcfg.hidden_size + 3 * scfg.hidden_size) \

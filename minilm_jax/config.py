@@ -36,7 +36,6 @@ def default_config():
                                         # | "pallas" (TPU only; chunk_heads and block_keys do not apply)
                 # What the student matches (objective.py): "relations" (the papers), "hidden" (the
                 # teacher's states at the output of teacher_layer), "embedding" (its sentence embedding)
-                # and "similarity" (its cosines between the batch's sentence embeddings)
                 terms="relations",
                 term_weights=())    # one weight per term, in the order of `terms`; () = all 1
   # "stdlib" (demo corpus) | "pydocs" (stdlib + installed packages' docstrings) | a .txt/.jsonl/.parquet

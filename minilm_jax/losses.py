@@ -585,41 +585,6 @@ def hidden_loss(teacher_h_BTD, student_h_BTD, mask, reduction="example", *, segm
   return jnp.einsum("bt,bt->", 1.0 - cos_BT, w_BT)
 
 
-SIMILARITY_TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLoss scale of 20, with
-                               # which the packaged teacher was trained: its cosines are read at that scale
-
-
-def similarity_loss(teacher_e_BD, student_e_BD, mask, temperature=SIMILARITY_TEMPERATURE):
-  """MiniLM's relation KL one level up, over the batch's sentences: for each row i, KL(teacher ‖ student)
-  between the distributions softmax_j(cos(e_i, e_j) / temperature) over the batch's other rows j. It asks
-  the student's sentence embeddings to rank the batch as the teacher's do, which an embedding's distance
-  to the teacher's (embedding_loss) asks only indirectly. Rows without a real token are neither i nor j;
-  averaged over the rows i that have another row to compare with.
-
-  teacher_e_BD, student_e_BD: [B, D_t], [B, D_s] (widths may differ: only cosines within a model are
-  compared); mask: [B, T]. Under a sharded batch XLA gathers the [B, D] embeddings, not the tokens.
-  """
-  if teacher_e_BD.ndim != 2 or student_e_BD.ndim != 2 or teacher_e_BD.shape[0] != student_e_BD.shape[0]:
-    raise ValueError(f"similarity_loss needs [B, D] embeddings of the same rows, got {teacher_e_BD.shape} "
-                     f"and {student_e_BD.shape}")
-  dtype = jnp.result_type(jnp.float32, teacher_e_BD.dtype, student_e_BD.dtype)
-  rows_B = (jnp.asarray(mask) != 0).any(-1)
-  b = teacher_e_BD.shape[0]
-  other_BB = rows_B[:, None] & rows_B[None, :] & ~jnp.eye(b, dtype=bool)
-
-  def log_probs(e_BD):
-    u_BD = e_BD.astype(dtype)
-    u_BD = u_BD / jnp.maximum(jnp.linalg.norm(u_BD, axis=-1, keepdims=True), 1e-12)
-    # A finite fill, not -inf: a row with no other row stays finite, and so do its gradients.
-    z_BB = jnp.where(other_BB, (u_BD @ u_BD.T) / temperature, -1e9)
-    return jax.nn.log_softmax(z_BB, axis=-1)
-
-  lt_BB, ls_BB = log_probs(teacher_e_BD), log_probs(student_e_BD)
-  kl_B = jnp.where(other_BB, jnp.exp(lt_BB) * (lt_BB - ls_BB), 0.0).sum(-1)
-  has_B = other_BB.any(-1).astype(dtype)
-  return (kl_B * has_B).sum() / jnp.maximum(has_B.sum(), 1.0)
-
-
 def embedding_loss(teacher_e_BD, student_e_BD, mask):
   """Squared L2 distance between teacher and student sentence embeddings, averaged over the rows that
   have at least one real token: the sentence-transformers distillation MSE summed over dimensions

@@ -7,8 +7,6 @@
   of layer ℓ (losses.hidden_loss).
 - "embedding": squared distance between the student's and the teacher's sentence embeddings, with the
   teacher's sentence-transformers pooling and normalisation (losses.sentence_embedding/embedding_loss).
-- "similarity": the relation KL over the batch's sentence embeddings: each row's distribution over the
-  batch's other rows by cosine, the student's against the teacher's (losses.similarity_loss).
 
 When the widths differ, the output terms first map the student's states to the teacher's width with a
 learned linear projection (TinyBERT's fit_dense), kept in the trained params under `PROJECTION`, saved in
@@ -17,8 +15,7 @@ sliced from the teacher's first columns then starts exactly in the teacher's coo
 
 Each model runs only as far as the active terms need: with relations alone, the teacher stops at layer
 ℓ's Q/K/V and the student at its last Q/K/V (its last block above them is frozen: it gets no gradient);
-"hidden" runs the teacher to the output of layer ℓ, "embedding" and "similarity" to its end, and any
-of them runs the student
+"hidden" runs the teacher to the output of layer ℓ, "embedding" to its end, and either runs the student
 to its end, so nothing in it is frozen.
 """
 
@@ -33,9 +30,8 @@ import jax.numpy as jnp
 from minilm_jax import losses, relation_kernel, sharding
 from minilm_jax.families import encoder_for
 
-TERMS = ("relations", "hidden", "embedding", "similarity")
-OUTPUT_TERMS = ("hidden", "embedding", "similarity")
-POOLED_TERMS = ("embedding", "similarity")  # they need the teacher's sentence pooling, and its last layer
+TERMS = ("relations", "hidden", "embedding")
+OUTPUT_TERMS = ("hidden", "embedding")
 PROJECTION = "distill_projection"
 
 
@@ -159,14 +155,13 @@ def objective_fn(cfg, teacher, student, teacher_layer: int,
   """
   terms = tuple(terms) if terms is not None else terms_of(cfg)
   weights = term_weights(cfg) if terms == terms_of(cfg) else {t: 1.0 for t in terms}
-  pooled = [t for t in terms if t in POOLED_TERMS]
-  if pooled and pooling is None:
-    raise ValueError(f"loss term {pooled[0]!r} needs the teacher's sentence pooling")
+  if "embedding" in terms and pooling is None:
+    raise ValueError("loss term 'embedding' needs the teacher's sentence pooling")
   relation = relation_loss_fn(cfg, student.config.num_attention_heads, implementation, mesh) \
       if "relations" in terms else None
   out = reaches_output(terms)
-  # How far the teacher runs: Q/K/V of ℓ (relations), the output of ℓ (hidden), its end (pooled terms).
-  t_depth = teacher.config.num_hidden_layers if pooled else teacher_layer + 1
+  # How far the teacher runs: Q/K/V of ℓ (relations), the output of ℓ (hidden), its end (embedding).
+  t_depth = teacher.config.num_hidden_layers if "embedding" in terms else teacher_layer + 1
   t_model = _truncated(teacher, t_depth)
 
   def f(params, teacher_params, batch, rng=None):
@@ -191,13 +186,10 @@ def objective_fn(cfg, teacher, student, teacher_layer: int,
         h_s = h_s.astype(jnp.float32) @ p["kernel"] + p["bias"]
       if "hidden" in terms:
         parts["hidden"] = losses.hidden_loss(t.layer_output, h_s, mask, cfg.loss.reduction)
-      if pooled:
+      if "embedding" in terms:
         e_t = losses.sentence_embedding(t.last_hidden_state, mask, *pooling)
         e_s = losses.sentence_embedding(h_s, mask, *pooling)
-      if "embedding" in terms:
         parts["embedding"] = losses.embedding_loss(e_t, e_s, mask)
-      if "similarity" in terms:
-        parts["similarity"] = losses.similarity_loss(e_t, e_s, mask)
     total = sum(weights[k] * v for k, v in parts.items() if weights[k] != 0)
     return jnp.asarray(total, jnp.float32), parts
 

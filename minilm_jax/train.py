@@ -180,11 +180,10 @@ def setup(cfg, teacher=None, devices=None, log: Callable[[str], None] = lambda m
   scfg = student_config(cfg, tcfg)
   terms = objective.terms_of(cfg)
   pooling = None
-  pooled = [t for t in terms if t in objective.POOLED_TERMS]
-  if pooled:
+  if "embedding" in terms:
     pooling = hf.sentence_pooling(teacher_dir)
     if pooling is None:
-      raise ValueError(f"loss term {pooled[0]!r} needs a sentence-transformers teacher (with modules.json), "
+      raise ValueError(f"loss term 'embedding' needs a sentence-transformers teacher (with modules.json), "
                        f"and {teacher_dir} is not one: use 'hidden' instead")
   projection = objective.needs_projection(terms, scfg.hidden_size, tcfg.hidden_size)
   chosen = None

@@ -617,24 +617,6 @@ def oracle_embedding_loss(te, se, mask):
   return float(np.mean([((te[b].astype(np.float64) - se[b]) ** 2).sum() for b in rows]))
 
 
-def oracle_similarity_loss(te, se, mask, temperature=losses.SIMILARITY_TEMPERATURE):
-  """Row by row in float64: each real row's softmax over the other real rows' cosines, teacher and
-  student, and the KL between them; the mean over rows that have another row."""
-  rows = [b for b in range(te.shape[0]) if np.asarray(mask[b]).any()]
-  unit = lambda e: e.astype(np.float64) / np.linalg.norm(e.astype(np.float64), axis=-1, keepdims=True)
-  ut, us = unit(te), unit(se)
-  kls = []
-  for i in rows:
-    others = [j for j in rows if j != i]
-    if not others:
-      continue
-    zt, zs = ut[others] @ ut[i] / temperature, us[others] @ us[i] / temperature
-    pt, ps = np.exp(zt - zt.max()), np.exp(zs - zs.max())
-    pt, ps = pt / pt.sum(), ps / ps.sum()
-    kls.append((pt * (np.log(pt) - np.log(ps))).sum())
-  return float(np.mean(kls)) if kls else 0.0
-
-
 @pytest.mark.parametrize("pooling", losses.POOLING_MODES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_sentence_embedding_matches_oracle(pooling, normalize):
@@ -671,29 +653,6 @@ def test_embedding_loss_matches_oracle_and_skips_empty_rows():
   assert float(losses.embedding_loss(te, se, np.zeros_like(MASK))) == 0.0
 
 
-def test_similarity_loss_matches_oracle_across_widths_and_skips_empty_rows():
-  rng = np.random.default_rng(6)
-  te, se = rand(rng, 5, D_T), rand(rng, 5, D_T // 2)  # the student narrower: only cosines are compared
-  got = losses.similarity_loss(te, se, MASK)
-  assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, oracle_similarity_loss(te, se, MASK), rtol=RTOL)
-  empty_row = np.asarray(MASK).copy()
-  empty_row[1] = 0
-  np.testing.assert_allclose(losses.similarity_loss(te, se, empty_row),
-                             oracle_similarity_loss(te, se, empty_row), rtol=RTOL)
-  np.testing.assert_allclose(losses.similarity_loss(te, 3.0 * te, MASK), 0.0, atol=1e-6)  # cosines alike
-
-
-def test_similarity_loss_with_one_real_row_is_zero_with_finite_gradients():
-  rng = np.random.default_rng(7)
-  te, se = rand(rng, 4, D_T), rand(rng, 4, D_T)
-  one = np.zeros((4, 3), np.int32)
-  one[2, :2] = 1
-  assert float(losses.similarity_loss(te, se, one)) == 0.0
-  g = jax.grad(lambda s: losses.similarity_loss(te, s, one))(jnp.asarray(se))
-  assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) == 0.0
-
-
 @pytest.mark.parametrize("pooling", losses.POOLING_MODES)
 def test_output_terms_equal_for_left_and_right_padding_and_alone(pooling):
   # The same sequences padded on either side (and computed alone, unpadded) give the same values.
@@ -727,7 +686,6 @@ def test_output_terms_gradients_match_finite_differences_in_float64():
     emb = lambda h: losses.sentence_embedding(h, mask, "mean", True)
     check_grads(lambda s: losses.hidden_loss(th, s, mask), (sh,), order=1, modes=["rev"])
     check_grads(lambda s: losses.embedding_loss(emb(th), emb(s), mask), (sh,), order=1, modes=["rev"])
-    check_grads(lambda s: losses.similarity_loss(emb(th), emb(s), mask), (sh,), order=1, modes=["rev"])
 
 
 def test_output_terms_errors():
@@ -740,5 +698,3 @@ def test_output_terms_errors():
     losses.hidden_loss(h, h, np.ones((2, 4)))
   with pytest.raises(ValueError, match=r"\[B, D\]"):
     losses.embedding_loss(np.zeros((2, 4)), np.zeros((2, 5)), np.ones((2, 3)))
-  with pytest.raises(ValueError, match="same rows"):
-    losses.similarity_loss(np.zeros((2, 4)), np.zeros((3, 4)), np.ones((2, 3)))

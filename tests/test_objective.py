@@ -47,8 +47,8 @@ def poison_layers_from(params, first):
 def test_terms_match_the_losses_on_the_models_outputs():
   tp, sp = models()
   b = batch()
-  f = objective.objective_fn(cfg_with("relations,hidden,embedding,similarity", teacher_layer=2),
-                             BertEncoder(TEACHER), BertEncoder(STUDENT), 1, pooling=("mean", True))
+  f = objective.objective_fn(cfg_with("relations,hidden,embedding", teacher_layer=2), BertEncoder(TEACHER),
+                             BertEncoder(STUDENT), 1, pooling=("mean", True))
   total, parts = f(sp, tp, b)
   t = BertEncoder(TEACHER).apply({"params": tp}, b["input_ids"], b["attention_mask"], capture_layer=1)
   s = BertEncoder(STUDENT).apply({"params": objective.student_params(sp)}, b["input_ids"],
@@ -58,8 +58,7 @@ def test_terms_match_the_losses_on_the_models_outputs():
   emb = lambda h: losses.sentence_embedding(h, m, "mean", True)
   want = {"relations": losses.minilm_v2_loss(t.qkv, s.qkv, m, 4),
           "hidden": losses.hidden_loss(t.layer_output, h_s, m),
-          "embedding": losses.embedding_loss(emb(t.last_hidden_state), emb(h_s), m),
-          "similarity": losses.similarity_loss(emb(t.last_hidden_state), emb(h_s), m)}
+          "embedding": losses.embedding_loss(emb(t.last_hidden_state), emb(h_s), m)}
   for k, v in want.items():
     np.testing.assert_allclose(parts[k], v, rtol=1e-5)
   np.testing.assert_allclose(total, sum(want.values()), rtol=1e-5)
@@ -77,7 +76,6 @@ def test_term_weights_scale_each_term():
     ("hidden", 2),             # the output of layer 1
     ("relations,hidden", 2),
     ("embedding", None),       # the teacher's final output: every layer
-    ("similarity", None),
 ])
 def test_the_teacher_runs_only_as_far_as_the_terms_need(terms, reads_from):
   tp, sp = models()
