@@ -549,6 +549,9 @@ def demo_start_study(page: str) -> str:
 DEMO_SEEDS = [("demo_seeds_fortunes", DEMO_TEXTS[1][1]), ("demo_seeds_kjv", DEMO_TEXTS[2][1])]
 DEMO_PYDOCS480 = [("demo_pydocs480_fortunes", DEMO_TEXTS[1][1]), ("demo_pydocs480_kjv", DEMO_TEXTS[2][1])]
 DEMO_QUOTATIONS = [("demo_quotations_fortunes", DEMO_TEXTS[1][1]), ("demo_quotations_kjv", DEMO_TEXTS[2][1])]
+# The demo against rows of 32 and the "similarity" term on its own corpus (built at ea3bf3c, then removed).
+DEMO_SIMILARITY = [("demo_similarity", DEMO_TEXTS[0][1]), ("demo_similarity_fortunes", DEMO_TEXTS[1][1]),
+                   ("demo_similarity_kjv", DEMO_TEXTS[2][1])]
 
 
 def _students_vs_best(page: str, texts: list[tuple[str, str]], which: str) -> str:
@@ -591,6 +594,11 @@ def demo_seeds(page: str) -> str:
 
 def demo_pydocs480(page: str) -> str:
   return _students_vs_best(page, DEMO_PYDOCS480, "the demo / 480 steps on pydocs")
+
+
+def demo_similarity(page: str) -> str:
+  return _students_vs_best(page, DEMO_SIMILARITY, "the demo / in rows of 32 tokens, 128 a batch / with the "
+                           "`similarity` term / both")
 
 
 def demo_quotations(page: str) -> str:
@@ -720,6 +728,7 @@ RENDERERS = {
     "quality_seeds_vs_best": quality_seeds_vs_best,
     "demo_pydocs480": demo_pydocs480,
     "demo_quotations": demo_quotations,
+    "demo_similarity": demo_similarity,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
     "readme_configs": readme_configs,
