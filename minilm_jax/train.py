@@ -481,11 +481,12 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
       wd.sync(workdir, local, [wd.METRICS, wd.EVENTS], down=True)
     wd.trim_metrics(metrics_path, start)
     status = _loop(run, state, start)
-    if status["preempted"]:
-      return status
-  finally:
-    mngr.wait_until_finished()  # never exit with a save half done
-    mngr.close()
+  except BaseException:
+    _finish_saves(mngr, quiet=True)
+    raise
+  _finish_saves(mngr)
+  if status["preempted"]:
+    return status
   state = status.pop("state")
   student_dir = os.path.join(local, wd.STUDENT)
   params = objective.student_params(state.params)  # the projection head stays in the checkpoints
@@ -509,6 +510,21 @@ def _train_stage(cfg, workdir: str, progress: Optional[bool] = None,
     student_dir = wd.join(workdir, wd.STUDENT)
     log(f"student written to {student_dir}")
   return {**status, "student_dir": student_dir}
+
+
+def _finish_saves(mngr, quiet: bool = False) -> None:
+  """Wait for the last async save, then close the manager: never exit with a save half done. A save
+  that fails only here (a full disk, CI saw one) is a WorkdirWriteError; with `quiet` it is dropped, as
+  the error already on its way out says more (a save failing at step k often fails k+1 too)."""
+  try:
+    try:
+      mngr.wait_until_finished()
+    finally:
+      mngr.close()
+  except Exception as e:
+    if not quiet:
+      raise WorkdirWriteError(f"finishing the last checkpoint save failed ({e}); earlier checkpoints "
+                              f"are intact (latest complete: step {mngr.latest_step()})") from e
 
 
 def _loop(run: _Run, state, start: int) -> dict:

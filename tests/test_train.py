@@ -287,6 +287,41 @@ def test_a_failed_export_is_a_workdir_write_error_and_a_rerun_exports(tiny_teach
   assert os.path.isfile(os.path.join(workdir, "student", "config.json"))
 
 
+@pytest.mark.parametrize("lease_lost", [False, True])
+def test_a_save_failing_only_at_the_last_wait_is_a_workdir_write_error(tiny_teacher, tiny_corpus, tmp_path,
+                                                                      monkeypatch, lease_lost):
+  """A full disk can fail an async save only when the run waits for it before exiting (CI saw one, as a
+  bare OSError): that is a WorkdirWriteError saying the earlier checkpoints are intact, and it never hides
+  an error already on its way out (here a lost lease)."""
+  import errno
+  import os
+  from minilm_jax import checkpoint, lock
+  make = checkpoint.make_manager
+
+  def manager(*a, **k):
+    m = make(*a, **k)
+    close = m.close
+
+    def full():
+      close()
+      raise OSError(errno.ENOSPC, "No space left on device")
+    m.close = full
+    return m
+  monkeypatch.setattr(checkpoint, "make_manager", manager)
+  if lease_lost:
+    checks = []
+    lost = lambda: checks.append(1) or ("taken over by host h pid 1" if len(checks) > 1 else None)
+    monkeypatch.setattr(lock, "acquire", lambda workdir, hosts, log: lock.Lock(workdir, lost=lost))
+  w = str(tmp_path / "w")
+  cfg = tiny_config(tiny_teacher, tiny_corpus, steps=4, checkpoint_every=2)
+  with pytest.raises(lock.LeaseLost if lease_lost else train.WorkdirWriteError) as e:
+    train.train_and_evaluate(cfg, w, progress=False, log=lambda m: None)
+  if not lease_lost:
+    assert isinstance(e.value, OSError)  # the CLI's one-line error for it
+    assert "No space left on device" in str(e.value) and "intact (latest complete: step 4)" in str(e.value)
+  assert not os.path.exists(os.path.join(w, "student"))
+
+
 def test_modernbert_teacher_v1_random_init_and_the_assistant_chain(tiny_modernbert, tiny_corpus, tmp_path):
   """A ModernBERT teacher (4×32) distils into ModernBERT students: v1 over its native heads from random
   init, and v2 through an assistant (4×16) into a 2×16 student initialised from the assistant's layers."""
