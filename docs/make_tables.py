@@ -549,6 +549,9 @@ def demo_start_study(page: str) -> str:
 DEMO_SEEDS = [("demo_seeds_fortunes", DEMO_TEXTS[1][1]), ("demo_seeds_kjv", DEMO_TEXTS[2][1])]
 DEMO_PYDOCS480 = [("demo_pydocs480_fortunes", DEMO_TEXTS[1][1]), ("demo_pydocs480_kjv", DEMO_TEXTS[2][1])]
 DEMO_QUOTATIONS = [("demo_quotations_fortunes", DEMO_TEXTS[1][1]), ("demo_quotations_kjv", DEMO_TEXTS[2][1])]
+# The demo, the quotations student in rows of 32, and the same on stdlib + quotations (one corpus folder).
+DEMO_MIX = [("demo_mix", DEMO_TEXTS[0][1]), ("demo_mix_fortunes", DEMO_TEXTS[1][1]),
+            ("demo_mix_kjv", DEMO_TEXTS[2][1])]
 # The demo against rows of 32 and the "similarity" term on its own corpus (built at ea3bf3c, then removed).
 DEMO_SIMILARITY = [("demo_similarity", DEMO_TEXTS[0][1]), ("demo_similarity_fortunes", DEMO_TEXTS[1][1]),
                    ("demo_similarity_kjv", DEMO_TEXTS[2][1])]
@@ -604,6 +607,11 @@ def demo_similarity(page: str) -> str:
 def demo_quotations(page: str) -> str:
   return _students_vs_best(page, DEMO_QUOTATIONS, "the demo (on the stdlib corpus) / the demo's recipe on the "
                            "dictionary's quotations / the same in rows of 32 tokens, 128 a batch")
+
+
+def demo_mix(page: str) -> str:
+  return _students_vs_best(page, DEMO_MIX, "the demo (stdlib corpus) / the quotations student in rows of 32 / "
+                           "the same recipe on stdlib + quotations, 120 steps / the same, 240 steps")
 
 
 # ---- README: the recipes, with their targets and costs from the minilm-compile reports ---------------------
@@ -728,6 +736,7 @@ RENDERERS = {
     "quality_seeds_vs_best": quality_seeds_vs_best,
     "demo_pydocs480": demo_pydocs480,
     "demo_quotations": demo_quotations,
+    "demo_mix": demo_mix,
     "demo_similarity": demo_similarity,
     "demo_seeds": demo_seeds,
     "demo_start_study": demo_start_study,
