@@ -68,7 +68,7 @@ def _fail(prog: str, e: BaseException) -> None:
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   os.write(real_stderr, f"{prog}: error: {msg}\n".encode())
   # Skip interpreter teardown, which is where those threads are torn down. Any checkpoint save was
-  # already waited for (train.py's finally clause).
+  # already waited for (train.py's _finish_saves).
   os._exit(2)
 
 
